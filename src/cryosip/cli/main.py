@@ -1,0 +1,59 @@
+"""cryosip command line: ``cryosip <command> [options]``; ``cryosip <command> -h`` for each."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..data.errors import CryosipInputError
+
+# subcommand -> module in cryosip.cli; each module has a docstring (help), add_args(parser), main(args) -> int
+COMMANDS = {
+    "simulate": "simulate",
+    "reconstruct": "reconstruct",
+    "evaluate": "evaluate",
+    "demo": "demo",
+    "inspect": "inspect",
+    "convert": "convert",
+    "experiment": "experiment",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="cryosip", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cryosip {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, modname in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"cryosip.cli.{modname}")
+        except ModuleNotFoundError as e:
+            if e.name == f"cryosip.cli.{modname}":
+                continue  # command not built in this version
+            raise
+        doc = (mod.__doc__ or name).strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._main(args) or 0)
+    except CryosipInputError as e:
+        sys.stderr.write(f"cryosip {args.command}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Contrast transfer function (the RELION / cryoDRGN formula).
+
+    lambda = 12.2639 / sqrt(V + 0.97845e-6 V^2)       (Angstrom, V in volts)
+    defocus(alpha) = (dfU + dfV)/2 + (dfU - dfV)/2 cos 2(alpha - dfAng)
+    gamma = 2 pi (-1/2 defocus lambda k^2 + 1/4 Cs lambda^3 k^4) - phase_shift
+    CTF = sqrt(1 - w^2) sin(gamma) - w cos(gamma),  times exp(-B k^2 / 4) and a scale.
+
+``alpha = atan2(ky, kx)`` is measured from the image x axis (RELION). Positive defocus is
+underfocus, so ``CTF(0) = -w``: with a positive projected potential, protein is dark.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+
+def wavelength_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Float[Array, "*batch"]:
+    """Relativistic electron wavelength (Angstrom)."""
+    v = jnp.asarray(voltage_in_kilovolts) * 1e3
+    return 12.2639 / jnp.sqrt(v + 0.97845e-6 * v * v)
+
+
+class CTFParams(eqx.Module):
+    """Per-particle CTF parameters. Every field is an array whose leading axes batch particles."""
+
+    defocus_u_in_angstroms: Float[Array, "*batch"]
+    defocus_v_in_angstroms: Float[Array, "*batch"]
+    defocus_angle_in_degrees: Float[Array, "*batch"]
+    voltage_in_kilovolts: Float[Array, "*batch"]
+    spherical_aberration_in_mm: Float[Array, "*batch"]
+    amplitude_contrast: Float[Array, "*batch"]
+    phase_shift_in_degrees: Float[Array, "*batch"]
+    bfactor_in_angstroms2: Float[Array, "*batch"]
+    scale: Float[Array, "*batch"]
+
+    @classmethod
+    def make(
+        cls,
+        defocus_u_in_angstroms,
+        defocus_v_in_angstroms=None,
+        defocus_angle_in_degrees=0.0,
+        voltage_in_kilovolts=300.0,
+        spherical_aberration_in_mm=2.7,
+        amplitude_contrast=0.1,
+        phase_shift_in_degrees=0.0,
+        bfactor_in_angstroms2=0.0,
+        scale=1.0,
+    ) -> CTFParams:
+        """Broadcast scalars/arrays to a common batch shape (float32)."""
+        if defocus_v_in_angstroms is None:
+            defocus_v_in_angstroms = defocus_u_in_angstroms
+        vals = [
+            defocus_u_in_angstroms,
+            defocus_v_in_angstroms,
+            defocus_angle_in_degrees,
+            voltage_in_kilovolts,
+            spherical_aberration_in_mm,
+            amplitude_contrast,
+            phase_shift_in_degrees,
+            bfactor_in_angstroms2,
+            scale,
+        ]
+        arrs = np.broadcast_arrays(*[np.asarray(v, dtype=np.float32) for v in vals])
+        return cls(*[jnp.asarray(a) for a in arrs])
+
+
+def rfft_frequencies(box_size: int, pixel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ky, kx) in 1/Angstrom on the rfft2 grid of a ``box_size`` image; shapes (D, 1), (1, D//2+1)."""
+    ky = np.fft.fftfreq(box_size, d=pixel_size)[:, None]
+    kx = np.fft.rfftfreq(box_size, d=pixel_size)[None, :]
+    return ky.astype(np.float32), kx.astype(np.float32)
+
+
+def compute_ctf(
+    ctf: CTFParams, ky: Float[Array, "y x"], kx: Float[Array, "y x"]
+) -> Float[Array, "y x"]:
+    """Evaluate one particle's CTF on a frequency grid (scalar fields; vmap for batches)."""
+    lam = wavelength_in_angstroms(ctf.voltage_in_kilovolts)
+    k2 = kx * kx + ky * ky
+    alpha = jnp.arctan2(ky, kx)
+    ang = jnp.deg2rad(ctf.defocus_angle_in_degrees)
+    df = 0.5 * (
+        ctf.defocus_u_in_angstroms
+        + ctf.defocus_v_in_angstroms
+        + (ctf.defocus_u_in_angstroms - ctf.defocus_v_in_angstroms) * jnp.cos(2.0 * (alpha - ang))
+    )
+    cs = ctf.spherical_aberration_in_mm * 1e7
+    gamma = 2.0 * jnp.pi * (-0.5 * df * lam * k2 + 0.25 * cs * lam**3 * k2 * k2) - jnp.deg2rad(
+        ctf.phase_shift_in_degrees
+    )
+    w = ctf.amplitude_contrast
+    value = jnp.sqrt(1.0 - w * w) * jnp.sin(gamma) - w * jnp.cos(gamma)
+    return ctf.scale * value * jnp.exp(-0.25 * ctf.bfactor_in_angstroms2 * k2)

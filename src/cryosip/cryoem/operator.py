@@ -1,0 +1,46 @@
+"""The cryo-EM random forward operator: one plug-in for the generic SIP engine."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ..conformations.base import AbstractConformationModel
+from ..sip.noise import GaussianNoise
+from ..sip.operator import AbstractRandomOperator
+from .image_model import CryoNuisance, ImageModel, NuisancePrior
+
+
+class CryoEMOperator(AbstractRandomOperator):
+    """F(theta, xi) = CTF * shift * project(X(theta) rotated) + noise."""
+
+    conformation: AbstractConformationModel
+    image_model: ImageModel
+    noise: GaussianNoise
+    prior: NuisancePrior
+    fit_scale: bool
+
+    def __init__(self, conformation, image_model, noise_sigma=1.0, prior=None, fit_scale: bool = False):
+        self.conformation = conformation
+        self.image_model = image_model
+        self.noise = noise_sigma if isinstance(noise_sigma, GaussianNoise) else GaussianNoise(noise_sigma)
+        self.prior = NuisancePrior() if prior is None else prior
+        self.fit_scale = bool(fit_scale)
+
+    def mean(self, theta: Float[Array, " dim"], nuisance: CryoNuisance) -> Float[Array, "y_dim x_dim"]:
+        coords = self.conformation(theta)
+        return self.image_model.render(coords, self.conformation.atoms, nuisance)
+
+    def sample_nuisance(self, key, n: int) -> CryoNuisance:
+        return self.prior.sample(key, n)
+
+    @property
+    def domain(self):
+        return self.conformation.lower, self.conformation.upper
+
+    @property
+    def obs_size(self) -> int:
+        return self.image_model.box_size**2 - int(self.fit_scale)
+
+    def with_sigma(self, sigma) -> CryoEMOperator:
+        return CryoEMOperator(self.conformation, self.image_model, GaussianNoise(jnp.asarray(sigma)), self.prior, self.fit_scale)

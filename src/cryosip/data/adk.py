@@ -1,0 +1,70 @@
+"""The built-in AdK dataset: adenylate kinase along its closed -> open transition.
+
+Source: the 98-frame DIMS trajectory shipped with MDAnalysisTests (CHARMM PSF + DCD,
+3,341 atoms including hydrogens). Frame 0 is closed (1AKE-like), frame 97 open (4AKE-like);
+frames are superposed on frame 0 by C-alpha and centred. The CV is the path coordinate
+s = frame / 97 in [0, 1]. Elements come from the atom names (the PDB copies in
+MDAnalysisTests have no element column; reading "CA" as calcium is a known trap).
+Prepared once and cached as ``$CRYOSIP_CACHE/adk_v1.npz`` (default ``~/.cache/cryosip``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..conformations.path import PathModel
+from ..cryoem.atoms import AtomParameters
+
+_NAME_TO_ELEMENT = {"C": "C", "H": "H", "N": "N", "O": "O", "S": "S", "P": "P"}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("CRYOSIP_CACHE", Path.home() / ".cache" / "cryosip"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _prepare() -> dict[str, np.ndarray]:
+    import MDAnalysis as mda
+    from MDAnalysisTests.datafiles import DCD, PSF
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        u = mda.Universe(PSF, DCD)
+        frames = np.stack([u.atoms.positions.copy() for _ in u.trajectory]).astype(np.float64)
+    names = np.asarray(u.atoms.names).astype(str)
+    elements = np.array([_NAME_TO_ELEMENT[n[0]] for n in names])
+    resnames = np.asarray(u.atoms.resnames).astype(str)
+    resids = np.asarray(u.atoms.resids)
+    return {"frames": frames, "names": names, "elements": elements, "resnames": resnames, "resids": resids}
+
+
+@functools.cache
+def load_adk_arrays() -> dict[str, np.ndarray]:
+    """Frames (98, 3341, 3) in Angstrom with atom names, elements, residue names and ids (cached)."""
+    path = cache_dir() / "adk_v1.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    arrays = _prepare()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def adk_model(ca_only: bool = False, bfactor_in_angstroms2: float = 0.0) -> PathModel:
+    """The AdK closed->open path as a :class:`PathModel` (all atoms, or C-alpha only)."""
+    a = load_adk_arrays()
+    ca = a["names"] == "CA"
+    sel = ca if ca_only else np.ones_like(ca)
+    atoms = AtomParameters.from_elements(a["elements"][sel], bfactor_in_angstroms2)
+    frames = a["frames"][:, sel]
+    return PathModel(frames, atoms, superpose_on=ca[sel])

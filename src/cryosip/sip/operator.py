@@ -1,0 +1,168 @@
+"""Random forward operators F(theta, xi) = F0(theta, xi0) + noise, and the observations they explain.
+
+The engine only needs what is defined here. A concrete operator implements ``mean`` (the
+noise-free output for one conformation under one nuisance draw), ``sample_nuisance`` and the
+``domain`` of theta; everything a discrepancy asks for (log-likelihood matrices, paired
+squared distances, fresh samples) is derived here by ``vmap`` over particles and observations.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from .noise import GaussianNoise
+
+
+class Observations(eqx.Module):
+    """Observed data with (optionally) known nuisances, indices and multiplicity weights.
+
+    ``values`` and ``nuisance`` have a leading axis over observations. ``index`` is each
+    observation's position in the full data set (tabulated operators look rows up by it);
+    ``weight`` multiplies its term in an objective (1 by default; bootstrap uses counts).
+    """
+
+    values: PyTree
+    nuisance: PyTree | None
+    index: Int[Array, " n"]
+    weight: Float[Array, " n"]
+
+    def __init__(self, values, nuisance=None, index=None, weight=None):
+        n = jax.tree_util.tree_leaves(values)[0].shape[0]
+        self.values = values
+        self.nuisance = nuisance
+        self.index = jnp.arange(n, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+        self.weight = jnp.ones((n,), jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def take(self, idx) -> Observations:
+        """A sub-batch (``idx``: integer array, traced or not)."""
+        def t(x):
+            return jax.tree_util.tree_map(lambda a: a[idx], x)
+
+        return Observations(t(self.values), None if self.nuisance is None else t(self.nuisance),
+                            self.index[idx], self.weight[idx])
+
+    def with_weight(self, weight) -> Observations:
+        return Observations(self.values, self.nuisance, self.index, weight)
+
+
+def _map_rows(f, xs, batch_size: int | None):
+    """lax.map with batching (bounded memory), or vmap when batch_size is None."""
+    if batch_size is None:
+        return jax.vmap(f)(xs)
+    return jax.lax.map(f, xs, batch_size=batch_size)
+
+
+class AbstractRandomOperator(eqx.Module):
+    """A random forward operator with additive Gaussian noise."""
+
+    noise: eqx.AbstractVar[GaussianNoise]
+    fit_scale: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def mean(self, theta: Float[Array, " dim"], nuisance: PyTree) -> Array:
+        """Noise-free output F0(theta, xi0) for one conformation and one nuisance draw."""
+
+    @abc.abstractmethod
+    def sample_nuisance(self, key: PRNGKeyArray, n: int) -> PyTree:
+        """n independent nuisance draws (leading axis n)."""
+
+    @property
+    @abc.abstractmethod
+    def domain(self) -> tuple[Float[Array, " dim"], Float[Array, " dim"]]:
+        """(lower, upper) bounds of theta (may be +-inf)."""
+
+    # ---- derived quantities used by discrepancies -------------------------------------------
+    def means(self, theta: Float[Array, "n dim"], nuisance: PyTree) -> Array:
+        """F0 for paired rows of theta and nuisance."""
+        return jax.vmap(self.mean)(theta, nuisance)
+
+    def sample(self, key: PRNGKeyArray, theta: Float[Array, "n dim"], nuisance: PyTree | None = None) -> Array:
+        """Fresh observations y_j = F(theta_j, xi_j) (nuisances drawn when not given)."""
+        kn, ke = jax.random.split(key)
+        if nuisance is None:
+            nuisance = self.sample_nuisance(kn, theta.shape[0])
+        return self.noise.sample(ke, self.means(theta, nuisance))
+
+    def paired_means(self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None) -> Array:
+        """F0(theta_i, xi_n) for every observation n (its own nuisance) and particle i: (B, P, ...)."""
+        if obs.nuisance is None:
+            raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
+
+        def row(nu):
+            return jax.vmap(lambda th: self.mean(th, nu))(theta)
+
+        return _map_rows(row, obs.nuisance, batch_size)
+
+    def log_likelihood_matrix(
+        self,
+        theta: Float[Array, "n_particles dim"],
+        obs: Observations,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_nuisance: int = 64,
+        batch_size: int | None = None,
+    ) -> Float[Array, "n_obs n_particles"]:
+        """log p(y_n | theta_i) for every observation and particle.
+
+        Known nuisances: the Gaussian log-density under each observation's own nuisance.
+        Unknown nuisances (``obs.nuisance is None``): a Monte Carlo average over ``n_nuisance``
+        draws, log-mean-exp in log space.
+        """
+        ll = lambda y, m: self.noise.log_likelihood(y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale)  # noqa: E731
+        if obs.nuisance is not None:
+            def row(args):
+                y, nu = args
+                ms = jax.vmap(lambda th: self.mean(th, nu))(theta)
+                return jax.vmap(lambda m: ll(y, m))(ms)
+
+            return _map_rows(row, (obs.values, obs.nuisance), batch_size)
+        if key is None:
+            raise ValueError("unknown nuisances: a key is needed to draw them")
+        nus = self.sample_nuisance(key, n_nuisance)
+        ms = jax.vmap(lambda nu: jax.vmap(lambda th: self.mean(th, nu))(theta))(nus)  # (M, P, ...)
+
+        def row_mc(y):
+            lls = jax.vmap(jax.vmap(lambda m: ll(y, m)))(ms)  # (M, P)
+            return jax.scipy.special.logsumexp(lls, axis=0) - jnp.log(n_nuisance)
+
+        return _map_rows(row_mc, obs.values, batch_size)
+
+    def paired_sq_distances(
+        self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None
+    ) -> tuple[Float[Array, "n_obs n_particles"], Float[Array, "n_obs n_particles n_particles"]]:
+        """(||F0(theta_i, xi_n) - y_n||^2, ||F0(theta_i, xi_n) - F0(theta_j, xi_n)||^2)."""
+        def row(args):
+            y, nu = args
+            ms = jax.vmap(lambda th: self.mean(th, nu))(theta).reshape(theta.shape[0], -1)
+            yv = y.reshape(-1)
+            dy = jnp.sum((ms - yv) ** 2, axis=-1)
+            sq = jnp.sum(ms * ms, axis=-1)
+            dmm = jnp.maximum(sq[:, None] + sq[None, :] - 2 * ms @ ms.T, 0.0)
+            return dy, dmm
+
+        if obs.nuisance is None:
+            raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
+        return _map_rows(row, (obs.values, obs.nuisance), batch_size)
+
+    @property
+    def obs_size(self) -> int:
+        """Number of scalar entries in one observation (pixels for images)."""
+        raise NotImplementedError
+
+
+def reflect_into(theta: Array, lower: Array, upper: Array) -> Array:
+    """Reflect coordinates into [lower, upper] (a triangle wave; identity inside, no-op for infinite bounds)."""
+    finite = jnp.isfinite(lower) & jnp.isfinite(upper)
+    lo = jnp.where(finite, lower, 0.0)
+    width = jnp.where(finite, upper - lower, 1.0)
+    z = jnp.mod(theta - lo, 2 * width)
+    refl = lo + jnp.where(z > width, 2 * width - z, z)
+    return jnp.where(finite, refl, theta)
