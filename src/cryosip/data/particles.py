@@ -29,6 +29,12 @@ class ParticleStack:
     ``nuisance`` holds NumPy arrays (rotations in the RELION convention, shifts in Angstrom as
     the particle's displacement from the box centre, CTF parameters). ``metadata`` keeps the
     original per-particle table (e.g. the STAR rows) so that writers can preserve every column.
+
+    ``images`` may also be a lazy accessor (:class:`cryosip.data.mrc.LazyImageStack`) that
+    supports ``images[idx]`` with integer arrays and ``.shape``/``.ndim``; it reads from the
+    stack files on demand. ``has_poses``/``has_shifts`` say whether the rotations/shifts came
+    from the input (``False``: identity/zero placeholders). ``ctf_premultiplied`` and
+    ``phase_flipped`` flag images the raw-data forward model does not describe.
     """
 
     images: np.ndarray
@@ -37,6 +43,10 @@ class ParticleStack:
     metadata: pd.DataFrame | None = None
     optics: pd.DataFrame | None = None
     source: str | None = None
+    has_poses: bool = True
+    has_shifts: bool = True
+    ctf_premultiplied: bool = False
+    phase_flipped: bool = False
 
     def __post_init__(self):
         if self.images.ndim != 3 or self.images.shape[1] != self.images.shape[2]:
@@ -53,8 +63,22 @@ class ParticleStack:
 
     def subset(self, idx) -> ParticleStack:
         idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.nonzero(idx)[0]
         meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
         return dataclasses.replace(self, images=np.asarray(self.images[idx]), nuisance=take_nuisance(self.nuisance, idx), metadata=meta)
+
+    def take(self, idx) -> ParticleStack:
+        """Like :meth:`subset` but keeps lazily read images lazy (nothing is loaded)."""
+        from .mrc import LazyImageStack
+
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.nonzero(idx)[0]
+        if not isinstance(self.images, LazyImageStack):
+            return self.subset(idx)
+        meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
+        return dataclasses.replace(self, images=self.images.take(idx), nuisance=take_nuisance(self.nuisance, idx), metadata=meta)
 
     def observations(self, idx=None) -> Observations:
         """The engine's view (JAX arrays): images with their known nuisances."""
@@ -72,3 +96,69 @@ class ParticleStack:
         n = np.asarray(rotation).shape[0]
         ctf = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a, np.float32), (n,)).copy(), ctf)
         return CryoNuisance(np.asarray(rotation, np.float32), np.asarray(shift_in_angstroms, np.float32), ctf)
+
+
+def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
+    """Fourier-crop the images to ``box_size`` lazily (chunk by chunk as they are read).
+
+    The pixel size is scaled by ``D / box_size``; shifts in Angstrom, poses and CTF are
+    unchanged (a shift of ``t`` Angstrom is the same displacement in both boxes).
+    """
+    from .mrc import LazyImageStack, TransformedImages, fourier_crop
+
+    D = stack.box_size
+    box_size = int(box_size)
+    if box_size == D:
+        return stack
+    if box_size > D:
+        raise ValueError(f"cannot downsample a {D}-pixel box to {box_size} pixels (upsampling)")
+    if box_size % 2 or box_size < 8:
+        raise ValueError(f"working box must be an even number >= 8, got {box_size}")
+    if isinstance(stack.images, LazyImageStack):
+        src = stack.images
+        images = LazyImageStack(src.files, src.file_index, src.image_index, box_size,
+                                file_boxes=src.file_boxes, check_finite=src.check_finite)
+    else:
+        images = TransformedImages(stack.images, lambda x: fourier_crop(x, box_size), box_size)
+    return dataclasses.replace(stack, images=images, pixel_size=float(stack.pixel_size) * D / box_size)
+
+
+def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None, ctf=None, ind=None,
+                   allow_unsupported_contrast: bool = False) -> ParticleStack:
+    """Read particles from a RELION ``.star``, a cryoSPARC ``.cs``, an ``.mrcs``/``.mrc`` stack or
+    a cryoDRGN pickle (``ctf.pkl``/``pose.pkl``), with optional cryoDRGN overrides.
+
+    ``box_size`` Fourier-crops to a working box. A bare ``.mrcs`` needs ``ctf`` (a cryoDRGN
+    ``ctf.pkl``) for its optics; a ``.pkl`` input without images gives a stack whose images
+    cannot be read (``inspect`` still works).
+    """
+    import os
+    from pathlib import Path
+
+    from .cryodrgn import apply_cryodrgn, read_cryodrgn_only
+    from .cryosparc import read_cs
+    from .errors import CryosipInputError
+    from .mrc import read_mrcs_stack
+    from .star import read_star
+
+    path = Path(path)
+    suffix = "".join(s for s in path.suffixes[-2:] if s in (".star", ".cs", ".mrcs", ".mrc", ".pkl", ".gz", ".bz2"))
+    kw = dict(allow_unsupported_contrast=allow_unsupported_contrast)
+    if suffix.endswith(".star"):
+        stack = read_star(path, datadir=datadir, box_size=box_size if ind is None else None, **kw)
+    elif suffix.endswith(".cs"):
+        stack = read_cs(path, datadir=datadir, **kw)
+    elif suffix.startswith(".mrc"):
+        stack = read_mrcs_stack(path)
+    elif suffix.endswith(".pkl"):
+        stack = read_cryodrgn_only(path, pose=pose, ctf=ctf)
+        pose = ctf = None if stack.source == os.fspath(path) else (pose, ctf)
+    else:
+        raise CryosipInputError(path, "unknown particle file type (expected .star, .cs, .mrcs, .mrc or .pkl)")
+    if pose is not None or ctf is not None or ind is not None:
+        stack = apply_cryodrgn(stack, pose=pose, ctf=ctf, ind=ind)
+    if suffix.startswith(".mrc") and ctf is None:
+        raise CryosipInputError(path, "an image stack alone has no CTF or pixel metadata: pass a cryoDRGN ctf.pkl")
+    if box_size is not None and stack.box_size != box_size:
+        stack = downsample(stack, box_size)
+    return stack

@@ -1,0 +1,611 @@
+"""RELION STAR particle files (3.0, 3.1, 4 and 5): read into a ParticleStack, write back.
+
+Versions
+    * 3.0 and earlier: one table (``data_`` or ``data_images``) with per-particle optics
+      (``rlnVoltage``, ``rlnSphericalAberration``, ``rlnAmplitudeContrast``), pixel size from
+      ``rlnImagePixelSize``/``rlnPixelSize`` or ``rlnDetectorPixelSize`` [um] * 1e4 /
+      ``rlnMagnification``, shifts ``rlnOriginX/Y`` in pixels.
+    * 3.1, 4 and 5 (``# version 30001`` / ``50001``): ``data_optics`` + ``data_particles`` joined
+      on ``rlnOpticsGroup``; shifts ``rlnOriginXAngst/YAngst`` in Angstrom.
+
+Conventions (verified against the sources, see ``docs``):
+    * Rotations: ``rlnAngleRot/Tilt/Psi`` are ZYZ Euler angles in degrees and
+      ``A = Euler_angles2matrix(rot, tilt, psi)`` rotates the reference into the particle frame
+      (RELION docs, "Conventions: Orientations"); this is :func:`cryosip.cryoem.pose.euler_to_matrix`.
+    * Shifts: ``rlnOriginXAngst/YAngst = -shift_in_angstroms``. RELION's documentation says the
+      origin offsets "translate the image to its center" / "shift observations into the reference
+      projection", and ``ObservationModel::predictObservation`` (``src/jaz/obs_model.cpp``) builds
+      the predicted image by ``shiftImageInFourierTransform(dest, dest, s, s/2 - xoff, s/2 - yoff)``
+      with ``xoff = rlnOriginXAngst / angpix``: the projection is displaced by ``-origin``. In
+      cryosip the particle sits at ``+shift`` from the box centre, hence ``shift = -origin``.
+      RELION 3.0's ``rlnOriginX/Y`` are the same quantity in pixels.
+    * Image names ``000123@stacks/x.mrcs`` are 1-based; paths are relative to the project folder
+      (tried: ``datadir``, the STAR file's folder and its parents, the working directory).
+    * CTF defaults where a column is absent, as in RELION's ``CTF::read``: ``rlnDefocusV =
+      rlnDefocusU``, ``rlnDefocusAngle = 0``, ``rlnPhaseShift = 0``, ``rlnCtfBfactor = 0``,
+      ``rlnCtfScalefactor = 1``. Voltage, Cs, amplitude contrast and defocus are required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..cryoem.pose import matrix_to_euler
+from .errors import CryosipInputError
+from .mrc import LazyImageStack, TransformedImages, read_mrc_header
+from .particles import ParticleStack
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_star", "write_star", "parse_image_names", "format_image_names", "star_version",
+           "euler_to_matrix_np"]
+
+# columns recomputed by write_star from the nuisance (everything else is kept as it was)
+_POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+_SHIFT_COLUMNS = ["rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst"]
+_CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
+                "rlnCtfScalefactor"]
+_OPTICS_PER_PARTICLE = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                        "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize", "rlnPixelSize",
+                        "rlnImageSize", "rlnImageDimensionality", "rlnCtfDataAreCtfPremultiplied",
+                        "rlnCtfDataArePhaseFlipped"]
+_OPTICS_RECOMPUTED = ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                      "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality"]
+_KNOWN_VERSIONS = (30000, 30001, 40000, 40001, 50000, 50001)
+
+
+def euler_to_matrix_np(rot, tilt, psi) -> np.ndarray:
+    """RELION ``Euler_angles2matrix`` in float64 NumPy (same as :func:`cryosip.cryoem.pose.euler_to_matrix`)."""
+    a, b, g = (np.deg2rad(np.asarray(x, np.float64)) for x in (rot, tilt, psi))
+    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    return np.stack([
+        np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
+        np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
+        np.stack([sc, ss, cb], -1),
+    ], -2)
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing helpers
+
+
+def star_version(path: str | os.PathLike) -> int | None:
+    """The number in a ``# version NNNNN`` comment before the first data block (None if absent)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace")
+    m = re.search(r"^#\s*version\s+(\S+)", head.split("data_", 1)[0] if "data_" in head else head, re.M)
+    if m is None:
+        return None
+    try:
+        return int(m.group(1))
+    except ValueError:
+        return -1
+
+
+def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
+    import starfile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"])
+    except Exception as e:  # starfile/pandas raise many types on malformed text
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CryosipInputError(path, f"not a readable STAR file ({msg[:200]})") from None
+    if not isinstance(blocks, dict):
+        raise CryosipInputError(path, "not a readable STAR file")
+    out = {}
+    for name, block in blocks.items():
+        if isinstance(block, dict):
+            block = pd.DataFrame({k: [v] for k, v in block.items()})
+        if not isinstance(block, pd.DataFrame):
+            raise CryosipInputError(path, f"data_{name}: not a table")
+        out[str(name)] = block
+    return out
+
+
+def parse_image_names(names, path=None) -> tuple[np.ndarray, np.ndarray]:
+    """``"000123@stacks/x.mrcs"`` -> (stack path strings, 0-based indices).
+
+    A name without ``@`` is a single-image file (index 0).
+    """
+    s = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    has_at = s.str.contains("@", regex=False)
+    parts = s.str.split("@", n=1)
+    idx_str = np.where(has_at, parts.str[0], "1")
+    paths = np.where(has_at, parts.str[1], s).astype(object)
+    idx = pd.to_numeric(pd.Series(idx_str), errors="coerce")
+    bad = idx.isna() | (idx < 1) | (idx != np.floor(idx))
+    if bad.any():
+        i = int(np.nonzero(bad.to_numpy())[0][0])
+        raise CryosipInputError(path, f"row {i + 1}: bad rlnImageName {s.iloc[i]!r} (expected N@stack.mrcs, N >= 1)")
+    empty = pd.Series(paths).str.strip() == ""
+    if empty.any():
+        i = int(np.nonzero(empty.to_numpy())[0][0])
+        raise CryosipInputError(path, f"row {i + 1}: rlnImageName {s.iloc[i]!r} has no file name")
+    return paths, idx.to_numpy(np.int64) - 1
+
+
+def format_image_names(paths, indices) -> list[str]:
+    """(stack paths, 0-based indices) -> RELION ``"000123@path"`` names (1-based)."""
+    return [f"{int(i) + 1:06d}@{p}" for p, i in zip(paths, indices)]
+
+
+def resolve_stack_path(name: str, star_dir: Path, datadir: str | os.PathLike | None, origin: Path) -> Path:
+    """Find a stack file referenced from a metadata file.
+
+    Tried in order: ``datadir/name``, ``datadir/basename``, the metadata file's folder and up to
+    three of its parents joined with ``name`` (RELION paths are relative to the project folder),
+    then ``name`` as given (absolute or relative to the working directory).
+    """
+    p = Path(name)
+    candidates = []
+    if datadir is not None:
+        d = Path(datadir)
+        candidates += [d / p, d / p.name]
+    if p.is_absolute():
+        candidates.append(p)
+    else:
+        folder = star_dir
+        for _ in range(4):
+            candidates.append(folder / p)
+            if folder.parent == folder:
+                break
+            folder = folder.parent
+        candidates.append(p)
+    for c in candidates:
+        if c.is_file():
+            return c
+    where = f" (looked in {datadir})" if datadir is not None else f" (relative to {star_dir} and its parents)"
+    raise CryosipInputError(name, f"stack file not found, referenced by {origin}{where}; use --datadir")
+
+
+def build_image_source(path: Path, stack_names, indices, datadir, box_size: int | None,
+                       expected_boxes=None) -> tuple[LazyImageStack, list[int]]:
+    """A LazyImageStack for (stack name, 0-based index) pairs, with every file checked.
+
+    Checks: files exist and are MRC, square, index within range, and boxes agree with each other
+    (or with ``expected_boxes``, one per particle). Returns the accessor and each file's box.
+    """
+    names = np.asarray(stack_names, dtype=object)
+    uniq, inv = np.unique(names.astype(str), return_inverse=True)
+    files, boxes = [], []
+    for k, name in enumerate(uniq):
+        f = resolve_stack_path(name, path.parent, datadir, path)
+        h = read_mrc_header(f)
+        nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+        if nx != ny:
+            raise CryosipInputError(f, f"images are not square ({ny}x{nx})")
+        sel = inv == k
+        top = int(indices[sel].max())
+        if top >= nz:
+            raise CryosipInputError(f, f"image index {top + 1} out of range (stack has {nz} images), "
+                                       f"referenced by {path}")
+        files.append(f)
+        boxes.append(nx)
+    file_boxes = np.asarray(boxes)[inv]
+    if expected_boxes is not None:
+        exp = np.asarray(expected_boxes)
+        bad = np.nonzero(exp != file_boxes)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise CryosipInputError(path, f"particle {i + 1}: metadata box size {int(exp[i])} but stack "
+                                          f"{files[inv[i]]} has {int(file_boxes[i])}-pixel images")
+    if len(set(boxes)) > 1 and box_size is None:
+        raise CryosipInputError(path, f"stack files have different box sizes {sorted(set(boxes))}; "
+                                      "request a common working box (--box)")
+    target = int(box_size) if box_size is not None else boxes[0]
+    if target > min(boxes):
+        raise CryosipInputError(path, f"working box {target} is larger than the smallest stack box {min(boxes)}")
+    return LazyImageStack(files, inv, indices, target, file_boxes=boxes), boxes
+
+
+def _numeric(df: pd.DataFrame, col: str, path: Path, block: str = "particles") -> np.ndarray:
+    vals = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not a finite number")
+    return vals
+
+
+def _require(df: pd.DataFrame, cols, path: Path, block: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise CryosipInputError(path, f"data_{block} is missing required column(s) "
+                                      + ", ".join("_" + c for c in missing))
+
+
+def _flag(df: pd.DataFrame | None, col: str, path: Path, block: str) -> np.ndarray | None:
+    if df is None or col not in df.columns:
+        return None
+    return _numeric(df, col, path, block) != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None,
+              box_size: int | None = None, allow_unsupported_contrast: bool = False) -> ParticleStack:
+    """Read a RELION particle STAR file (3.0, 3.1, 4 or 5) into a :class:`ParticleStack`.
+
+    Images are memory-mapped and read on demand (``stack.images`` is a
+    :class:`~cryosip.data.mrc.LazyImageStack`). Several optics groups must share box and pixel
+    size, unless ``box_size`` is given and all groups have the same physical box (``D * pixel``):
+    each group is then Fourier-cropped to ``box_size``.
+
+    CTF-premultiplied (``rlnCtfDataAreCtfPremultiplied = 1``) or phase-flipped
+    (``rlnCtfDataArePhaseFlipped = 1``) data raise :class:`CryosipInputError` (the forward model
+    describes raw images) unless ``allow_unsupported_contrast`` (used by ``cryosip inspect``), in
+    which case the stack carries the flags.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CryosipInputError(path, "file not found")
+    if path.is_dir():
+        raise CryosipInputError(path, "is a folder, not a STAR file")
+    if path.stat().st_size == 0:
+        raise CryosipInputError(path, "empty file")
+    try:
+        version = star_version(path)
+    except OSError as e:
+        raise CryosipInputError(path, f"cannot read ({e})") from None
+    if version is not None and version not in _KNOWN_VERSIONS:
+        raise CryosipInputError(path, f"unknown STAR version '# version {version}' (supported: RELION 3.0, "
+                                      "3.1/4 (30001) and 5 (50001))")
+    blocks = _read_blocks(path)
+    if not blocks:
+        raise CryosipInputError(path, "no data_ blocks (empty or not a STAR file)")
+
+    optics = blocks.get("optics")
+    if "particles" in blocks:
+        particles = blocks["particles"]
+        if optics is None:
+            raise CryosipInputError(path, "data_particles without data_optics: unknown STAR version "
+                                          "(RELION 3.1+ files need both)")
+        style = "3.1"
+    elif optics is not None:
+        raise CryosipInputError(path, "data_optics but no data_particles table (not a particle STAR file, "
+                                      "or an unknown STAR version)")
+    else:
+        if version is not None and version >= 30001:
+            raise CryosipInputError(path, f"'# version {version}' but no data_optics/data_particles tables")
+        cands = [b for b in blocks.values() if "rlnImageName" in b.columns]
+        if len(cands) != 1:
+            raise CryosipInputError(path, "no particle table with _rlnImageName (unknown STAR version or not a "
+                                          "particle file)" if not cands else "several tables with _rlnImageName")
+        particles = cands[0]
+        style = "3.0"
+    if len(particles) == 0:
+        raise CryosipInputError(path, "the particle table is empty")
+    particles = particles.reset_index(drop=True)
+    _require(particles, ["rlnImageName", "rlnDefocusU"], path, "particles")
+    n = len(particles)
+
+    # ---- optics per particle
+    if style == "3.1":
+        _require(particles, ["rlnOpticsGroup"], path, "particles")
+        _require(optics, ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
+                 path, "optics")
+        if "rlnImagePixelSize" not in optics.columns:
+            raise CryosipInputError(path, "data_optics is missing required column _rlnImagePixelSize")
+        optics = optics.reset_index(drop=True)
+        og = _numeric(optics, "rlnOpticsGroup", path, "optics").astype(np.int64)
+        if len(set(og.tolist())) != len(og):
+            raise CryosipInputError(path, "data_optics has duplicate rlnOpticsGroup numbers")
+        pg = _numeric(particles, "rlnOpticsGroup", path).astype(np.int64)
+        row_of = {g: i for i, g in enumerate(og.tolist())}
+        missing = sorted(set(pg.tolist()) - set(row_of))
+        if missing:
+            raise CryosipInputError(path, f"particles refer to optics group(s) {missing} not in data_optics")
+        prow = np.array([row_of[g] for g in pg.tolist()]) if n else np.zeros(0, int)
+
+        def per_particle(col):
+            return _numeric(optics, col, path, "optics")[prow]
+
+        voltage = per_particle("rlnVoltage")
+        cs = per_particle("rlnSphericalAberration")
+        w = per_particle("rlnAmplitudeContrast")
+        px = per_particle("rlnImagePixelSize")
+        meta_box = per_particle("rlnImageSize").astype(np.int64) if "rlnImageSize" in optics.columns else None
+        premult = _flag(optics, "rlnCtfDataAreCtfPremultiplied", path, "optics")
+        flipped = _flag(optics, "rlnCtfDataArePhaseFlipped", path, "optics")
+        premult = None if premult is None else premult[prow]
+        flipped = None if flipped is None else flipped[prow]
+        group_of_particle = pg
+    else:
+        _require(particles, ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"], path, "particles")
+        voltage = _numeric(particles, "rlnVoltage", path)
+        cs = _numeric(particles, "rlnSphericalAberration", path)
+        w = _numeric(particles, "rlnAmplitudeContrast", path)
+        if "rlnImagePixelSize" in particles.columns:
+            px = _numeric(particles, "rlnImagePixelSize", path)
+        elif "rlnPixelSize" in particles.columns:
+            px = _numeric(particles, "rlnPixelSize", path)
+        elif "rlnDetectorPixelSize" in particles.columns and "rlnMagnification" in particles.columns:
+            mag = _numeric(particles, "rlnMagnification", path)
+            if (mag <= 0).any():
+                raise CryosipInputError(path, "rlnMagnification must be positive")
+            px = _numeric(particles, "rlnDetectorPixelSize", path) * 1e4 / mag
+        else:
+            px = None  # from the MRC header below
+        meta_box = particles["rlnImageSize"].astype(np.int64).to_numpy() if "rlnImageSize" in particles.columns else None
+        premult = _flag(particles, "rlnCtfDataAreCtfPremultiplied", path, "particles")
+        flipped = _flag(particles, "rlnCtfDataArePhaseFlipped", path, "particles")
+        group_of_particle = np.ones(n, np.int64)
+
+    # ---- images
+    names, indices = parse_image_names(particles["rlnImageName"].to_numpy(), path)
+    images, file_boxes = build_image_source(path, names, indices, datadir, box_size, expected_boxes=meta_box)
+    boxes = np.asarray(file_boxes)[images.file_index]
+    if px is None:
+        hdr_px = np.array([float(read_mrc_header(f).cella.x) / max(int(read_mrc_header(f).mx), 1)
+                           for f in images.files])
+        px = hdr_px[images.file_index]
+        if (px <= 0).any():
+            raise CryosipInputError(path, "no pixel size: add _rlnImagePixelSize (or _rlnDetectorPixelSize and "
+                                          "_rlnMagnification), or set the voxel size in the stack header")
+        logger.info("%s: pixel size %.4f A taken from the MRC header", path, px[0])
+    if (px <= 0).any():
+        raise CryosipInputError(path, "pixel size must be positive")
+
+    # one pixel size and box for the whole stack (after optional cropping)
+    extents = px * boxes
+    if box_size is None:
+        combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
+        if len(combos) > 1:
+            desc = ", ".join(f"{b} px at {p:g} A/px" for b, p in combos)
+            raise CryosipInputError(path, f"optics groups have different box/pixel sizes ({desc}); request a "
+                                          "common working box (--box) or split the file by optics group")
+        pixel_size = float(px[0])
+    else:
+        if np.ptp(extents) > 1e-3 * extents.max():
+            raise CryosipInputError(path, f"optics groups have different physical box sizes "
+                                          f"({sorted(set(np.round(extents, 3).tolist()))} A); cannot bring them "
+                                          f"to one working box")
+        if int(box_size) % 2 or int(box_size) < 8:
+            raise CryosipInputError(path, f"working box must be an even number >= 8, got {box_size}")
+        pixel_size = float(extents[0]) / int(box_size)
+
+    # ---- contrast flags
+    is_premult = bool(premult is not None and premult.any())
+    is_flipped = bool(flipped is not None and flipped.any())
+    if (is_premult or is_flipped) and not allow_unsupported_contrast:
+        what = "CTF-premultiplied (rlnCtfDataAreCtfPremultiplied = 1)" if is_premult else \
+            "phase-flipped (rlnCtfDataArePhaseFlipped = 1)"
+        raise CryosipInputError(path, f"images are {what}; the forward model describes raw images: re-extract "
+                                      "without CTF premultiplication/phase flipping")
+
+    # ---- CTF
+    dfu = _numeric(particles, "rlnDefocusU", path)
+    dfv = _numeric(particles, "rlnDefocusV", path) if "rlnDefocusV" in particles.columns else dfu
+    dfang = _numeric(particles, "rlnDefocusAngle", path) if "rlnDefocusAngle" in particles.columns else 0.0
+    phase = _numeric(particles, "rlnPhaseShift", path) if "rlnPhaseShift" in particles.columns else 0.0
+    bfac = _numeric(particles, "rlnCtfBfactor", path) if "rlnCtfBfactor" in particles.columns else 0.0
+    scale = _numeric(particles, "rlnCtfScalefactor", path) if "rlnCtfScalefactor" in particles.columns else 1.0
+
+    # ---- poses and shifts
+    has_poses = all(c in particles.columns for c in _POSE_COLUMNS)
+    if has_poses:
+        rot = euler_to_matrix_np(*(_numeric(particles, c, path) for c in _POSE_COLUMNS))
+    else:
+        rot = np.broadcast_to(np.eye(3), (n, 3, 3))
+        present = [c for c in _POSE_COLUMNS if c in particles.columns]
+        if present:
+            logger.warning("%s: only %s present; poses treated as unknown", path, ", ".join(present))
+    if style == "3.1" and {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
+        origin_a = np.stack([_numeric(particles, "rlnOriginXAngst", path),
+                             _numeric(particles, "rlnOriginYAngst", path)], -1)
+        has_shifts = True
+    elif {"rlnOriginX", "rlnOriginY"} <= set(particles.columns):
+        origin_px = np.stack([_numeric(particles, "rlnOriginX", path), _numeric(particles, "rlnOriginY", path)], -1)
+        origin_a = origin_px * px[:, None]
+        has_shifts = True
+    elif {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
+        origin_a = np.stack([_numeric(particles, "rlnOriginXAngst", path),
+                             _numeric(particles, "rlnOriginYAngst", path)], -1)
+        has_shifts = True
+    else:
+        origin_a = np.zeros((n, 2))
+        has_shifts = False
+    shift = -origin_a
+
+    nuisance = ParticleStack.make_nuisance(
+        rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=dfang,
+        voltage_in_kilovolts=voltage, spherical_aberration_in_mm=cs, amplitude_contrast=w,
+        phase_shift_in_degrees=phase, bfactor_in_angstroms2=bfac, scale=scale)
+    del group_of_particle
+    return ParticleStack(images=images, nuisance=nuisance, pixel_size=pixel_size, metadata=particles,
+                         optics=optics, source=os.fspath(path), has_poses=has_poses, has_shifts=has_shifts,
+                         ctf_premultiplied=is_premult, phase_flipped=is_flipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _f32_column(values) -> np.ndarray:
+    """float32 values as float64 with their shortest decimal repr (so 1.1f is written as 1.1)."""
+    v = np.asarray(values)
+    if v.dtype == np.float32:
+        return v.astype(str).astype(np.float64)
+    return v.astype(np.float64)
+
+
+def stack_image_names(stack: ParticleStack, out_dir: Path) -> list[str] | None:
+    """RELION image names for ``stack`` as seen from ``out_dir`` (None when unknown)."""
+    images = stack.images
+    if isinstance(images, LazyImageStack):
+        if any(b != images.box_size for b in (images.file_boxes or [images.box_size])):
+            return None  # the files hold a different box than the stack
+        paths, idx = images.locations()
+        rel = {}
+        out = []
+        for p, i in zip(paths, idx):
+            r = rel.get(p)
+            if r is None:
+                r = rel[p] = os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir))
+            out.append(f"{int(i) + 1:06d}@{r}")
+        return out
+    if isinstance(images, TransformedImages):
+        return None
+    meta = stack.metadata
+    if meta is not None and "rlnImageName" in meta.columns:
+        return [str(s) for s in meta["rlnImageName"]]
+    return None
+
+
+def _atomic_write_text(path: Path, write_fn) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _star_text(tmp: Path, blocks: dict[str, pd.DataFrame], version_line: str | None) -> None:
+    import starfile
+
+    body = tmp.with_name(tmp.name + ".body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            starfile.write(blocks, body, float_format="%.9g", overwrite=True)
+        with open(body, "r", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            first = src.readline()
+            if version_line is not None:
+                dst.write(f"\n{version_line}\n")
+            if not first.startswith("# Created by the starfile"):
+                dst.write(first)
+            shutil.copyfileobj(src, dst)
+    finally:
+        body.unlink(missing_ok=True)
+
+
+def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd.DataFrame]:
+    """Group particles by (original optics group, voltage, Cs, amplitude contrast)."""
+    n = len(stack)
+    meta = stack.metadata
+    orig = np.ones(n, np.int64)
+    if meta is not None and "rlnOpticsGroup" in meta.columns:
+        orig = pd.to_numeric(meta["rlnOpticsGroup"], errors="coerce").fillna(1).astype(np.int64).to_numpy()
+    key = pd.DataFrame({"g": orig, "v": voltage, "c": cs, "w": w})
+    combos = key.drop_duplicates().reset_index(drop=True)
+    keep_numbers = combos["g"].is_unique and (combos["g"] > 0).all()
+    combos["new"] = combos["g"] if keep_numbers else np.arange(1, len(combos) + 1)
+    merged = key.merge(combos, on=["g", "v", "c", "w"], how="left")
+    group = merged["new"].to_numpy(np.int64)
+    rows = []
+    old_optics = stack.optics if (stack.optics is not None and "rlnOpticsGroup" in stack.optics.columns) else None
+    for _, c in combos.iterrows():
+        row = {}
+        if old_optics is not None:
+            match = old_optics[pd.to_numeric(old_optics["rlnOpticsGroup"], errors="coerce") == c["g"]]
+            if len(match):
+                row.update({k: v for k, v in match.iloc[0].items() if k not in _OPTICS_RECOMPUTED})
+        row.setdefault("rlnOpticsGroupName", f"opticsGroup{int(c['new'])}")
+        if not keep_numbers and old_optics is not None:
+            row["rlnOpticsGroupName"] = f"{row['rlnOpticsGroupName']}_{int(c['new'])}"
+        row["rlnOpticsGroup"] = int(c["new"])
+        row["rlnVoltage"] = float(c["v"])
+        row["rlnSphericalAberration"] = float(c["c"])
+        row["rlnAmplitudeContrast"] = float(c["w"])
+        row["rlnImagePixelSize"] = float(stack.pixel_size)
+        row["rlnImageSize"] = int(stack.box_size)
+        row["rlnImageDimensionality"] = 2
+        if stack.ctf_premultiplied:
+            row["rlnCtfDataAreCtfPremultiplied"] = 1
+        if stack.phase_flipped:
+            row["rlnCtfDataArePhaseFlipped"] = 1
+        rows.append(row)
+    optics = pd.DataFrame(rows)
+    first = ["rlnOpticsGroupName", "rlnOpticsGroup"]
+    optics = optics[first + [c for c in optics.columns if c not in first]]
+    return group, optics
+
+
+def write_star(path: str | os.PathLike, stack: ParticleStack, *, version: str = "3.1",
+               image_names: list[str] | None = None) -> Path:
+    """Write ``stack`` as a RELION particle STAR file, atomically (temporary file + rename).
+
+    ``version="3.1"`` writes ``data_optics`` + ``data_particles`` (shifts ``rlnOriginX/YAngst``,
+    readable by RELION 3.1, 4 and 5); ``version="3.0"`` one table with per-particle optics and
+    ``rlnOriginX/Y`` in pixels. Poses, shifts, CTF and optics are recomputed from the stack's
+    nuisance; every other column of ``stack.metadata`` (RELION labels) is kept as it was.
+    ``image_names`` (``"000001@particles.mrcs"``, 1-based) replace the stack's own image names;
+    without them, names are derived from where the images were read (relative to ``path``'s
+    folder) or taken from the metadata. Angles are written only when ``stack.has_poses`` and
+    origins only when ``stack.has_shifts``.
+    """
+    path = Path(path)
+    if version not in ("3.0", "3.1"):
+        raise ValueError(f"version must be '3.0' or '3.1', got {version!r}")
+    n = len(stack)
+    if image_names is None:
+        image_names = stack_image_names(stack, path.parent)
+        if image_names is None:
+            raise ValueError("the stack's images are not in a file as they are (new or downsampled images): "
+                             "write them with MrcsWriter and pass image_names")
+    image_names = [str(s) for s in image_names]
+    if len(image_names) != n:
+        raise ValueError(f"{len(image_names)} image names for {n} particles")
+
+    nu = stack.nuisance
+    ctf = nu.ctf
+    meta = stack.metadata
+    if meta is not None and len(meta) == n:
+        keep = [c for c in meta.columns if str(c).startswith("rln")]
+        base = meta[keep].reset_index(drop=True).copy()
+    else:
+        base = pd.DataFrame(index=range(n))
+    drop = ["rlnImageName", *_POSE_COLUMNS, *_SHIFT_COLUMNS, *_CTF_COLUMNS, *_OPTICS_PER_PARTICLE, "rlnOpticsGroup"]
+    base = base.drop(columns=[c for c in drop if c in base.columns])
+
+    cols: dict[str, object] = {"rlnImageName": image_names}
+    if stack.has_poses:
+        r, t, p = matrix_to_euler(np.asarray(nu.rotation, np.float64))
+        cols.update(rlnAngleRot=r, rlnAngleTilt=t, rlnAnglePsi=p)
+    shift = np.asarray(nu.shift_in_angstroms)
+    if stack.has_shifts:
+        origin = -_f32_column(shift)
+        if version == "3.1":
+            cols.update(rlnOriginXAngst=origin[:, 0], rlnOriginYAngst=origin[:, 1])
+        else:
+            cols.update(rlnOriginX=origin[:, 0] / stack.pixel_size, rlnOriginY=origin[:, 1] / stack.pixel_size)
+    cols.update(
+        rlnDefocusU=_f32_column(ctf.defocus_u_in_angstroms), rlnDefocusV=_f32_column(ctf.defocus_v_in_angstroms),
+        rlnDefocusAngle=_f32_column(ctf.defocus_angle_in_degrees), rlnPhaseShift=_f32_column(ctf.phase_shift_in_degrees),
+        rlnCtfBfactor=_f32_column(ctf.bfactor_in_angstroms2), rlnCtfScalefactor=_f32_column(ctf.scale))
+    voltage = _f32_column(ctf.voltage_in_kilovolts)
+    cs = _f32_column(ctf.spherical_aberration_in_mm)
+    w = _f32_column(ctf.amplitude_contrast)
+    if version == "3.0":
+        cols.update(rlnVoltage=voltage, rlnSphericalAberration=cs, rlnAmplitudeContrast=w,
+                    rlnDetectorPixelSize=np.full(n, float(stack.pixel_size)), rlnMagnification=np.full(n, 10000.0))
+    new = pd.DataFrame(cols)
+    if version == "3.1":
+        group, optics = _optics_groups(stack, voltage, cs, w)
+        new["rlnOpticsGroup"] = group
+        blocks = {"optics": optics, "particles": pd.concat([new, base], axis=1)}
+        version_line = "# version 30001"
+    else:
+        blocks = {"": pd.concat([new, base], axis=1)}
+        version_line = None
+    _atomic_write_text(path, lambda tmp: _star_text(tmp, blocks, version_line))
+    return path
