@@ -124,41 +124,49 @@ def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
 
 
 def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None, ctf=None, ind=None,
+                   particles=None, require_poses: bool = True,
                    allow_unsupported_contrast: bool = False) -> ParticleStack:
-    """Read particles from a RELION ``.star``, a cryoSPARC ``.cs``, an ``.mrcs``/``.mrc`` stack or
-    a cryoDRGN pickle (``ctf.pkl``/``pose.pkl``), with optional cryoDRGN overrides.
+    """Read particles from any supported input, with optional cryoDRGN overrides.
 
-    ``box_size`` Fourier-crops to a working box. A bare ``.mrcs`` needs ``ctf`` (a cryoDRGN
-    ``ctf.pkl``) for its optics; a ``.pkl`` input without images gives a stack whose images
-    cannot be read (``inspect`` still works).
+    ``path`` is a RELION ``.star``, a cryoSPARC ``.cs``, an ``.mrcs``/``.mrc`` stack or ``.txt``
+    list of stacks (needs ``ctf``, a cryoDRGN ``ctf.pkl``), or a cryoDRGN pickle (``ctf.pkl`` or
+    ``pose.pkl``; images from ``particles`` if given, else the stack has no readable images).
+    ``pose``/``ctf``/``ind`` override/select as in :func:`cryosip.data.cryodrgn.apply_cryodrgn`.
+    ``box_size`` Fourier-crops to a working box (lazily).
     """
-    import os
     from pathlib import Path
 
-    from .cryodrgn import apply_cryodrgn, read_cryodrgn_only
+    from .cryodrgn import apply_cryodrgn, cryodrgn_pickle_kind, read_cryodrgn
     from .cryosparc import read_cs
     from .errors import CryosipInputError
-    from .mrc import read_mrcs_stack
     from .star import read_star
 
     path = Path(path)
-    suffix = "".join(s for s in path.suffixes[-2:] if s in (".star", ".cs", ".mrcs", ".mrc", ".pkl", ".gz", ".bz2"))
-    kw = dict(allow_unsupported_contrast=allow_unsupported_contrast)
-    if suffix.endswith(".star"):
-        stack = read_star(path, datadir=datadir, box_size=box_size if ind is None else None, **kw)
-    elif suffix.endswith(".cs"):
-        stack = read_cs(path, datadir=datadir, **kw)
-    elif suffix.startswith(".mrc"):
-        stack = read_mrcs_stack(path)
-    elif suffix.endswith(".pkl"):
-        stack = read_cryodrgn_only(path, pose=pose, ctf=ctf)
-        pose = ctf = None if stack.source == os.fspath(path) else (pose, ctf)
+    name = path.name.lower()
+    if name.endswith(".star"):
+        stack = read_star(path, datadir=datadir, box_size=box_size,
+                          allow_unsupported_contrast=allow_unsupported_contrast)
+    elif name.endswith(".cs"):
+        stack = read_cs(path, datadir=datadir, box_size=box_size, require_poses=require_poses)
+    elif name.endswith((".mrcs", ".mrc", ".mrcs.gz", ".mrc.gz", ".txt")):
+        if ctf is None:
+            raise CryosipInputError(path, "an image stack alone has no CTF or pixel metadata: pass a cryoDRGN ctf.pkl")
+        stack = read_cryodrgn(ctf=ctf, pose=pose, ind=ind, particles=path, datadir=datadir)
+        pose = ctf = ind = None
+    elif name.endswith(".pkl"):
+        kind = cryodrgn_pickle_kind(path)
+        if kind == "ctf":
+            ctf = path
+        elif kind == "pose":
+            pose = path
+        if ctf is None:
+            raise CryosipInputError(path, "cryoDRGN input needs a ctf.pkl (box and pixel size): pass --ctf")
+        stack = read_cryodrgn(ctf=ctf, pose=pose, ind=ind, particles=particles, datadir=datadir)
+        pose = ctf = ind = None
     else:
-        raise CryosipInputError(path, "unknown particle file type (expected .star, .cs, .mrcs, .mrc or .pkl)")
+        raise CryosipInputError(path, "unknown particle file type (expected .star, .cs, .mrcs, .mrc, .txt or .pkl)")
     if pose is not None or ctf is not None or ind is not None:
         stack = apply_cryodrgn(stack, pose=pose, ctf=ctf, ind=ind)
-    if suffix.startswith(".mrc") and ctf is None:
-        raise CryosipInputError(path, "an image stack alone has no CTF or pixel metadata: pass a cryoDRGN ctf.pkl")
     if box_size is not None and stack.box_size != box_size:
         stack = downsample(stack, box_size)
     return stack

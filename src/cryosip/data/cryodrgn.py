@@ -1,0 +1,314 @@
+"""cryoDRGN pickles: ``pose.pkl``, ``ctf.pkl``, ``ind.pkl`` (read, apply as overrides, write).
+
+* ``pose.pkl`` = ``(rot, trans)``: ``rot`` (N, 3, 3) and ``trans`` (N, 2) as a fraction of the box
+  (a bare ``rot`` array is accepted too). ``rot`` is RELION's ``Euler_angles2matrix``: cryoDRGN's
+  ``parse_pose_star`` builds it with ``utils.R_from_relion(rot, tilt, psi)``, which equals
+  :func:`cryosip.cryoem.pose.euler_to_matrix` (checked in the tests). ``trans`` is RELION's origin
+  in pixels divided by ``D`` (``parse_pose_star``: ``trans = rlnOriginX[Angst / apix] / D``), so
+  ``shift_in_angstroms = -trans * D * pixel_size`` (invariant under Fourier cropping).
+* ``ctf.pkl`` = float32 (N, 9): ``[D, A/px, dfU A, dfV A, dfAng deg, kV, Cs mm, w, phase deg]``.
+* ``ind.pkl`` = integer indices of the particles to keep (applied after the overrides when the
+  overrides cover the full stack, as cryoDRGN's ``--ind`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .errors import CryosipInputError
+from .mrc import LazyImageStack, MissingImages, read_mrc_header
+from .particles import ParticleStack, take_nuisance
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_pose_pkl", "read_ctf_pkl", "read_ind_pkl", "apply_cryodrgn", "write_cryodrgn", "read_cryodrgn",
+           "cryodrgn_pickle_kind", "write_pickle"]
+
+
+def _load_pickle(path: Path):
+    if not path.exists():
+        raise CryosipInputError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise CryosipInputError(path, "empty file")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:  # UnpicklingError, EOFError, ModuleNotFoundError (torch objects), ...
+        raise CryosipInputError(path, f"not a readable pickle ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _as_array(obj, path: Path, what: str) -> np.ndarray:
+    if hasattr(obj, "detach"):  # torch tensor
+        obj = obj.detach().cpu().numpy()
+    try:
+        arr = np.asarray(obj, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CryosipInputError(path, f"{what} is not a numeric array") from None
+    if not np.isfinite(arr).all():
+        raise CryosipInputError(path, f"{what} contains NaN or Inf")
+    return arr
+
+
+def cryodrgn_pickle_kind(path: str | os.PathLike) -> str:
+    """'pose', 'ctf' or 'ind' from the content of a cryoDRGN pickle."""
+    path = Path(path)
+    obj = _load_pickle(path)
+    if isinstance(obj, tuple):
+        return "pose"
+    arr = np.asarray(obj) if not hasattr(obj, "detach") else obj.detach().cpu().numpy()
+    if arr.ndim == 3 and arr.shape[1:] == (3, 3):
+        return "pose"
+    if arr.ndim == 2 and arr.shape[1] == 9:
+        return "ctf"
+    if arr.ndim == 1 and arr.dtype.kind in "iu":
+        return "ind"
+    raise CryosipInputError(path, f"not a cryoDRGN pose/ctf/ind pickle (array of shape {arr.shape})")
+
+
+def read_pose_pkl(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rot (N,3,3), trans (N,2) fraction of the box, or None when only rotations are stored)."""
+    path = Path(path)
+    obj = _load_pickle(path)
+    trans = None
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        rot, trans = obj
+    elif isinstance(obj, (tuple, list)) and len(obj) == 1:
+        rot = obj[0]
+    else:
+        rot = obj
+    rot = _as_array(rot, path, "rotations")
+    if rot.ndim != 3 or rot.shape[1:] != (3, 3):
+        raise CryosipInputError(path, f"rotations must be (N, 3, 3), got {rot.shape}")
+    err = np.abs(rot @ np.swapaxes(rot, 1, 2) - np.eye(3)).max(axis=(1, 2)) if len(rot) else np.zeros(0)
+    det = np.linalg.det(rot) if len(rot) else np.zeros(0)
+    bad = (err > 1e-3) | (det < 0)
+    if bad.any():
+        raise CryosipInputError(path, f"pose {int(np.nonzero(bad)[0][0]) + 1} is not a rotation matrix")
+    if trans is not None:
+        trans = _as_array(trans, path, "translations")
+        if trans.shape != (len(rot), 2):
+            raise CryosipInputError(path, f"translations must be ({len(rot)}, 2), got {trans.shape}")
+    return rot, trans
+
+
+def read_ctf_pkl(path) -> np.ndarray:
+    """float64 (N, 9): D, A/px, dfU, dfV, dfAng (deg), kV, Cs (mm), w, phase (deg)."""
+    path = Path(path)
+    arr = _as_array(_load_pickle(path), path, "CTF table")
+    if arr.ndim != 2 or arr.shape[1] != 9:
+        raise CryosipInputError(path, f"ctf.pkl must be an (N, 9) array, got shape {arr.shape}")
+    if len(arr) and ((arr[:, 0] < 2).any() or (arr[:, 1] <= 0).any()):
+        raise CryosipInputError(path, "ctf.pkl: box size (column 0) and pixel size (column 1) must be positive")
+    return arr
+
+
+def read_ind_pkl(path, n: int | None = None) -> np.ndarray:
+    path = Path(path)
+    obj = _load_pickle(path)
+    arr = np.asarray(obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise CryosipInputError(path, f"ind.pkl must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.int64)
+    if n is not None and arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise CryosipInputError(path, f"index {int(arr.max()) if arr.max() >= n else int(arr.min())} out of range "
+                                      f"for {n} particles")
+    return arr
+
+
+def _ctf_fields(ctf: np.ndarray) -> dict:
+    return dict(defocus_u_in_angstroms=ctf[:, 2], defocus_v_in_angstroms=ctf[:, 3], defocus_angle_in_degrees=ctf[:, 4],
+                voltage_in_kilovolts=ctf[:, 5], spherical_aberration_in_mm=ctf[:, 6], amplitude_contrast=ctf[:, 7],
+                phase_shift_in_degrees=ctf[:, 8])
+
+
+def apply_cryodrgn(stack: ParticleStack, *, pose=None, ctf=None, ind=None) -> ParticleStack:
+    """Override poses/shifts (``pose``) and CTF (``ctf``) of ``stack`` and select particles (``ind``).
+
+    Each argument is a path to the pickle or the already loaded object. Overrides may cover
+    all of ``stack`` (then ``ind`` selects afterwards) or, when ``ind`` is given, only the
+    selected particles.
+    """
+    src = {}
+    ind_arr = None
+    if ind is not None:
+        ind_arr = read_ind_pkl(ind, len(stack)) if isinstance(ind, (str, os.PathLike)) else np.asarray(ind, np.int64)
+        if ind_arr.size and (ind_arr.min() < 0 or ind_arr.max() >= len(stack)):
+            raise CryosipInputError(ind if isinstance(ind, (str, os.PathLike)) else None,
+                                    f"index out of range for {len(stack)} particles")
+    if pose is not None:
+        src["pose"] = pose
+        pose = read_pose_pkl(pose) if isinstance(pose, (str, os.PathLike)) else (
+            (np.asarray(pose[0]), None if pose[1] is None else np.asarray(pose[1])) if isinstance(pose, tuple)
+            else (np.asarray(pose), None))
+    if ctf is not None:
+        src["ctf"] = ctf
+        ctf = read_ctf_pkl(ctf) if isinstance(ctf, (str, os.PathLike)) else np.asarray(ctf, np.float64)
+
+    lengths = {k: len(v[0] if k == "pose" else v) for k, v in (("pose", pose), ("ctf", ctf)) if v is not None}
+    n = len(stack)
+    if ind_arr is not None and lengths and all(m == len(ind_arr) for m in lengths.values()) and len(ind_arr) != n:
+        stack = _select(stack, ind_arr)
+        ind_arr = None
+        n = len(stack)
+    for k, m in lengths.items():
+        if m != n:
+            where = src[k] if isinstance(src[k], (str, os.PathLike)) else None
+            raise CryosipInputError(where, f"{k} table has {m} rows but the particle stack has {n}")
+
+    nu = stack.nuisance
+    extent = stack.box_size * stack.pixel_size
+    changes = {}
+    if ctf is not None:
+        cext = ctf[:, 0] * ctf[:, 1]
+        if np.abs(cext - extent).max() > 1e-3 * extent and not isinstance(stack.images, MissingImages):
+            where = src["ctf"] if isinstance(src["ctf"], (str, os.PathLike)) else None
+            raise CryosipInputError(where, f"ctf.pkl box {ctf[0, 0]:g} px x {ctf[0, 1]:g} A/px does not match the "
+                                           f"images ({stack.box_size} px x {stack.pixel_size:g} A/px)")
+        new = ParticleStack.make_nuisance(nu.rotation, nu.shift_in_angstroms, **_ctf_fields(ctf),
+                                          bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2, scale=nu.ctf.scale)
+        nu = new
+    if pose is not None:
+        rot, trans = pose
+        shift = nu.shift_in_angstroms if trans is None else -np.asarray(trans, np.float64) * extent
+        nu = dataclasses.replace(nu, rotation=np.asarray(rot, np.float32), shift_in_angstroms=np.asarray(shift, np.float32))
+        changes.update(has_poses=True, has_shifts=trans is not None or stack.has_shifts)
+    stack = dataclasses.replace(stack, nuisance=nu, **changes)
+    if ind_arr is not None:
+        stack = _select(stack, ind_arr)
+    return stack
+
+
+def _select(stack: ParticleStack, idx: np.ndarray) -> ParticleStack:
+    if isinstance(stack.images, MissingImages):
+        meta = None if stack.metadata is None else stack.metadata.iloc[idx].reset_index(drop=True)
+        return dataclasses.replace(stack, images=MissingImages(len(idx), stack.box_size, stack.images.source),
+                                   nuisance=take_nuisance(stack.nuisance, idx), metadata=meta)
+    return stack.take(idx)
+
+
+def read_cryodrgn(*, ctf, pose=None, ind=None, particles=None, datadir=None) -> ParticleStack:
+    """A ParticleStack from cryoDRGN pickles, with images from ``particles`` (an ``.mrcs``/``.mrc``
+    stack, or a ``.txt`` list of stacks) or without images (``particles=None``)."""
+    ctf_path = ctf if isinstance(ctf, (str, os.PathLike)) else None
+    ctf_arr = read_ctf_pkl(ctf) if ctf_path is not None else np.asarray(ctf, np.float64)
+    if len(ctf_arr) == 0:
+        raise CryosipInputError(ctf_path, "no particles in ctf.pkl")
+    D = int(round(ctf_arr[0, 0]))
+    px = float(ctf_arr[0, 1])
+    if np.ptp(ctf_arr[:, 0]) > 0 or np.ptp(ctf_arr[:, 1]) > 1e-6 * px:
+        raise CryosipInputError(ctf_path, "ctf.pkl has several box/pixel sizes")
+    if particles is None:
+        n = len(ctf_arr)
+        images = MissingImages(n, D, None if ctf_path is None else os.fspath(ctf_path))
+        source = ctf_path
+    else:
+        particles = Path(particles)
+        if particles.suffix == ".txt":
+            if not particles.exists():
+                raise CryosipInputError(particles, "file not found")
+            lines = [ln.strip() for ln in particles.read_text().splitlines() if ln.strip()]
+            if not lines:
+                raise CryosipInputError(particles, "empty list of stacks")
+            files = [_resolve(ln, particles.parent, datadir) for ln in lines]
+        else:
+            files = [particles]
+        counts, boxes = [], []
+        for f in files:
+            h = read_mrc_header(f)
+            counts.append(int(h.nz))
+            boxes.append(int(h.nx))
+            if int(h.nx) != int(h.ny):
+                raise CryosipInputError(f, "images are not square")
+        if len(set(boxes)) > 1:
+            raise CryosipInputError(particles, f"stacks have different box sizes {sorted(set(boxes))}")
+        fi = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
+        ii = np.concatenate([np.arange(c) for c in counts])
+        images = LazyImageStack(files, fi, ii, boxes[0], file_boxes=boxes)
+        if boxes[0] != D:
+            px = D * px / boxes[0]  # ctf.pkl written for another box: keep the physical size
+        source = particles
+    n_img = images.shape[0]
+    if ind is None and len(ctf_arr) != n_img:
+        where = particles if particles is not None else ctf_path
+        raise CryosipInputError(where, f"{n_img} images but ctf.pkl has {len(ctf_arr)} rows")
+    rot = np.broadcast_to(np.eye(3), (n_img, 3, 3))
+    base_ctf = ctf_arr if len(ctf_arr) == n_img else np.tile(ctf_arr[:1], (n_img, 1))
+    nu = ParticleStack.make_nuisance(rot, np.zeros((n_img, 2)), **_ctf_fields(base_ctf))
+    stack = ParticleStack(images=images, nuisance=nu, pixel_size=px, source=None if source is None else os.fspath(source),
+                          has_poses=False, has_shifts=False)
+    return apply_cryodrgn(stack, pose=pose, ctf=ctf_arr if len(ctf_arr) != n_img else None, ind=ind)
+
+
+def _resolve(name: str, folder: Path, datadir) -> Path:
+    from .star import resolve_stack_path
+
+    return resolve_stack_path(name, folder, datadir, folder)
+
+
+def write_pickle(path: str | os.PathLike, obj) -> Path:
+    """Pickle ``obj`` atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def cryodrgn_paths(prefix: str | os.PathLike) -> dict[str, Path]:
+    """``prefix`` a folder (existing, or ending in ``/``) -> ``folder/pose.pkl``...; else
+    ``prefix_pose.pkl``, ``prefix_ctf.pkl``."""
+    s = os.fspath(prefix)
+    if s.endswith(os.sep) or Path(s).is_dir():
+        d = Path(s)
+        return {"pose": d / "pose.pkl", "ctf": d / "ctf.pkl", "ind": d / "ind.pkl"}
+    return {k: Path(f"{s}_{k}.pkl") for k in ("pose", "ctf", "ind")}
+
+
+def write_cryodrgn(prefix: str | os.PathLike, stack: ParticleStack, *, ind=None) -> dict[str, Path]:
+    """Write ``pose.pkl`` (when the stack has poses), ``ctf.pkl`` and optionally ``ind.pkl``.
+
+    All files are written to temporary names first and renamed together at the end.
+    """
+    paths = cryodrgn_paths(prefix)
+    nu = jax.tree_util.tree_map(np.asarray, stack.nuisance)
+    c = nu.ctf
+    n = len(stack)
+    ctf = np.stack([np.full(n, stack.box_size, np.float64), np.full(n, stack.pixel_size, np.float64),
+                    c.defocus_u_in_angstroms, c.defocus_v_in_angstroms, c.defocus_angle_in_degrees,
+                    c.voltage_in_kilovolts, c.spherical_aberration_in_mm, c.amplitude_contrast,
+                    c.phase_shift_in_degrees], axis=1).astype(np.float32)
+    if (np.abs(np.asarray(c.bfactor_in_angstroms2)) > 0).any() or (np.abs(np.asarray(c.scale) - 1) > 1e-6).any():
+        logger.warning("ctf.pkl has no B-factor/scale columns: those CTF parameters are not written")
+    objs = {"ctf": ctf}
+    if stack.has_poses:
+        trans = -np.asarray(nu.shift_in_angstroms, np.float64) / (stack.box_size * stack.pixel_size)
+        objs["pose"] = (np.asarray(nu.rotation, np.float32), trans.astype(np.float32))
+    if ind is not None:
+        objs["ind"] = np.asarray(ind, np.int64)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for k, obj in objs.items():
+            dest = paths[k]
+            tmp = write_pickle(dest.with_name(f".{dest.name}.partial"), obj)
+            written.append((tmp, dest))
+        for tmp, dest in written:
+            os.replace(tmp, dest)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    return {k: paths[k] for k in objs}

@@ -1,0 +1,277 @@
+"""cryoSPARC ``.cs`` particle files (a NumPy structured array saved with ``np.save``).
+
+Fields used: ``blob/path`` (stack, relative to the project folder; a leading ``>`` is dropped),
+``blob/idx`` (**0-based**), ``blob/shape``, ``blob/psize_A``; ``ctf/df1_A``, ``ctf/df2_A``,
+``ctf/df_angle_rad`` (radians), ``ctf/accel_kv``, ``ctf/cs_mm``, ``ctf/amp_contrast``,
+``ctf/phase_shift_rad``, ``ctf/bfactor``, ``ctf/scale``; ``alignments3D/pose`` (rotation
+vector, radians), ``alignments3D/shift`` (pixels of ``alignments3D/psize_A``).
+
+Conventions (from cryoDRGN's ``parse_pose_csparc`` / ``parse_pose_star``, which map both formats
+to the same ``pose.pkl``):
+    * Rotation: cryoDRGN takes ``R = expmap(pose).T`` (Rodrigues) for ``.cs`` and
+      ``R = R_from_relion(rot, tilt, psi)`` for STAR; ``R_from_relion`` equals RELION's
+      ``Euler_angles2matrix`` (checked numerically in the tests). Hence the RELION matrix is
+      ``A = axis_angle_to_matrix(pose).T`` and ``pose = matrix_to_axis_angle(A.T)``.
+    * Shift: cryoDRGN divides ``alignments3D/shift`` and ``rlnOriginX`` (pixels) by ``D`` in the
+      same way, so the ``.cs`` shift is RELION's origin in pixels:
+      ``shift_in_angstroms = -alignments3D/shift * alignments3D/psize_A``.
+    * ``ctf/df_angle_rad`` and ``ctf/phase_shift_rad`` are RELION's ``rlnDefocusAngle`` and
+      ``rlnPhaseShift`` in radians.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..cryoem.pose import axis_angle_to_matrix, matrix_to_axis_angle
+from .errors import CryosipInputError
+from .mrc import LazyImageStack
+from .particles import ParticleStack
+from .star import build_image_source, parse_image_names
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_cs", "write_cs", "load_cs_array", "cs_to_dataframe", "dataframe_to_cs"]
+
+_REQUIRED = ["blob/path", "blob/idx", "blob/psize_A", "ctf/df1_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
+_RECOMPUTED = {"blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad",
+               "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
+               "alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A"}
+
+
+def load_cs_array(path: str | os.PathLike) -> np.ndarray:
+    """``np.load`` a ``.cs`` file as a 1-D structured array; anything else is a CryosipInputError."""
+    path = Path(path)
+    if not path.exists():
+        raise CryosipInputError(path, "file not found")
+    if path.is_dir():
+        raise CryosipInputError(path, "is a folder, not a .cs file")
+    if path.stat().st_size == 0:
+        raise CryosipInputError(path, "empty file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # ValueError, OSError, EOFError, ... for non-.npy bytes
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CryosipInputError(path, f"not a cryoSPARC .cs file (a NumPy .npy array): {msg[:200]}") from None
+    if not isinstance(data, np.ndarray):
+        if hasattr(data, "close"):
+            data.close()
+        raise CryosipInputError(path, "not a cryoSPARC .cs file (an .npz archive, expected one structured array)")
+    if data.dtype.names is None or data.ndim != 1:
+        raise CryosipInputError(path, f"not a cryoSPARC .cs file (array of dtype {data.dtype} and shape "
+                                      f"{data.shape}, expected a 1-D structured array)")
+    return data
+
+
+def cs_to_dataframe(data: np.ndarray) -> pd.DataFrame:
+    """One column per field; vector fields become object columns holding small arrays."""
+    cols = {}
+    for name in data.dtype.names:
+        col = data[name]
+        cols[name] = list(col) if col.ndim > 1 else col
+    return pd.DataFrame(cols)
+
+
+def dataframe_to_cs(df: pd.DataFrame, dtypes: dict[str, tuple]) -> np.ndarray:
+    """Inverse of :func:`cs_to_dataframe` for the given ``{field: (dtype, shape)}``."""
+    descr = [(name, dt, shape) if shape else (name, dt) for name, (dt, shape) in dtypes.items()]
+    out = np.zeros(len(df), dtype=descr)
+    for name in dtypes:
+        v = df[name].to_numpy()
+        out[name] = np.stack(v) if out[name].ndim > 1 else v
+    return out
+
+
+def _field(data: np.ndarray, name: str, path: Path, *, shape: tuple = ()) -> np.ndarray:
+    try:
+        v = np.asarray(data[name], dtype=np.float64)
+    except (ValueError, TypeError):
+        raise CryosipInputError(path, f"field {name} is not numeric ({data.dtype[name]})") from None
+    if v.shape[1:] != shape:
+        raise CryosipInputError(path, f"field {name} has shape {v.shape[1:]} per particle, expected {shape}")
+    bad = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+    if bad.any():
+        raise CryosipInputError(path, f"row {int(np.nonzero(bad)[0][0]) + 1}: {name} is not finite")
+    return v
+
+
+def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None, box_size: int | None = None,
+            require_poses: bool = True, allow_unsupported_contrast: bool = False) -> ParticleStack:
+    """Read a cryoSPARC ``.cs`` file (e.g. a refinement's ``particles.cs``) into a ParticleStack.
+
+    Stacks (``blob/path``) are resolved against ``datadir``, then the ``.cs`` file's folder and
+    its parents. A file without ``alignments3D/pose``/``shift`` is an error unless
+    ``require_poses=False`` (poses become identity with ``has_poses=False``).
+    ``allow_unsupported_contrast`` is accepted for symmetry with :func:`read_star` (cryoSPARC
+    stacks are raw data).
+    """
+    del allow_unsupported_contrast
+    path = Path(path)
+    data = load_cs_array(path)
+    names = set(data.dtype.names)
+    missing = [f for f in _REQUIRED if f not in names]
+    if missing:
+        raise CryosipInputError(path, "missing required field(s) " + ", ".join(missing))
+    n = len(data)
+    if n == 0:
+        raise CryosipInputError(path, "no particles")
+    has_poses = {"alignments3D/pose", "alignments3D/shift"} <= names
+    if not has_poses and require_poses:
+        raise CryosipInputError(path, "no poses (alignments3D/pose and alignments3D/shift missing): use the .cs "
+                                      "of a refinement job, not of an extraction/import job")
+
+    raw_paths = data["blob/path"]
+    try:
+        stack_names = np.array([(p.decode() if isinstance(p, bytes) else str(p)) for p in raw_paths], dtype=object)
+    except (UnicodeDecodeError, AttributeError):
+        raise CryosipInputError(path, "blob/path is not text") from None
+    stack_names = np.array([s[1:] if s.startswith(">") else s for s in stack_names], dtype=object)
+    idx = _field(data, "blob/idx", path)
+    if (idx < 0).any() or (idx != np.floor(idx)).any():
+        raise CryosipInputError(path, f"row {int(np.nonzero((idx < 0) | (idx != np.floor(idx)))[0][0]) + 1}: "
+                                      "blob/idx must be a non-negative integer (0-based)")
+    idx = idx.astype(np.int64)
+    if any(not s.strip() for s in stack_names):
+        raise CryosipInputError(path, "blob/path is empty for some particles")
+    meta_box = None
+    if "blob/shape" in names:
+        shp = _field(data, "blob/shape", path, shape=(2,))
+        if (shp[:, 0] != shp[:, 1]).any():
+            raise CryosipInputError(path, "blob/shape: images are not square")
+        meta_box = shp[:, 0].astype(np.int64)
+    px = _field(data, "blob/psize_A", path)
+    if (px <= 0).any():
+        raise CryosipInputError(path, "blob/psize_A must be positive")
+
+    images, file_boxes = build_image_source(path, stack_names, idx, datadir, box_size, expected_boxes=meta_box)
+    boxes = np.asarray(file_boxes)[images.file_index]
+    extents = px * boxes
+    if box_size is None:
+        combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
+        if len(combos) > 1:
+            raise CryosipInputError(path, f"particles have different box/pixel sizes {combos}; request a common "
+                                          "working box (--box)")
+        pixel_size = float(px[0])
+    else:
+        if np.ptp(extents) > 1e-3 * extents.max():
+            raise CryosipInputError(path, "particles have different physical box sizes; cannot use one working box")
+        pixel_size = float(extents[0]) / int(box_size)
+
+    dfu = _field(data, "ctf/df1_A", path)
+    dfv = _field(data, "ctf/df2_A", path) if "ctf/df2_A" in names else dfu
+    ang = np.rad2deg(_field(data, "ctf/df_angle_rad", path)) if "ctf/df_angle_rad" in names else 0.0
+    phase = np.rad2deg(_field(data, "ctf/phase_shift_rad", path)) if "ctf/phase_shift_rad" in names else 0.0
+    bfac = _field(data, "ctf/bfactor", path) if "ctf/bfactor" in names else 0.0
+    scale = _field(data, "ctf/scale", path) if "ctf/scale" in names else 1.0
+
+    if has_poses:
+        pose = _field(data, "alignments3D/pose", path, shape=(3,))
+        shift_px = _field(data, "alignments3D/shift", path, shape=(2,))
+        apx = _field(data, "alignments3D/psize_A", path) if "alignments3D/psize_A" in names else px
+        rot = np.swapaxes(np.asarray(axis_angle_to_matrix(pose.astype(np.float32)), np.float64), -1, -2)
+        shift = -shift_px * apx[:, None]
+    else:
+        rot = np.broadcast_to(np.eye(3), (n, 3, 3))
+        shift = np.zeros((n, 2))
+
+    nuisance = ParticleStack.make_nuisance(
+        rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=ang,
+        voltage_in_kilovolts=_field(data, "ctf/accel_kv", path), spherical_aberration_in_mm=_field(data, "ctf/cs_mm", path),
+        amplitude_contrast=_field(data, "ctf/amp_contrast", path), phase_shift_in_degrees=phase,
+        bfactor_in_angstroms2=bfac, scale=scale)
+    return ParticleStack(images=images, nuisance=nuisance, pixel_size=pixel_size, metadata=cs_to_dataframe(data),
+                         optics=None, source=os.fspath(path), has_poses=has_poses, has_shifts=has_poses)
+
+
+def _cs_image_locations(stack: ParticleStack, out_dir: Path, image_names) -> tuple[list[str], np.ndarray]:
+    if image_names is not None:
+        paths, idx = parse_image_names(image_names)
+        return list(paths), idx
+    images = stack.images
+    if isinstance(images, LazyImageStack) and all(b == images.box_size for b in (images.file_boxes or [])):
+        files, idx = images.locations()
+        rel = {f: os.path.relpath(os.path.abspath(f), os.path.abspath(out_dir)) for f in set(files)}
+        return [rel[f] for f in files], idx
+    meta = stack.metadata
+    if meta is not None and "rlnImageName" in meta.columns:
+        paths, idx = parse_image_names(meta["rlnImageName"].to_numpy())
+        return list(paths), idx
+    if meta is not None and {"blob/path", "blob/idx"} <= set(meta.columns):
+        return [p.decode() if isinstance(p, bytes) else str(p) for p in meta["blob/path"]], meta["blob/idx"].to_numpy()
+    raise ValueError("the stack's images are not in a file as they are: write them with MrcsWriter and pass "
+                     "image_names")
+
+
+def write_cs(path: str | os.PathLike, stack: ParticleStack, *, image_names: list[str] | None = None) -> Path:
+    """Write ``stack`` as a cryoSPARC ``.cs`` structured array, atomically.
+
+    Poses/shifts (``alignments3D/*``) are written when ``stack.has_poses``; fields of an original
+    ``.cs`` that are not recomputed (``uid``, ``blob/sign``, ...) are kept. ``image_names`` are
+    RELION-style ``"000001@stack.mrcs"`` names (converted to 0-based ``blob/idx``).
+    """
+    path = Path(path)
+    n = len(stack)
+    stack_paths, idx = _cs_image_locations(stack, path.parent, image_names)
+    nu = stack.nuisance
+    ctf = nu.ctf
+    f4 = np.float32
+    cols: dict[str, tuple[np.ndarray, str, tuple]] = {}
+    meta = stack.metadata
+    if meta is not None and "uid" in meta.columns and len(meta) == n:
+        uid = meta["uid"].to_numpy().astype(np.uint64)
+    else:
+        uid = np.random.default_rng(zlib.crc32(os.fspath(path).encode())).integers(1, 2**63, n, dtype=np.uint64)
+    cols["uid"] = (uid, "<u8", ())
+    width = max(1, max(len(p.encode()) for p in stack_paths))
+    cols["blob/path"] = (np.array([p.encode() for p in stack_paths], dtype=f"S{width}"), f"S{width}", ())
+    cols["blob/idx"] = (np.asarray(idx, np.uint32), "<u4", ())
+    cols["blob/shape"] = (np.tile(np.array([stack.box_size, stack.box_size], np.uint32), (n, 1)), "<u4", (2,))
+    cols["blob/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
+    cols["ctf/accel_kv"] = (np.asarray(ctf.voltage_in_kilovolts, f4), "<f4", ())
+    cols["ctf/cs_mm"] = (np.asarray(ctf.spherical_aberration_in_mm, f4), "<f4", ())
+    cols["ctf/amp_contrast"] = (np.asarray(ctf.amplitude_contrast, f4), "<f4", ())
+    cols["ctf/df1_A"] = (np.asarray(ctf.defocus_u_in_angstroms, f4), "<f4", ())
+    cols["ctf/df2_A"] = (np.asarray(ctf.defocus_v_in_angstroms, f4), "<f4", ())
+    cols["ctf/df_angle_rad"] = (np.deg2rad(np.asarray(ctf.defocus_angle_in_degrees, np.float64)).astype(f4), "<f4", ())
+    cols["ctf/phase_shift_rad"] = (np.deg2rad(np.asarray(ctf.phase_shift_in_degrees, np.float64)).astype(f4), "<f4", ())
+    cols["ctf/bfactor"] = (np.asarray(ctf.bfactor_in_angstroms2, f4), "<f4", ())
+    cols["ctf/scale"] = (np.asarray(ctf.scale, f4), "<f4", ())
+    if stack.has_poses:
+        A = np.asarray(nu.rotation, np.float64)
+        cols["alignments3D/pose"] = (matrix_to_axis_angle(np.swapaxes(A, -1, -2)).astype(f4), "<f4", (3,))
+        shift_px = -np.asarray(nu.shift_in_angstroms, np.float64) / stack.pixel_size
+        cols["alignments3D/shift"] = (shift_px.astype(f4), "<f4", (2,))
+        cols["alignments3D/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
+    # keep other fields of an original .cs
+    extra = {}
+    if meta is not None and len(meta) == n and "blob/idx" in meta.columns:
+        for name in meta.columns:
+            if name in cols or name in _RECOMPUTED or not isinstance(name, str) or "/" not in name:
+                continue
+            v = meta[name].to_numpy()
+            arr = np.stack(v) if v.dtype == object and len(v) and isinstance(v[0], np.ndarray) else np.asarray(v)
+            if arr.dtype == object:
+                continue
+            extra[name] = (arr, arr.dtype.str, arr.shape[1:])
+    cols.update(extra)
+    descr = [(k, dt, shp) if shp else (k, dt) for k, (_, dt, shp) in cols.items()]
+    out = np.zeros(n, dtype=descr)
+    for k, (v, _, _) in cols.items():
+        out[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, out)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
