@@ -32,9 +32,8 @@ import pandas as pd
 
 from ..cryoem.pose import axis_angle_to_matrix, matrix_to_axis_angle
 from .errors import CryosipInputError
-from .mrc import LazyImageStack
 from .particles import ParticleStack
-from .star import build_image_source, parse_image_names
+from .star import build_image_source, parse_image_names, stack_image_names
 
 logger = logging.getLogger(__name__)
 
@@ -191,22 +190,13 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
 
 
 def _cs_image_locations(stack: ParticleStack, out_dir: Path, image_names) -> tuple[list[str], np.ndarray]:
-    if image_names is not None:
-        paths, idx = parse_image_names(image_names)
-        return list(paths), idx
-    images = stack.images
-    if isinstance(images, LazyImageStack) and all(b == images.box_size for b in (images.file_boxes or [])):
-        files, idx = images.locations()
-        rel = {f: os.path.relpath(os.path.abspath(f), os.path.abspath(out_dir)) for f in set(files)}
-        return [rel[f] for f in files], idx
-    meta = stack.metadata
-    if meta is not None and "rlnImageName" in meta.columns:
-        paths, idx = parse_image_names(meta["rlnImageName"].to_numpy())
-        return list(paths), idx
-    if meta is not None and {"blob/path", "blob/idx"} <= set(meta.columns):
-        return [p.decode() if isinstance(p, bytes) else str(p) for p in meta["blob/path"]], meta["blob/idx"].to_numpy()
-    raise ValueError("the stack's images are not in a file as they are: write them with MrcsWriter and pass "
-                     "image_names")
+    if image_names is None:
+        image_names = stack_image_names(stack, out_dir)
+    if image_names is None:
+        raise ValueError("the stack's images are not in a file as they are (new or downsampled images): write "
+                         "them with MrcsWriter and pass image_names")
+    paths, idx = parse_image_names(image_names)
+    return list(paths), idx
 
 
 def write_cs(path: str | os.PathLike, stack: ParticleStack, *, image_names: list[str] | None = None) -> Path:

@@ -444,25 +444,29 @@ def _f32_column(values) -> np.ndarray:
 
 
 def stack_image_names(stack: ParticleStack, out_dir: Path) -> list[str] | None:
-    """RELION image names for ``stack`` as seen from ``out_dir`` (None when unknown)."""
+    """RELION image names for ``stack`` (None when its images are not stored as they are).
+
+    The original names are kept when the metadata has them (``rlnImageName``, or cryoSPARC's
+    ``blob/path`` + ``blob/idx``): RELION resolves them against the project folder, not the STAR
+    file's folder. Otherwise the files the images were read from are named relative to ``out_dir``.
+    """
     images = stack.images
-    if isinstance(images, LazyImageStack):
-        if any(b != images.box_size for b in (images.file_boxes or [images.box_size])):
-            return None  # the files hold a different box than the stack
-        paths, idx = images.locations()
-        rel = {}
-        out = []
-        for p, i in zip(paths, idx):
-            r = rel.get(p)
-            if r is None:
-                r = rel[p] = os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir))
-            out.append(f"{int(i) + 1:06d}@{r}")
-        return out
     if isinstance(images, TransformedImages):
         return None
+    if isinstance(images, LazyImageStack) and any(b != images.box_size for b in (images.file_boxes or [])):
+        return None  # the files hold a different box than the stack
     meta = stack.metadata
-    if meta is not None and "rlnImageName" in meta.columns:
-        return [str(s) for s in meta["rlnImageName"]]
+    if meta is not None and len(meta) == len(stack):
+        if "rlnImageName" in meta.columns:
+            return [str(s) for s in meta["rlnImageName"]]
+        if {"blob/path", "blob/idx"} <= set(meta.columns):
+            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in meta["blob/path"]]
+            paths = [p[1:] if p.startswith(">") else p for p in paths]
+            return format_image_names(paths, meta["blob/idx"].to_numpy())
+    if isinstance(images, LazyImageStack):
+        paths, idx = images.locations()
+        rel = {p: os.path.relpath(os.path.abspath(p), os.path.abspath(out_dir)) for p in set(paths)}
+        return format_image_names([rel[p] for p in paths], idx)
     return None
 
 
@@ -554,6 +558,22 @@ def write_star(path: str | os.PathLike, stack: ParticleStack, *, version: str = 
     origins only when ``stack.has_shifts``.
     """
     path = Path(path)
+    blocks, version_line = star_blocks(stack, version=version, image_names=image_names, out_dir=path.parent)
+    write_star_blocks(path, blocks, version_line)
+    return path
+
+
+def write_star_blocks(path: str | os.PathLike, blocks: dict[str, pd.DataFrame], version_line: str | None) -> Path:
+    """Write STAR tables (``{"optics": df, "particles": df}`` or ``{"": df}``) atomically."""
+    path = Path(path)
+    _atomic_write_text(path, lambda tmp: _star_text(tmp, blocks, version_line))
+    return path
+
+
+def star_blocks(stack: ParticleStack, *, version: str = "3.1", image_names=None,
+                out_dir: str | os.PathLike = ".") -> tuple[dict[str, pd.DataFrame], str | None]:
+    """The tables :func:`write_star` writes (and the ``# version`` line), without writing them."""
+    path = Path(out_dir) / "_"
     if version not in ("3.0", "3.1"):
         raise ValueError(f"version must be '3.0' or '3.1', got {version!r}")
     n = len(stack)
@@ -607,5 +627,4 @@ def write_star(path: str | os.PathLike, stack: ParticleStack, *, version: str = 
     else:
         blocks = {"": pd.concat([new, base], axis=1)}
         version_line = None
-    _atomic_write_text(path, lambda tmp: _star_text(tmp, blocks, version_line))
-    return path
+    return blocks, version_line
