@@ -146,6 +146,8 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
             raise CryosipInputError(path, "blob/shape: images are not square")
         meta_box = shp[:, 0].astype(np.int64)
     px = _field(data, "blob/psize_A", path)
+    if data["blob/psize_A"].dtype == np.float32:  # 1.7f is 1.70000005: keep the decimal the user typed
+        px = np.asarray(data["blob/psize_A"]).astype(str).astype(np.float64)
     if (px <= 0).any():
         raise CryosipInputError(path, "blob/psize_A must be positive")
 

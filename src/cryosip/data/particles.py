@@ -170,3 +170,32 @@ def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None
     if box_size is not None and stack.box_size != box_size:
         stack = downsample(stack, box_size)
     return stack
+
+
+def estimate_noise_sigma(images, radius_fraction: float = 0.45, *, max_images: int = 2000,
+                         chunk_size: int = 256) -> float:
+    """Pixel noise standard deviation from the background outside a centred circular mask.
+
+    Pixels farther than ``radius_fraction * D`` from the box centre (pixel ``D // 2``) are taken
+    as background; each image's background mean is removed (per-image offsets do not count as
+    noise) and the variances are pooled. ``images`` is an array, a lazy accessor or a
+    :class:`ParticleStack`; at most ``max_images`` evenly spaced images are read.
+    """
+    if isinstance(images, ParticleStack):
+        images = images.images
+    n, D = images.shape[0], images.shape[-1]
+    if not 0 < radius_fraction < 0.5 * np.sqrt(2):
+        raise ValueError(f"radius_fraction must be in (0, 0.707), got {radius_fraction}")
+    yy, xx = np.mgrid[:D, :D] - D // 2
+    mask = np.hypot(yy, xx) > radius_fraction * D
+    if mask.sum() < 2:
+        raise ValueError(f"no background pixels outside radius {radius_fraction} * {D}")
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
+    total, count = 0.0, 0
+    for s in range(0, len(idx), chunk_size):
+        chunk = np.asarray(images[idx[s:s + chunk_size]], np.float64)
+        bg = chunk[:, mask]
+        bg = bg - bg.mean(axis=1, keepdims=True)
+        total += float((bg * bg).sum())
+        count += bg.size - bg.shape[0]
+    return float(np.sqrt(total / max(count, 1)))
