@@ -371,8 +371,8 @@ class AbstractImages:
         idx, scalar = _normalise_index(key, self.shape[0])
         out = self._read(idx)
         if scalar:
-            out = out[0]
-        return out[rest] if rest else out
+            return out[0][rest] if rest else out[0]
+        return out[(slice(None),) + rest] if rest else out
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]
