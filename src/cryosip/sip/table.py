@@ -24,11 +24,11 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .noise import GaussianNoise
-from .operator import AbstractRandomOperator, Observations, _map_rows
+from .operator import AbstractRandomOperator, Observations
 
 
-def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int) -> Float[Array, "n n_nodes"]:
-    """Dense Catmull-Rom interpolation weights of each theta on uniform nodes (C^1, local, exact at nodes)."""
+def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int):
+    """Catmull-Rom interpolation on uniform nodes (C^1, local, exact at nodes): (node indices (n, 4), weights (n, 4))."""
     h = (upper - lower) / (n_nodes - 1)
     x = jnp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
     k = jnp.clip(jnp.floor(x), 0, n_nodes - 2).astype(jnp.int32)
@@ -37,6 +37,12 @@ def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_n
     w = jnp.stack([0.5 * (-t + 2 * t2 - t3), 0.5 * (2 - 5 * t2 + 3 * t3),
                    0.5 * (t + 4 * t2 - 3 * t3), 0.5 * (-t2 + t3)], axis=-1)  # (n, 4)
     idx = jnp.clip(k[:, None] + jnp.arange(-1, 3), 0, n_nodes - 1)  # (n, 4), clamped ends
+    return idx, w
+
+
+def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int) -> Float[Array, "n n_nodes"]:
+    """Dense Catmull-Rom weights (n, n_nodes) of each theta."""
+    idx, w = catmull_rom_sparse(theta, lower, upper, n_nodes)
     onehot = jax.nn.one_hot(idx, n_nodes, dtype=theta.dtype)  # (n, 4, G)
     return jnp.einsum("nf,nfg->ng", w, onehot)
 
@@ -53,6 +59,8 @@ class TabulatedOperator(AbstractRandomOperator):
     gram: Float[Array, "n_obs n_nodes n_nodes"]
     cross: Float[Array, "n_obs n_nodes"]
     ysq: Float[Array, " n_obs"]
+    gram_blocks: Float[Array, "n_obs n_seg 4 4"]
+    cross_blocks: Float[Array, "n_obs n_seg 4"]
 
     @classmethod
     def build(
@@ -62,7 +70,9 @@ class TabulatedOperator(AbstractRandomOperator):
         n_nodes: int = 33,
         *,
         batch_size: int = 64,
+        progress=None,
     ) -> TabulatedOperator:
+        """One simulation per (observation, node); ``progress(n_done)`` is called after each batch."""
         lower, upper = (np.asarray(b, np.float64) for b in base.domain)
         if lower.shape != (1,) or not (np.isfinite(lower).all() and np.isfinite(upper).all()):
             raise ValueError("the tabulated path needs a 1-D theta with a bounded domain; use the direct path")
@@ -70,16 +80,26 @@ class TabulatedOperator(AbstractRandomOperator):
         center = base.fit_scale
 
         @jax.jit
-        def tables(args):
-            y, nu = args
-            ms = jax.vmap(lambda th: base.mean(th, nu))(nodes).reshape(n_nodes, -1)
-            yv = y.reshape(-1)
-            if center:
-                ms = ms - ms.mean(axis=1, keepdims=True)
-                yv = yv - yv.mean()
-            return ms @ ms.T, ms @ yv, yv @ yv
+        def tables(y, nu):
+            def one(y, nu):
+                ms = jax.vmap(lambda th: base.mean(th, nu))(nodes).reshape(n_nodes, -1)
+                yv = y.reshape(-1)
+                if center:
+                    ms = ms - ms.mean(axis=1, keepdims=True)
+                    yv = yv - yv.mean()
+                return ms @ ms.T, ms @ yv, yv @ yv
 
-        gram, cross, ysq = _map_rows(tables, (obs.values, obs.nuisance), batch_size)
+            return jax.vmap(one)(y, nu)
+
+        n = len(obs)
+        parts = []
+        for s in range(0, n, batch_size):
+            idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1))  # one compiled shape
+            sub = obs.take(idx)
+            parts.append([np.asarray(a)[: min(batch_size, n - s)] for a in tables(sub.values, sub.nuisance)])
+            if progress is not None:
+                progress(min(batch_size, n - s))
+        gram, cross, ysq = (jnp.asarray(np.concatenate(c)) for c in zip(*parts))
         d = int(np.prod(jax.tree_util.tree_leaves(obs.values)[0].shape[1:]))
         return cls(base.noise, base.fit_scale, float(lower[0]), float(upper[0]), n_nodes, d - int(center), gram, cross, ysq)
 
@@ -87,6 +107,9 @@ class TabulatedOperator(AbstractRandomOperator):
         self.noise, self.fit_scale = noise, bool(fit_scale)
         self.lower, self.upper, self.n_nodes, self.n_obs_entries = lower, upper, n_nodes, n_obs_entries
         self.gram, self.cross, self.ysq = gram, cross, ysq
+        seg = np.clip(np.arange(n_nodes - 1)[:, None] + np.arange(-1, 3)[None, :], 0, n_nodes - 1)  # (G-1, 4)
+        self.gram_blocks = gram[:, seg[:, :, None], seg[:, None, :]]
+        self.cross_blocks = cross[:, seg]
 
     @property
     def domain(self):
@@ -123,7 +146,15 @@ class TabulatedOperator(AbstractRandomOperator):
         return phi, Mphi, q, b, self.ysq[obs.index]
 
     def log_likelihood_matrix(self, theta, obs, *, key=None, n_nuisance=0, batch_size=None):
-        _, _, q, b, ysq = self._quad(theta, obs)
+        # sparse: theta in segment k touches nodes k-1..k+2 (clamped), so q = phi^T M phi needs
+        # one precomputed (4, 4) block per (observation, particle): a single-index gather
+        idx, w = catmull_rom_sparse(theta[:, 0], self.lower, self.upper, self.n_nodes)
+        k = idx[:, 1]
+        n = obs.index
+        blk = self.gram_blocks[n[:, None], k[None, :]]  # (B, P, 4, 4)
+        q = jnp.einsum("bpij,pi,pj->bp", blk, w, w)
+        b = jnp.einsum("bpi,pi->bp", self.cross_blocks[n[:, None], k[None, :]], w)
+        ysq = self.ysq[n]
         if self.fit_scale:
             r2 = ysq[:, None] - jnp.where(b > 0, b * b / jnp.maximum(q, 1e-30), 0.0)
         else:

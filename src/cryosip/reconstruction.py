@@ -1,0 +1,256 @@
+"""End-to-end reconstruction of a CV distribution from a particle stack (the library behind
+``cryosip reconstruct`` and ``cryosip demo``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .conformations.base import AbstractConformationModel
+from .cryoem.image_model import ImageModel
+from .cryoem.operator import CryoEMOperator
+from .data.particles import ParticleStack
+from .sip import dto
+from .sip.discrepancies import KL, MMD, Composite, GaussianKernel, PairedMMD, balance_weights, median_distance
+from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
+from .sip.measure import ParticleMeasure, uniform_measure
+from .sip.table import TabulatedOperator
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("wgf", "em-grid", "per-image", "map-classes", "gmm")
+OBJECTIVES = ("kl", "mmd", "kl+mmd", "mmd-unconditional")
+
+
+@dataclasses.dataclass
+class Problem:
+    """Everything a method needs, computed once: the operator, the observations and (1-D CVs) the tables."""
+
+    operator: CryoEMOperator
+    observations: object
+    table: TabulatedOperator | None
+    lower: np.ndarray
+    upper: np.ndarray
+    fine_grid: np.ndarray | None
+    fine_loglik: np.ndarray | None
+    bandwidth: float
+    setup_seconds: float
+
+    @property
+    def engine_operator(self):
+        return self.table if self.table is not None else self.operator
+
+    @property
+    def engine_observations(self):
+        return self.table.observations() if self.table is not None else self.observations
+
+    def per_image_map(self) -> np.ndarray:
+        if self.fine_loglik is None:
+            raise ValueError("per-image MAP needs the tabulated (1-D CV) path")
+        return self.fine_grid[np.argmax(self.fine_loglik, axis=1)]
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    objective: str | None
+    positions: np.ndarray  # (K, d)
+    weights: np.ndarray  # (K,)
+    seconds: float
+    losses: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    replicates: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    flow: FlowResult | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.method != "wgf" else f"wgf-{self.objective}"
+
+
+def estimate_sigma(images: np.ndarray, radius_fraction: float = 0.45, max_images: int = 2000) -> float:
+    """Noise sd from the pixels outside a centred disc (the particle background)."""
+    x = np.asarray(images[:max_images], np.float64)
+    D = x.shape[-1]
+    yy, xx = np.mgrid[:D, :D] - D // 2
+    mask = np.hypot(yy, xx) > radius_fraction * D
+    bg = x[:, mask]
+    return float(np.sqrt(np.mean(np.var(bg, axis=1))))
+
+
+def prepare(
+    stack: ParticleStack,
+    conformation: AbstractConformationModel,
+    *,
+    sigma: float | None = None,
+    fit_scale: bool = False,
+    n_nodes: int = 33,
+    use_table: bool | None = None,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> Problem:
+    t0 = time.perf_counter()
+    if sigma is None:
+        sigma = estimate_sigma(stack.images)
+        logger.info("noise sigma estimated from the particle background: %.4g", sigma)
+    image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
+    op = CryoEMOperator(conformation, image_model, sigma, fit_scale=fit_scale)
+    obs = stack.observations()
+    lower, upper = (np.asarray(b, np.float64) for b in op.domain)
+    if use_table is None:
+        use_table = conformation.dim == 1 and np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+    table = fine_grid = fine_ll = None
+    if use_table:
+        bar = TqdmProgress("tabulate") if progress else None
+        if bar is not None:
+            bar.start(len(stack))
+        try:
+            table = TabulatedOperator.build(op, obs, n_nodes, batch_size=batch_size,
+                                            progress=(lambda n: bar.update(n, float("nan"))) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
+        fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
+    bw = median_distance(np.asarray(stack.images[:1000]).reshape(min(len(stack), 1000), -1))
+    return Problem(op, obs, table, lower, upper, fine_grid, fine_ll, bw, time.perf_counter() - t0)
+
+
+def make_discrepancy(problem: Problem, objective: str, *, key, init: ParticleMeasure, batch: int = 256):
+    if objective == "kl":
+        return KL()
+    kernel = GaussianKernel(problem.bandwidth)
+    if objective == "mmd":
+        return PairedMMD(kernel)
+    if objective == "mmd-unconditional":
+        return MMD(kernel, n_samples=256)
+    if objective == "kl+mmd":
+        terms = (KL(), PairedMMD(kernel))
+        obs = problem.engine_observations
+        sub = obs.take(jnp.arange(min(batch, len(obs))))
+        w = balance_weights(terms, key, problem.engine_operator, init, sub)
+        logger.info("kl+mmd: weights balanced on initial gradient norms: %s", w)
+        return Composite(terms, w)
+    raise ValueError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
+
+
+def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto") -> ParticleMeasure:
+    """Particles at the quantiles of the per-image MAP estimates (1-D; the flow then deconvolves),
+    or uniform in the domain."""
+    if init == "auto":
+        init = "per-image" if problem.fine_loglik is not None else "uniform"
+    if init == "per-image":
+        m = problem.per_image_map()
+        q = np.quantile(m, (np.arange(n_particles) + 0.5) / n_particles)
+        return ParticleMeasure(jnp.asarray(q, jnp.float32)[:, None])
+    if init == "uniform":
+        return uniform_measure(key, n_particles, problem.lower, problem.upper)
+    raise ValueError(f"unknown init {init!r}")
+
+
+def _auto_flow(problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.004):
+    """Step size from the initial velocities: the median particle moves ``step_fraction`` of the domain per step."""
+    op, obs = problem.engine_operator, problem.engine_observations
+    sub = obs if batch_size is None else obs.take(jnp.arange(min(batch_size, len(obs))))
+    g = jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), sub))(init.positions)
+    v = init.n_particles * np.linalg.norm(np.asarray(g), axis=-1)
+    width = float(np.max(problem.upper - problem.lower))
+    med = float(np.median(v[v > 0])) if np.any(v > 0) else 1.0
+    return WassersteinGradientFlow(step_size=step_fraction * width / med, n_steps=n_steps, batch_size=batch_size,
+                                   entropy=entropy, max_displacement=0.02 * width, fisher_rao=fisher_rao,
+                                   schedule="cosine", chunk_size=25)
+
+
+def run_method(
+    problem: Problem,
+    method: str = "wgf",
+    objective: str = "kl",
+    *,
+    key,
+    n_particles: int = 64,
+    n_steps: int = 300,
+    batch_size: int | None = None,
+    entropy: float = 0.0,
+    fisher_rao: float = 0.0,
+    n_bootstrap: int = 0,
+    init: str = "auto",
+    progress: bool = True,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    n_components: int = 2,
+) -> MethodResult:
+    t0 = time.perf_counter()
+    op, obs = problem.engine_operator, problem.engine_observations
+    if method == "wgf":
+        k_init, k_flow, k_boot = jax.random.split(key, 3)
+        m0 = initial_measure(problem, n_particles, k_init, init)
+        if objective in ("mmd", "kl+mmd") and batch_size is None:
+            batch_size = min(len(obs), 512)
+        disc = make_discrepancy(problem, objective, key=k_flow, init=m0)
+        flow = _auto_flow(problem, disc, m0, k_flow, n_steps, batch_size, entropy, fisher_rao)
+        res = flow.run(disc, op, obs, m0, key=k_flow, progress=TqdmProgress(f"wgf {objective}") if progress else None,
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+        out = MethodResult("wgf", objective, np.asarray(res.measure.positions), np.asarray(res.measure.weights),
+                           0.0, np.asarray(res.losses), np.asarray(res.trajectory), flow=res)
+        if n_bootstrap:
+            boot_flow = dataclasses.replace(flow, n_steps=max(50, n_steps // 3))
+            for b in range(n_bootstrap):
+                kb = jax.random.fold_in(k_boot, b)
+                counts = np.bincount(np.asarray(jax.random.randint(kb, (len(obs),), 0, len(obs))), minlength=len(obs))
+                r = boot_flow.run(disc, op, obs.with_weight(jnp.asarray(counts, jnp.float32)), res.measure, key=kb)
+                out.replicates.append((np.asarray(r.measure.positions), np.asarray(r.measure.weights)))
+    elif method in ("em-grid", "per-image"):
+        if problem.fine_loglik is None:
+            raise ValueError(f"{method} needs a 1-D CV (the tabulated path)")
+        if method == "em-grid":
+            nodes = np.asarray(problem.table.nodes)
+            L = problem.fine_loglik[:, :: (len(problem.fine_grid) - 1) // (len(nodes) - 1)]
+            w, _ = dto.em_weights(L)
+            out = MethodResult("em-grid", "kl", nodes[:, None], w, 0.0)
+            for b in range(n_bootstrap):
+                kb = jax.random.fold_in(key, b)
+                counts = np.bincount(np.asarray(jax.random.randint(kb, (L.shape[0],), 0, L.shape[0])), minlength=L.shape[0])
+                wb, _ = dto.em_weights(L, obs_weight=counts)
+                out.replicates.append((nodes[:, None], wb))
+        else:
+            m = problem.per_image_map()
+            out = MethodResult("per-image", None, m[:, None], np.full(m.size, 1.0 / m.size), 0.0)
+            rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+            for _ in range(n_bootstrap):
+                mb = rng.choice(m, m.size)
+                out.replicates.append((mb[:, None], np.full(m.size, 1.0 / m.size)))
+    elif method == "map-classes":
+        meas = dto.map_classes(op, obs, n_particles, key=key)
+        out = MethodResult("map-classes", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0)
+    elif method == "gmm":
+        meas = dto.gmm(op, obs, n_components, key=key, grid=problem.fine_grid)
+        meas = meas[0] if isinstance(meas, tuple) else meas
+        out = MethodResult("gmm", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def posterior_cv(problem: Problem, result: MethodResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image posterior mean and sd of the CV under the recovered distribution (1-D tabulated path)."""
+    op, obs = problem.engine_operator, problem.engine_observations
+    pos = jnp.asarray(result.positions, jnp.float32)
+    logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
+    f = jax.jit(lambda o: op.log_likelihood_matrix(pos, o) + logw[None, :])
+    n = len(obs)
+    means, sds = [], []
+    for s in range(0, n, 1024):
+        idx = jnp.arange(s, min(n, s + 1024))
+        lj = f(obs.take(idx))
+        r = jax.nn.softmax(lj, axis=1)
+        m = r @ pos
+        v = r @ (pos**2) - m**2
+        means.append(np.asarray(m))
+        sds.append(np.sqrt(np.maximum(np.asarray(v), 0.0)))
+    return np.concatenate(means), np.concatenate(sds)
