@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cryoem.pose import axis_angle_to_matrix, matrix_to_axis_angle
+from ..cryoem.pose import matrix_to_axis_angle
 from .errors import CryosipInputError
 from .particles import ParticleStack
-from .star import build_image_source, parse_image_names, stack_image_names
+from .star import build_image_source, make_checked_nuisance, parse_image_names, stack_image_names
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,17 @@ _REQUIRED = ["blob/path", "blob/idx", "blob/psize_A", "ctf/df1_A", "ctf/accel_kv
 _RECOMPUTED = {"blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad",
                "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
                "alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A"}
+
+
+def rotvec_to_matrix(rotvec) -> np.ndarray:
+    """Rodrigues' formula in float64 NumPy (as :func:`cryosip.cryoem.pose.axis_angle_to_matrix`)."""
+    v = np.asarray(rotvec, np.float64)
+    theta = np.linalg.norm(v, axis=-1)[..., None, None]
+    k = v / np.where(theta[..., 0] > 1e-12, theta[..., 0], 1.0)
+    K = np.zeros(v.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - np.swapaxes(K, -1, -2)
+    return np.eye(3) + np.sin(theta) * K + (1.0 - np.cos(theta)) * (K @ K)
 
 
 def load_cs_array(path: str | os.PathLike) -> np.ndarray:
@@ -95,7 +106,8 @@ def _field(data: np.ndarray, name: str, path: Path, *, shape: tuple = ()) -> np.
         raise CryosipInputError(path, f"field {name} is not numeric ({data.dtype[name]})") from None
     if v.shape[1:] != shape:
         raise CryosipInputError(path, f"field {name} has shape {v.shape[1:]} per particle, expected {shape}")
-    bad = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+    flat = v.reshape(len(v), -1)
+    bad = ~(np.isfinite(flat) & (np.abs(np.nan_to_num(flat)) < 1e30)).all(axis=1)
     if bad.any():
         raise CryosipInputError(path, f"row {int(np.nonzero(bad)[0][0]) + 1}: {name} is not finite")
     return v
@@ -176,14 +188,14 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
         pose = _field(data, "alignments3D/pose", path, shape=(3,))
         shift_px = _field(data, "alignments3D/shift", path, shape=(2,))
         apx = _field(data, "alignments3D/psize_A", path) if "alignments3D/psize_A" in names else px
-        rot = np.swapaxes(np.asarray(axis_angle_to_matrix(pose.astype(np.float32)), np.float64), -1, -2)
+        rot = np.swapaxes(rotvec_to_matrix(pose), -1, -2)
         shift = -shift_px * apx[:, None]
     else:
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
         shift = np.zeros((n, 2))
 
-    nuisance = ParticleStack.make_nuisance(
-        rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=ang,
+    nuisance = make_checked_nuisance(
+        path, rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=ang,
         voltage_in_kilovolts=_field(data, "ctf/accel_kv", path), spherical_aberration_in_mm=_field(data, "ctf/cs_mm", path),
         amplitude_contrast=_field(data, "ctf/amp_contrast", path), phase_shift_in_degrees=phase,
         bfactor_in_angstroms2=bfac, scale=scale)

@@ -210,13 +210,34 @@ def build_image_source(path: Path, stack_names, indices, datadir, box_size: int 
     return LazyImageStack(files, inv, indices, target, file_boxes=boxes), boxes
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, block: str = "particles") -> np.ndarray:
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _numeric(df: pd.DataFrame, col: str, path: Path, block: str = "particles", *, integer: bool = False) -> np.ndarray:
     vals = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(vals)
+    bad = ~np.isfinite(vals) | (np.abs(np.nan_to_num(vals)) > 1e30)
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
-        raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not a finite number")
+        raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not a finite number "
+                                      "in range")
+    if integer:
+        bad = (vals != np.round(vals)) | (np.abs(vals) > 2**31)
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not an integer")
     return vals
+
+
+def make_checked_nuisance(path: Path, rot, shift, **ctf):
+    """ParticleStack.make_nuisance, with a clear error if a value does not fit in float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        nu = ParticleStack.make_nuisance(rot, shift, **ctf)
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(nu):
+        if not np.isfinite(leaf).all():
+            raise CryosipInputError(path, "pose, shift or CTF values out of range (overflow)")
+    return nu
 
 
 def _require(df: pd.DataFrame, cols, path: Path, block: str) -> None:
@@ -301,10 +322,10 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         if "rlnImagePixelSize" not in optics.columns:
             raise CryosipInputError(path, "data_optics is missing required column _rlnImagePixelSize")
         optics = optics.reset_index(drop=True)
-        og = _numeric(optics, "rlnOpticsGroup", path, "optics").astype(np.int64)
+        og = _numeric(optics, "rlnOpticsGroup", path, "optics", integer=True).astype(np.int64)
         if len(set(og.tolist())) != len(og):
             raise CryosipInputError(path, "data_optics has duplicate rlnOpticsGroup numbers")
-        pg = _numeric(particles, "rlnOpticsGroup", path).astype(np.int64)
+        pg = _numeric(particles, "rlnOpticsGroup", path, integer=True).astype(np.int64)
         row_of = {g: i for i, g in enumerate(og.tolist())}
         missing = sorted(set(pg.tolist()) - set(row_of))
         if missing:
@@ -318,7 +339,8 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         cs = per_particle("rlnSphericalAberration")
         w = per_particle("rlnAmplitudeContrast")
         px = per_particle("rlnImagePixelSize")
-        meta_box = per_particle("rlnImageSize").astype(np.int64) if "rlnImageSize" in optics.columns else None
+        meta_box = (_numeric(optics, "rlnImageSize", path, "optics", integer=True)[prow].astype(np.int64)
+                    if "rlnImageSize" in optics.columns else None)
         premult = _flag(optics, "rlnCtfDataAreCtfPremultiplied", path, "optics")
         flipped = _flag(optics, "rlnCtfDataArePhaseFlipped", path, "optics")
         premult = None if premult is None else premult[prow]
@@ -340,7 +362,8 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
             px = _numeric(particles, "rlnDetectorPixelSize", path) * 1e4 / mag
         else:
             px = None  # from the MRC header below
-        meta_box = particles["rlnImageSize"].astype(np.int64).to_numpy() if "rlnImageSize" in particles.columns else None
+        meta_box = (_numeric(particles, "rlnImageSize", path, integer=True).astype(np.int64)
+                    if "rlnImageSize" in particles.columns else None)
         premult = _flag(particles, "rlnCtfDataAreCtfPremultiplied", path, "particles")
         flipped = _flag(particles, "rlnCtfDataArePhaseFlipped", path, "particles")
         group_of_particle = np.ones(n, np.int64)
@@ -421,8 +444,8 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         has_shifts = False
     shift = -origin_a
 
-    nuisance = ParticleStack.make_nuisance(
-        rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=dfang,
+    nuisance = make_checked_nuisance(
+        path, rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=dfang,
         voltage_in_kilovolts=voltage, spherical_aberration_in_mm=cs, amplitude_contrast=w,
         phase_shift_in_degrees=phase, bfactor_in_angstroms2=bfac, scale=scale)
     del group_of_particle
