@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from .errors import CryosipInputError
-from .mrc import LazyImageStack, MissingImages, read_mrc_header
+from .mrc import LazyImageStack, MissingImages, _is_compressed, mrc_layout, read_mrc_header
 from .particles import ParticleStack, take_nuisance
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,8 @@ def read_cryodrgn(*, ctf, pose=None, ind=None, particles=None, datadir=None) -> 
         counts, boxes = [], []
         for f in files:
             h = read_mrc_header(f)
+            if not _is_compressed(Path(f)):
+                mrc_layout(f, h)  # a truncated stack fails here
             counts.append(int(h.nz))
             boxes.append(int(h.nx))
             if int(h.nx) != int(h.ny):

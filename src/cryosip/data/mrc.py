@@ -96,7 +96,16 @@ def read_mrcs(path: str | os.PathLike) -> np.ndarray:
         except Exception as e:
             raise CryosipInputError(path, f"cannot read compressed MRC ({e})") from None
         return data.reshape((-1,) + data.shape[-2:])
-    header = read_mrc_header(path)
+    dtype, offset, shape = mrc_layout(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def mrc_layout(path: str | os.PathLike, header=None) -> tuple[np.dtype, int, tuple[int, int, int]]:
+    """(dtype, data offset, (nz, ny, nx)) of an uncompressed MRC file, checking that the file holds
+    all the data its header announces (a truncated file raises :class:`CryosipInputError`)."""
+    path = Path(path)
+    if header is None:
+        header = read_mrc_header(path)
     try:
         dtype = mrcfile.utils.data_dtype_from_header(header)
     except Exception as e:
@@ -114,7 +123,8 @@ def read_mrcs(path: str | os.PathLike) -> np.ndarray:
         raise CryosipInputError(
             path, f"truncated MRC file: header says {nz} images of {ny}x{nx} ({expected} bytes) but the "
                   f"file has {size} bytes ({n_full} complete images)")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(nz, ny, nx))
+    return dtype, offset, (nz, ny, nx)
+
 
 
 class MrcsWriter:

@@ -41,7 +41,7 @@ import pandas as pd
 
 from ..cryoem.pose import matrix_to_euler
 from .errors import CryosipInputError
-from .mrc import LazyImageStack, TransformedImages, read_mrc_header
+from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, read_mrc_header
 from .particles import ParticleStack
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,8 @@ def build_image_source(path: Path, stack_names, indices, datadir, box_size: int 
         f = resolve_stack_path(name, path.parent, datadir, path)
         h = read_mrc_header(f)
         nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+        if not _is_compressed(f):
+            mrc_layout(f, h)  # truncated files fail here, before anything is written
         if nx != ny:
             raise CryosipInputError(f, f"images are not square ({ny}x{nx})")
         sel = inv == k
