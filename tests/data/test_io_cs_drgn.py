@@ -48,8 +48,11 @@ def cryodrgn_expmap(v):
 def test_cryodrgn_R_from_relion_is_relion_matrix():
     rng = np.random.default_rng(0)
     for rot, tilt, psi in rng.uniform([-180, 0, -180], [180, 180, 180], (10, 3)):
-        np.testing.assert_allclose(cryodrgn_R_from_relion(rot, tilt, psi),
-                                   np.asarray(euler_to_matrix(rot, tilt, psi), np.float64), atol=1e-6)
+        np.testing.assert_allclose(
+            cryodrgn_R_from_relion(rot, tilt, psi),
+            np.asarray(euler_to_matrix(rot, tilt, psi), np.float64),
+            atol=1e-6,
+        )
 
 
 def test_cs_round_trip_and_cryodrgn_convention(tmp_path, stack_on_disk):
@@ -69,11 +72,18 @@ def test_cs_round_trip_and_cryodrgn_convention(tmp_path, stack_on_disk):
     import starfile
 
     t = starfile.read(tmp_path / "p.star")["particles"]
-    rot_star = np.stack([cryodrgn_R_from_relion(*r) for r in t[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()])
+    rot_star = np.stack(
+        [
+            cryodrgn_R_from_relion(*r)
+            for r in t[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+        ]
+    )
     trans_star = t[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / px / D
     np.testing.assert_allclose(rot_cs, rot_star, atol=2e-6)
     np.testing.assert_allclose(trans_cs, trans_star, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.rad2deg(data["ctf/df_angle_rad"]), t["rlnDefocusAngle"], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.rad2deg(data["ctf/df_angle_rad"]), t["rlnDefocusAngle"], rtol=1e-6
+    )
 
     # .cs -> STAR -> .cs keeps everything, including fields cryosip does not use
     write_star(tmp_path / "from_cs.star", back)
@@ -129,7 +139,9 @@ def test_cryodrgn_round_trip(tmp_path, stack_on_disk):
     np.testing.assert_allclose(ctf[:, 1], stack.pixel_size, rtol=1e-6)
     # cryoDRGN's parse_pose_star convention: rot = R_from_relion(angles), trans = origin_px / D
     r, t, p = matrix_to_euler(np.asarray(stack.nuisance.rotation))
-    np.testing.assert_allclose(rot, np.stack([cryodrgn_R_from_relion(*x) for x in zip(r, t, p)]), atol=2e-6)
+    np.testing.assert_allclose(
+        rot, np.stack([cryodrgn_R_from_relion(*x) for x in zip(r, t, p)]), atol=2e-6
+    )
     origin_px = -np.asarray(stack.nuisance.shift_in_angstroms) / stack.pixel_size
     np.testing.assert_allclose(trans, origin_px / stack.box_size, rtol=1e-5, atol=1e-7)
 
@@ -160,9 +172,12 @@ def test_cryodrgn_ind_and_overrides(tmp_path, stack_on_disk):
         pickle.dump((rot, trans), f)
     sub2 = apply_cryodrgn(s, pose=tmp_path / "pose.pkl", ind=tmp_path / "ind.pkl")
     np.testing.assert_allclose(np.asarray(sub2.nuisance.rotation), rot, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(sub2.nuisance.shift_in_angstroms), -0.01 * s.box_size * s.pixel_size,
-                               rtol=1e-6)
-    with pytest.raises(CryosipInputError, match="pose table has 3 rows but the particle stack has 6"):
+    np.testing.assert_allclose(
+        np.asarray(sub2.nuisance.shift_in_angstroms), -0.01 * s.box_size * s.pixel_size, rtol=1e-6
+    )
+    with pytest.raises(
+        CryosipInputError, match="pose table has 3 rows but the particle stack has 6"
+    ):
         apply_cryodrgn(s, pose=tmp_path / "pose.pkl")
     with open(tmp_path / "bad.pkl", "wb") as f:
         pickle.dump(np.ones((6, 3, 3)), f)

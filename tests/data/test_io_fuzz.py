@@ -19,16 +19,66 @@ from cryosip.data.star import read_star
 
 _DIR = Path(tempfile.mkdtemp(prefix="cryosip_fuzz_"))
 atexit.register(shutil.rmtree, _DIR, True)
-write_mrcs(_DIR / "particles.mrcs", np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32), 2.0)
+write_mrcs(
+    _DIR / "particles.mrcs", np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32), 2.0
+)
 
-LABELS = ["rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
-          "rlnAmplitudeContrast", "rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize", "rlnAngleRot", "rlnAngleTilt",
-          "rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst", "rlnDetectorPixelSize",
-          "rlnMagnification", "rlnCtfDataAreCtfPremultiplied", "rlnPhaseShift", "rlnClassNumber", "rlnFoo"]
+LABELS = [
+    "rlnImageName",
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnOpticsGroup",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnCtfDataAreCtfPremultiplied",
+    "rlnPhaseShift",
+    "rlnClassNumber",
+    "rlnFoo",
+]
 TOKENS = st.one_of(
-    st.sampled_from(["000001@particles.mrcs", "000003@particles.mrcs", "000004@particles.mrcs", "1@missing.mrcs",
-                     "@", "x@particles.mrcs", "0@particles.mrcs", "particles.mrcs", "nan", "inf", "-inf", '""', '"a b"',
-                     "1", "2", "0", "-1", "16", "8", "300", "2.7", "0.1", "1e308", "-1e308", "15000.5", "opticsGroup1"]),
+    st.sampled_from(
+        [
+            "000001@particles.mrcs",
+            "000003@particles.mrcs",
+            "000004@particles.mrcs",
+            "1@missing.mrcs",
+            "@",
+            "x@particles.mrcs",
+            "0@particles.mrcs",
+            "particles.mrcs",
+            "nan",
+            "inf",
+            "-inf",
+            '""',
+            '"a b"',
+            "1",
+            "2",
+            "0",
+            "-1",
+            "16",
+            "8",
+            "300",
+            "2.7",
+            "0.1",
+            "1e308",
+            "-1e308",
+            "15000.5",
+            "opticsGroup1",
+        ]
+    ),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.integers(-5, 100).map(str),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6),
@@ -57,11 +107,27 @@ def star_texts(draw):
 
 
 VALID31 = {
-    "optics": {"rlnOpticsGroup": "1", "rlnVoltage": "300", "rlnSphericalAberration": "2.7", "rlnAmplitudeContrast": "0.1",
-               "rlnImagePixelSize": "2.0", "rlnImageSize": "8", "rlnCtfDataAreCtfPremultiplied": "0"},
-    "particles": {"rlnImageName": "000002@particles.mrcs", "rlnOpticsGroup": "1", "rlnDefocusU": "15000",
-                  "rlnDefocusV": "14000", "rlnDefocusAngle": "30", "rlnAngleRot": "10", "rlnAngleTilt": "20",
-                  "rlnAnglePsi": "30", "rlnOriginXAngst": "1.5", "rlnOriginYAngst": "-2"},
+    "optics": {
+        "rlnOpticsGroup": "1",
+        "rlnVoltage": "300",
+        "rlnSphericalAberration": "2.7",
+        "rlnAmplitudeContrast": "0.1",
+        "rlnImagePixelSize": "2.0",
+        "rlnImageSize": "8",
+        "rlnCtfDataAreCtfPremultiplied": "0",
+    },
+    "particles": {
+        "rlnImageName": "000002@particles.mrcs",
+        "rlnOpticsGroup": "1",
+        "rlnDefocusU": "15000",
+        "rlnDefocusV": "14000",
+        "rlnDefocusAngle": "30",
+        "rlnAngleRot": "10",
+        "rlnAngleTilt": "20",
+        "rlnAnglePsi": "30",
+        "rlnOriginXAngst": "1.5",
+        "rlnOriginYAngst": "-2",
+    },
 }
 
 
@@ -71,10 +137,16 @@ def mutated_star31(draw):
     out = ["# version 30001\n"] if draw(st.booleans()) else []
     for block, cols in VALID31.items():
         labels = [k for k in cols if draw(st.integers(0, 39)) > 0]  # sometimes drop a column
-        out.append(f"\ndata_{block}\n\nloop_\n" + "".join(f"_{k} #{i + 1}\n" for i, k in enumerate(labels)))
-        n_rows = draw(st.integers(1, 3)) if block == "particles" else 1 + (draw(st.integers(0, 9)) == 0)
+        out.append(
+            f"\ndata_{block}\n\nloop_\n" + "".join(f"_{k} #{i + 1}\n" for i, k in enumerate(labels))
+        )
+        n_rows = (
+            draw(st.integers(1, 3)) if block == "particles" else 1 + (draw(st.integers(0, 9)) == 0)
+        )
         for _ in range(n_rows):
-            vals = [draw(TOKENS) or "x" if draw(st.integers(0, 12)) == 0 else cols[k] for k in labels]
+            vals = [
+                draw(TOKENS) or "x" if draw(st.integers(0, 12)) == 0 else cols[k] for k in labels
+            ]
             out.append("  ".join(vals) + "\n")
     return "".join(out)
 
@@ -85,7 +157,9 @@ def _check_star(text: str | bytes):
         path = Path(f.name)
     try:
         stack = read_star(path)
-        np.asarray(stack.images[: min(2, len(stack))])  # reading images also fails only with our error
+        np.asarray(
+            stack.images[: min(2, len(stack))]
+        )  # reading images also fails only with our error
     except CryosipInputError as e:
         assert "\n" not in str(e)
     finally:
@@ -114,8 +188,10 @@ def test_fuzz_star_bytes(data):
 
 
 def test_fuzz_star_valid_example_parses():
-    text = ("data_\nloop_\n_rlnImageName\n_rlnDefocusU\n_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n"
-            "_rlnImagePixelSize\n000002@particles.mrcs 15000 300 2.7 0.1 2.0\n")
+    text = (
+        "data_\nloop_\n_rlnImageName\n_rlnDefocusU\n_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n"
+        "_rlnImagePixelSize\n000002@particles.mrcs 15000 300 2.7 0.1 2.0\n"
+    )
     path = _DIR / "valid.star"
     path.write_text(text)
     s = read_star(path)
@@ -123,7 +199,9 @@ def test_fuzz_star_valid_example_parses():
 
 
 CS_FIELDS = {
-    "blob/path": st.sampled_from([b"particles.mrcs", b">particles.mrcs", b"missing.mrcs", b"", b"\xff\xfe"]),
+    "blob/path": st.sampled_from(
+        [b"particles.mrcs", b">particles.mrcs", b"missing.mrcs", b"", b"\xff\xfe"]
+    ),
     "blob/idx": st.integers(-2, 5),
     "blob/shape": st.sampled_from([(8, 8), (16, 16), (8, 6)]),
     "blob/psize_A": st.one_of(st.floats(-1, 5), st.just(float("nan"))),
@@ -133,32 +211,62 @@ CS_FIELDS = {
     "ctf/accel_kv": st.sampled_from([300.0, 200.0, np.nan]),
     "ctf/cs_mm": st.floats(0, 3, width=32),
     "ctf/amp_contrast": st.floats(0, 0.25, width=32),
-    "alignments3D/pose": st.tuples(*[st.one_of(st.floats(-4, 4, width=32), st.just(float("nan")))] * 3),
+    "alignments3D/pose": st.tuples(
+        *[st.one_of(st.floats(-4, 4, width=32), st.just(float("nan")))] * 3
+    ),
     "alignments3D/shift": st.tuples(*[st.floats(-10, 10, width=32)] * 2),
 }
-CS_VALID = {"blob/path": b">particles.mrcs", "blob/idx": 1, "blob/shape": (8, 8), "blob/psize_A": 2.0,
-            "ctf/df1_A": 15000.0, "ctf/df2_A": 14000.0, "ctf/df_angle_rad": 0.5, "ctf/accel_kv": 300.0,
-            "ctf/cs_mm": 2.7, "ctf/amp_contrast": 0.1, "alignments3D/pose": (0.1, 0.2, 0.3),
-            "alignments3D/shift": (1.0, -1.0)}
-CS_DTYPES = {"blob/path": "S16", "blob/idx": "<i8", "blob/shape": ("<u4", (2,)), "blob/psize_A": "<f4",
-             "ctf/df1_A": "<f4", "ctf/df2_A": "<f4", "ctf/df_angle_rad": "<f4", "ctf/accel_kv": "<f4",
-             "ctf/cs_mm": "<f4", "ctf/amp_contrast": "<f4", "alignments3D/pose": ("<f4", (3,)),
-             "alignments3D/shift": ("<f4", (2,))}
+CS_VALID = {
+    "blob/path": b">particles.mrcs",
+    "blob/idx": 1,
+    "blob/shape": (8, 8),
+    "blob/psize_A": 2.0,
+    "ctf/df1_A": 15000.0,
+    "ctf/df2_A": 14000.0,
+    "ctf/df_angle_rad": 0.5,
+    "ctf/accel_kv": 300.0,
+    "ctf/cs_mm": 2.7,
+    "ctf/amp_contrast": 0.1,
+    "alignments3D/pose": (0.1, 0.2, 0.3),
+    "alignments3D/shift": (1.0, -1.0),
+}
+CS_DTYPES = {
+    "blob/path": "S16",
+    "blob/idx": "<i8",
+    "blob/shape": ("<u4", (2,)),
+    "blob/psize_A": "<f4",
+    "ctf/df1_A": "<f4",
+    "ctf/df2_A": "<f4",
+    "ctf/df_angle_rad": "<f4",
+    "ctf/accel_kv": "<f4",
+    "ctf/cs_mm": "<f4",
+    "ctf/amp_contrast": "<f4",
+    "alignments3D/pose": ("<f4", (3,)),
+    "alignments3D/shift": ("<f4", (2,)),
+}
 
 
 @st.composite
 def cs_arrays(draw):
-    names = draw(st.lists(st.sampled_from(sorted(CS_FIELDS)), unique=True, min_size=0, max_size=len(CS_FIELDS)))
+    names = draw(
+        st.lists(
+            st.sampled_from(sorted(CS_FIELDS)), unique=True, min_size=0, max_size=len(CS_FIELDS)
+        )
+    )
     complete = draw(st.booleans())
     if complete:
         names = sorted(CS_FIELDS)  # often a complete file, so that the value checks are reached
     n = draw(st.integers(0, 3))
-    descr = [(k, *CS_DTYPES[k]) if isinstance(CS_DTYPES[k], tuple) else (k, CS_DTYPES[k]) for k in names]
+    descr = [
+        (k, *CS_DTYPES[k]) if isinstance(CS_DTYPES[k], tuple) else (k, CS_DTYPES[k]) for k in names
+    ]
     arr = np.zeros(n, dtype=descr)
     for k in names:
         for i in range(n):
             # complete files: mostly valid values, sometimes a fuzzed one
-            arr[k][i] = draw(CS_FIELDS[k]) if not complete or draw(st.integers(0, 5)) == 0 else CS_VALID[k]
+            arr[k][i] = (
+                draw(CS_FIELDS[k]) if not complete or draw(st.integers(0, 5)) == 0 else CS_VALID[k]
+            )
     return arr
 
 

@@ -66,7 +66,9 @@ def test_read_any_mode(tmp_path, dtype):
         m.set_data(data)
         m.set_image_stack()
         m.voxel_size = 2.0
-    np.testing.assert_allclose(np.asarray(read_mrcs(path), np.float64), data.astype(np.float64), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(read_mrcs(path), np.float64), data.astype(np.float64), rtol=0, atol=0
+    )
 
 
 def test_extended_header_is_skipped(tmp_path):
@@ -100,11 +102,15 @@ def test_lazy_stack_fancy_indexing_and_nan_check(tmp_path):
     b = rng.normal(size=(3, 8, 8)).astype(np.float32)
     write_mrcs(tmp_path / "a.mrcs", a, 1.0)
     write_mrcs(tmp_path / "b.mrcs", b, 1.0)
-    raw = np.memmap(tmp_path / "b.mrcs", dtype="<f4", mode="r+", offset=1024, shape=b.shape)  # corrupt one pixel
+    raw = np.memmap(
+        tmp_path / "b.mrcs", dtype="<f4", mode="r+", offset=1024, shape=b.shape
+    )  # corrupt one pixel
     raw[1, 2, 3] = b[1, 2, 3] = np.inf
     raw.flush()
     del raw
-    lazy = LazyImageStack([tmp_path / "a.mrcs", tmp_path / "b.mrcs"], [1, 0, 0, 1, 0], [0, 3, 1, 2, 0], 8)
+    lazy = LazyImageStack(
+        [tmp_path / "a.mrcs", tmp_path / "b.mrcs"], [1, 0, 0, 1, 0], [0, 3, 1, 2, 0], 8
+    )
     assert lazy.shape == (5, 8, 8) and lazy.ndim == 3 and len(lazy) == 5
     np.testing.assert_allclose(lazy[1], a[3], rtol=0, atol=0)
     np.testing.assert_allclose(lazy[np.array([4, 1, 2])], a[[0, 3, 1]], rtol=0, atol=0)
@@ -141,8 +147,12 @@ def test_downsample_is_lazy_and_scales_pixel_size():
     small = downsample(stack, 16)
     assert small.box_size == 16 and small.pixel_size == pytest.approx(2.0)
     assert not isinstance(small.images, np.ndarray)
-    np.testing.assert_allclose(small.images[[2, 0]], fourier_crop(np.asarray(stack.images)[[2, 0]], 16), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(small.nuisance.shift_in_angstroms), np.asarray(stack.nuisance.shift_in_angstroms))
+    np.testing.assert_allclose(
+        small.images[[2, 0]], fourier_crop(np.asarray(stack.images)[[2, 0]], 16), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(small.nuisance.shift_in_angstroms), np.asarray(stack.nuisance.shift_in_angstroms)
+    )
 
 
 def test_noise_sigma_from_background():
@@ -158,7 +168,9 @@ def test_volume_mrc_voxel_size_and_origin(tmp_path):
     with mrcfile.open(tmp_path / "v.mrc") as m:
         assert int(m.header.ispg) == 1
         np.testing.assert_allclose(float(m.voxel_size.z), 1.75, rtol=1e-6)
-        np.testing.assert_allclose([m.header.origin.x, m.header.origin.y, m.header.origin.z], [-7.0] * 3)
+        np.testing.assert_allclose(
+            [m.header.origin.x, m.header.origin.y, m.header.origin.z], [-7.0] * 3
+        )
     data, vs = read_volume_mrc(tmp_path / "v.mrc")
     np.testing.assert_allclose(data, vol, rtol=0, atol=0)
     np.testing.assert_allclose(vs, 1.75, rtol=1e-6)

@@ -1,4 +1,6 @@
-"""RELION STAR 3.0 / 3.1: round trips, hand-written RELION text, agreement with starfile, bad input."""
+"""RELION STAR 3.0 / 3.1: round trips, hand-written RELION text, starfile agreement, bad input."""
+
+# ruff: noqa: E501  (the STAR texts below are kept exactly as RELION writes them)
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from io_helpers import assert_same_particles, random_stack, save_images
 from cryosip.cryoem.pose import euler_to_matrix
 from cryosip.data.errors import CryosipInputError
 from cryosip.data.mrc import LazyImageStack, write_mrcs
-from cryosip.data.particles import read_particles
+from cryosip.data.particles import ParticleStack, read_particles
 from cryosip.data.star import read_star, write_star
 
 # -- RELION 3.0 as relion_refine 3.0 writes it (trailing blanks, fixed-width columns) -------------
@@ -122,13 +124,23 @@ def test_reader_agrees_with_starfile_and_mrcfile(tmp_path, stack_on_disk):
     ours = read_star(tmp_path / "p.star")
     ref = starfile.read(tmp_path / "p.star")
     parts, optics = ref["particles"], ref["optics"]
-    np.testing.assert_allclose(np.asarray(ours.nuisance.ctf.defocus_u_in_angstroms), parts["rlnDefocusU"], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ours.nuisance.ctf.defocus_u_in_angstroms), parts["rlnDefocusU"], rtol=1e-6
+    )
     np.testing.assert_allclose(ours.pixel_size, optics["rlnImagePixelSize"][0], rtol=1e-7)
-    A = np.asarray(euler_to_matrix(parts["rlnAngleRot"].to_numpy(), parts["rlnAngleTilt"].to_numpy(),
-                                   parts["rlnAnglePsi"].to_numpy()))
+    A = np.asarray(
+        euler_to_matrix(
+            parts["rlnAngleRot"].to_numpy(),
+            parts["rlnAngleTilt"].to_numpy(),
+            parts["rlnAnglePsi"].to_numpy(),
+        )
+    )
     np.testing.assert_allclose(np.asarray(ours.nuisance.rotation), A, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(ours.nuisance.shift_in_angstroms),
-                               -parts[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ours.nuisance.shift_in_angstroms),
+        -parts[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(),
+        rtol=1e-6,
+    )
     with mrcfile.open(tmp_path / "particles.mrcs") as m:
         idx = [int(s.split("@")[0]) - 1 for s in parts["rlnImageName"]]
         np.testing.assert_allclose(np.asarray(ours.images), m.data[idx], rtol=0, atol=0)
@@ -140,14 +152,24 @@ def test_handwritten_relion30(tmp_path):
     s = read_star(tmp_path / "run_data.star")
     assert len(s) == 2 and s.box_size == 16 and s.optics is None
     np.testing.assert_allclose(s.pixel_size, 14.0 * 1e4 / 56000.0, rtol=1e-12)  # 2.5 A
-    A = np.asarray(euler_to_matrix(np.array([-34.52263, 170.0]), np.array([77.13949, 110.0]),
-                                   np.array([132.49686, -20.0])))
+    A = np.asarray(
+        euler_to_matrix(
+            np.array([-34.52263, 170.0]), np.array([77.13949, 110.0]), np.array([132.49686, -20.0])
+        )
+    )
     np.testing.assert_allclose(np.asarray(s.nuisance.rotation), A, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(s.nuisance.shift_in_angstroms),
-                               -2.5 * np.array([[1.2138, -2.7862], [-0.5, 3.0]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.shift_in_angstroms),
+        -2.5 * np.array([[1.2138, -2.7862], [-0.5, 3.0]]),
+        rtol=1e-6,
+    )
     c = s.nuisance.ctf
-    np.testing.assert_allclose(np.asarray(c.defocus_u_in_angstroms), [10864.146484, 15021.5], rtol=1e-7)
-    np.testing.assert_allclose(np.asarray(c.defocus_angle_in_degrees), [77.995003, -12.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(c.defocus_u_in_angstroms), [10864.146484, 15021.5], rtol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.asarray(c.defocus_angle_in_degrees), [77.995003, -12.5], rtol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(c.voltage_in_kilovolts), [300, 300])
     np.testing.assert_allclose(np.asarray(c.phase_shift_in_degrees), [0, 0])  # RELION default
     np.testing.assert_allclose(np.asarray(c.scale), [1, 1])
@@ -160,23 +182,37 @@ def test_handwritten_relion31_two_optics_groups(tmp_path):
     s = read_star(tmp_path / "run_data.star")
     assert len(s) == 2 and s.pixel_size == 2.5 and s.box_size == 16
     c = s.nuisance.ctf
-    np.testing.assert_allclose(np.asarray(c.voltage_in_kilovolts), [200, 300])  # joined on rlnOpticsGroup
+    np.testing.assert_allclose(
+        np.asarray(c.voltage_in_kilovolts), [200, 300]
+    )  # joined on rlnOpticsGroup
     np.testing.assert_allclose(np.asarray(c.spherical_aberration_in_mm), [1.4, 2.7], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(c.amplitude_contrast), [0.1, 0.07], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(c.bfactor_in_angstroms2), [0, 25])
     np.testing.assert_allclose(np.asarray(c.scale), [1.0, 0.8], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(c.phase_shift_in_degrees), [0, 12])
-    np.testing.assert_allclose(np.asarray(s.nuisance.shift_in_angstroms), [[-3.0345, 6.9655], [1.25, -7.5]], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.shift_in_angstroms), [[-3.0345, 6.9655], [1.25, -7.5]], rtol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(s.images), imgs[[1, 3]], rtol=0, atol=0)
 
     # write back: every column that is not recomputed is kept, optics groups survive
     write_star(tmp_path / "out.star", s)
     out = starfile.read(tmp_path / "out.star")
     orig = starfile.read(tmp_path / "run_data.star")
-    for col in ["rlnCoordinateX", "rlnAutopickFigureOfMerit", "rlnClassNumber", "rlnMicrographName",
-                "rlnCtfMaxResolution", "rlnRandomSubset", "rlnImageName"]:
-        assert out["particles"][col].tolist() == pytest.approx(orig["particles"][col].tolist()) if \
-            out["particles"][col].dtype.kind == "f" else out["particles"][col].tolist() == orig["particles"][col].tolist()
+    for col in [
+        "rlnCoordinateX",
+        "rlnAutopickFigureOfMerit",
+        "rlnClassNumber",
+        "rlnMicrographName",
+        "rlnCtfMaxResolution",
+        "rlnRandomSubset",
+        "rlnImageName",
+    ]:
+        assert (
+            out["particles"][col].tolist() == pytest.approx(orig["particles"][col].tolist())
+            if out["particles"][col].dtype.kind == "f"
+            else out["particles"][col].tolist() == orig["particles"][col].tolist()
+        )
     assert out["optics"]["rlnOpticsGroupName"].tolist() == ["opticsGroup1", "opticsGroup2"]
     np.testing.assert_allclose(out["optics"]["rlnMicrographOriginalPixelSize"], [0.885, 0.885])
     np.testing.assert_allclose(out["optics"]["rlnVoltage"], [200, 300])
@@ -196,14 +232,19 @@ def test_optics_groups_with_different_boxes(tmp_path):
     small = rng.normal(size=(2, 16, 16)).astype(np.float32)
     write_mrcs(tmp_path / "g1.mrcs", big, 1.0)
     write_mrcs(tmp_path / "g2.mrcs", small, 2.0)
-    text = STAR31.replace("2.500000           16            2 \nopticsGroup2", "1.000000           32            2 \nopticsGroup2")
+    text = STAR31.replace(
+        "2.500000           16            2 \nopticsGroup2",
+        "1.000000           32            2 \nopticsGroup2",
+    )
     text = text.replace("2.500000           16", "2.000000           16")
     text = text.replace("000002@Particles/Micrographs/mic1_particles.mrcs", "000001@g1.mrcs")
     text = text.replace("000004@Particles/Micrographs/mic1_particles.mrcs", "000002@g2.mrcs")
     (tmp_path / "mixed.star").write_text(text)
     with pytest.raises(CryosipInputError, match="different box.*--box"):
         read_star(tmp_path / "mixed.star")
-    s = read_star(tmp_path / "mixed.star", box_size=16)  # 32 px x 1 A and 16 px x 2 A: same 32 A field
+    s = read_star(
+        tmp_path / "mixed.star", box_size=16
+    )  # 32 px x 1 A and 16 px x 2 A: same 32 A field
     assert s.box_size == 16 and s.pixel_size == pytest.approx(2.0)
     from cryosip.data.mrc import fourier_crop
 
@@ -215,32 +256,57 @@ def test_missing_poses_and_defaults(tmp_path, stack_on_disk):
     stack, names = stack_on_disk
     write_star(tmp_path / "p.star", stack, image_names=names)
     t = starfile.read(tmp_path / "p.star")
-    t["particles"] = t["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                                                  "rlnOriginYAngst", "rlnPhaseShift", "rlnCtfBfactor",
-                                                  "rlnCtfScalefactor", "rlnDefocusV", "rlnDefocusAngle"])
+    t["particles"] = t["particles"].drop(
+        columns=[
+            "rlnAngleRot",
+            "rlnAngleTilt",
+            "rlnAnglePsi",
+            "rlnOriginXAngst",
+            "rlnOriginYAngst",
+            "rlnPhaseShift",
+            "rlnCtfBfactor",
+            "rlnCtfScalefactor",
+            "rlnDefocusV",
+            "rlnDefocusAngle",
+        ]
+    )
     starfile.write(t, tmp_path / "nopose.star", overwrite=True)
     s = read_star(tmp_path / "nopose.star")
     assert not s.has_poses and not s.has_shifts
-    np.testing.assert_allclose(np.asarray(s.nuisance.rotation), np.broadcast_to(np.eye(3), (len(s), 3, 3)))
-    np.testing.assert_allclose(np.asarray(s.nuisance.ctf.defocus_v_in_angstroms),
-                               np.asarray(s.nuisance.ctf.defocus_u_in_angstroms))
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.rotation), np.broadcast_to(np.eye(3), (len(s), 3, 3))
+    )
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.ctf.defocus_v_in_angstroms),
+        np.asarray(s.nuisance.ctf.defocus_u_in_angstroms),
+    )
     np.testing.assert_allclose(np.asarray(s.nuisance.ctf.scale), 1.0)
     write_star(tmp_path / "back.star", s)
-    assert "rlnAngleRot" not in starfile.read(tmp_path / "back.star")["particles"].columns  # no invented poses
+    assert (
+        "rlnAngleRot" not in starfile.read(tmp_path / "back.star")["particles"].columns
+    )  # no invented poses
 
 
 def test_premultiplied_and_phase_flipped_are_flagged(tmp_path):
     _stack_file(tmp_path)
-    text = STAR31.replace("_rlnImageDimensionality #9 \n", "_rlnImageDimensionality #9 \n_rlnCtfDataAreCtfPremultiplied #10 \n")
-    text = text.replace("16            2 \nopticsGroup2", "16            2 1\nopticsGroup2").replace(
-        "16            2 \n \n", "16            2 0\n \n")
+    text = STAR31.replace(
+        "_rlnImageDimensionality #9 \n",
+        "_rlnImageDimensionality #9 \n_rlnCtfDataAreCtfPremultiplied #10 \n",
+    )
+    text = text.replace(
+        "16            2 \nopticsGroup2", "16            2 1\nopticsGroup2"
+    ).replace("16            2 \n \n", "16            2 0\n \n")
     (tmp_path / "pre.star").write_text(text)
     with pytest.raises(CryosipInputError, match="CTF-premultiplied"):
         read_star(tmp_path / "pre.star")
     s = read_star(tmp_path / "pre.star", allow_unsupported_contrast=True)
     assert s.ctf_premultiplied and not s.phase_flipped
-    flipped = STAR30.replace("_rlnRandomSubset #22 \n", "_rlnRandomSubset #22 \n_rlnCtfDataArePhaseFlipped #23 \n")
-    flipped = flipped.replace("            1 \nMicro", "            1 1\nMicro").replace("            2 \n", "            2 1\n")
+    flipped = STAR30.replace(
+        "_rlnRandomSubset #22 \n", "_rlnRandomSubset #22 \n_rlnCtfDataArePhaseFlipped #23 \n"
+    )
+    flipped = flipped.replace("            1 \nMicro", "            1 1\nMicro").replace(
+        "            2 \n", "            2 1\n"
+    )
     (tmp_path / "flip.star").write_text(flipped)
     with pytest.raises(CryosipInputError, match="phase-flipped"):
         read_star(tmp_path / "flip.star")
@@ -249,7 +315,11 @@ def test_premultiplied_and_phase_flipped_are_flagged(tmp_path):
 def test_datadir(tmp_path, stack_on_disk):
     stack, names = stack_on_disk
     (tmp_path / "meta").mkdir()
-    write_star(tmp_path / "meta" / "p.star", stack, image_names=[n.replace("@", "@elsewhere/") for n in names])
+    write_star(
+        tmp_path / "meta" / "p.star",
+        stack,
+        image_names=[n.replace("@", "@elsewhere/") for n in names],
+    )
     with pytest.raises(CryosipInputError, match="stack file not found.*--datadir"):
         read_star(tmp_path / "meta" / "p.star")
     s = read_particles(tmp_path / "meta" / "p.star", datadir=tmp_path)
@@ -269,12 +339,24 @@ def _bad(tmp_path, text, name="bad.star"):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda t: t.replace("_rlnDefocusU #5 \n", "_rlnDefocusUU #5 \n"), "missing required column.*_rlnDefocusU"),
-        (lambda t: t.replace("_rlnVoltage #8 \n", "_rlnKiloVolts #8 \n"), "missing required column.*_rlnVoltage"),
+        (
+            lambda t: t.replace("_rlnDefocusU #5 \n", "_rlnDefocusUU #5 \n"),
+            "missing required column.*_rlnDefocusU",
+        ),
+        (
+            lambda t: t.replace("_rlnVoltage #8 \n", "_rlnKiloVolts #8 \n"),
+            "missing required column.*_rlnVoltage",
+        ),
         (lambda t: "# version 20000\n" + t, "unknown STAR version"),
         (lambda t: t.replace("data_\n", "data_optics\n"), "data_optics but no data_particles"),
-        (lambda t: t.replace("mic1_particles.mrcs", "nothere.mrcs"), "nothere.mrcs: stack file not found"),
-        (lambda t: t.replace("000003@", "000009@"), "mic1_particles.mrcs: image index 9 out of range .stack has 4"),
+        (
+            lambda t: t.replace("mic1_particles.mrcs", "nothere.mrcs"),
+            "nothere.mrcs: stack file not found",
+        ),
+        (
+            lambda t: t.replace("000003@", "000009@"),
+            "mic1_particles.mrcs: image index 9 out of range .stack has 4",
+        ),
         (lambda t: t.replace("000003@", "000000@"), "bad rlnImageName"),
         (lambda t: t.replace("10864.146484", "nan"), "rlnDefocusU = .* is not a finite number"),
         (lambda t: "", "empty file"),
@@ -292,16 +374,26 @@ def test_bad_star30(tmp_path, mutate, match):
 def test_bad_box_and_pixels(tmp_path):
     imgs = _stack_file(tmp_path)
     p = _bad(tmp_path, STAR31.replace("2.500000           16", "2.500000           24"))
-    with pytest.raises(CryosipInputError, match="metadata box size 24 but stack .* has 16-pixel images"):
+    with pytest.raises(
+        CryosipInputError, match="metadata box size 24 but stack .* has 16-pixel images"
+    ):
         read_star(p)
     # two stacks with different boxes in one 3.0 file
     write_mrcs(tmp_path / "other.mrcs", np.zeros((3, 8, 8), np.float32), 2.5)
-    p = _bad(tmp_path, STAR30.replace("000003@Particles/Micrographs/mic1_particles.mrcs", "000003@other.mrcs"))
+    p = _bad(
+        tmp_path,
+        STAR30.replace("000003@Particles/Micrographs/mic1_particles.mrcs", "000003@other.mrcs"),
+    )
     with pytest.raises(CryosipInputError, match="different box sizes"):
         read_star(p)
     # NaN pixels are found when the images are read
-    raw = np.memmap(tmp_path / "Particles/Micrographs/mic1_particles.mrcs", dtype="<f4", mode="r+", offset=1024,
-                    shape=imgs.shape)
+    raw = np.memmap(
+        tmp_path / "Particles/Micrographs/mic1_particles.mrcs",
+        dtype="<f4",
+        mode="r+",
+        offset=1024,
+        shape=imgs.shape,
+    )
     raw[2, 0, 0] = np.nan
     raw.flush()
     del raw
@@ -329,14 +421,74 @@ def test_many_stacks_lazy(tmp_path):
     import jax
 
     nu = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *[s.nuisance for s in stacks])
-    allst = dataclasses.replace(stacks[0], images=np.concatenate([np.asarray(s.images) for s in stacks]), nuisance=nu)
+    allst = dataclasses.replace(
+        stacks[0], images=np.concatenate([np.asarray(s.images) for s in stacks]), nuisance=nu
+    )
     order = np.random.default_rng(0).permutation(9)
     sub = allst.subset(order)
     write_star(tmp_path / "m.star", sub, image_names=[names[i] for i in order])
     back = read_star(tmp_path / "m.star")
     assert len(back.images.files) == 3
     assert_same_particles(sub, back)
-    np.testing.assert_allclose(back.images[np.array([8, 0, 4])], np.asarray(sub.images)[[8, 0, 4]], rtol=0, atol=0)
+    np.testing.assert_allclose(
+        back.images[np.array([8, 0, 4])], np.asarray(sub.images)[[8, 0, 4]], rtol=0, atol=0
+    )
     part = back.take([5, 1])
     assert isinstance(part.images, LazyImageStack)
-    np.testing.assert_allclose(np.asarray(part.images), np.asarray(sub.images)[[5, 1]], rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(part.images), np.asarray(sub.images)[[5, 1]], rtol=0, atol=0
+    )
+
+
+def test_origin_sign_matches_the_forward_model(tmp_path):
+    """A particle rendered at +t from the box centre gets rlnOriginXAngst/YAngst = -t, and moving the
+    image by the origin (RELION: origins "translate the image to its center") centres it."""
+    import jax.numpy as jnp
+
+    from cryosip.cryoem.atoms import AtomParameters
+    from cryosip.cryoem.image_model import ImageModel
+
+    D, px = 32, 2.0
+    t = np.array([[6.0, -4.0]])
+    stack_nu = ParticleStack.make_nuisance(
+        np.eye(3)[None], t, defocus_u_in_angstroms=1.0, amplitude_contrast=1.0
+    )
+    model = ImageModel(D, px)
+    atoms = AtomParameters.single_gaussian(1, sigma_in_angstroms=2.0)
+    import jax
+
+    img = -np.asarray(
+        model.render(
+            jnp.zeros((1, 3)), atoms, jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), stack_nu)
+        )
+    )
+    yy, xx = np.mgrid[:D, :D] - D // 2
+    w = np.clip(img, 0, None)
+    centroid = np.array([(w * xx).sum(), (w * yy).sum()]) / w.sum() * px
+    np.testing.assert_allclose(
+        centroid, t[0], atol=0.5
+    )  # the forward model puts the particle at +t (2 A pixels)
+
+    write_mrcs(tmp_path / "one.mrcs", img[None].astype(np.float32), px)
+    write_star(
+        tmp_path / "one.star",
+        ParticleStack(img[None].astype(np.float32), stack_nu, px),
+        image_names=["000001@one.mrcs"],
+    )
+    origin = starfile.read(tmp_path / "one.star")["particles"][
+        ["rlnOriginXAngst", "rlnOriginYAngst"]
+    ].to_numpy()[0]
+    np.testing.assert_allclose(origin, -t[0], rtol=1e-6)
+    # RELION applies the origin to the observation to bring it onto the reference projection
+    ky = np.fft.fftfreq(D)[:, None]
+    kx = np.fft.fftfreq(D)[None, :]
+    moved = np.fft.ifft2(
+        np.fft.fft2(img) * np.exp(-2j * np.pi * (kx * origin[0] + ky * origin[1]) / px)
+    ).real
+    w = np.clip(moved, 0, None)
+    np.testing.assert_allclose(
+        np.array([(w * xx).sum(), (w * yy).sum()]) / w.sum() * px, [0.0, 0.0], atol=0.5
+    )
+    np.testing.assert_allclose(
+        np.asarray(read_star(tmp_path / "one.star").nuisance.shift_in_angstroms), t, rtol=1e-6
+    )

@@ -1,4 +1,4 @@
-"""Structures in (PDB/mmCIF/trajectories), results out (CV STAR, subsets, latents, ensembles, maps)."""
+"""Structures in (PDB, mmCIF, trajectories); results out (CV STAR, subsets, ensembles, maps)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ def test_mmcif_and_model_mismatch(tmp_path):
     st.make_mmcif_document().write_file(str(tmp_path / "m.cif"))
     s = read_structures(tmp_path / "m.cif")
     assert s.coords.shape == (2, 5, 3)
-    bad = PDB_NO_ELEMENTS.replace("ATOM      5  OXT MET A   1      -0.401   0.920   0.827  1.00  0.00\n", "")
+    bad = PDB_NO_ELEMENTS.replace(
+        "ATOM      5  OXT MET A   1      -0.401   0.920   0.827  1.00  0.00\n", ""
+    )
     (tmp_path / "bad.pdb").write_text(bad)
     with pytest.raises(CryosipInputError, match="bad.pdb: model 2 has 4 atoms but model 1 has 5"):
         read_structures(tmp_path / "bad.pdb")
@@ -77,13 +79,16 @@ def test_end_structures_and_trajectory(tmp_path):
     s = read_end_structures(tmp_path / "a.pdb", tmp_path / "b.pdb")
     assert s.coords.shape == (2, 5, 3)
     np.testing.assert_allclose(s.coords[1, 0, 0] - s.coords[0, 0, 0], -0.1, atol=1e-5)
-    (tmp_path / "c.pdb").write_text(one.replace(
-        "ATOM      5  OXT MET A   1      -0.501   0.820   0.727  1.00  0.00\n", ""))
+    (tmp_path / "c.pdb").write_text(
+        one.replace("ATOM      5  OXT MET A   1      -0.501   0.820   0.727  1.00  0.00\n", "")
+    )
     with pytest.raises(CryosipInputError, match="c.pdb: 4 atoms but .*a.pdb has 5"):
         read_end_structures(tmp_path / "a.pdb", tmp_path / "c.pdb")
     # a trajectory any format MDAnalysis reads: multi-frame XYZ written here; topology mismatch
-    xyz = "".join(f"5\nframe {f}\n" + "".join(f"{e} {f + i:.3f} 0.000 0.000\n" for i, e in enumerate("NCHSO"))
-                  for f in range(3))
+    xyz = "".join(
+        f"5\nframe {f}\n" + "".join(f"{e} {f + i:.3f} 0.000 0.000\n" for i, e in enumerate("NCHSO"))
+        for f in range(3)
+    )
     (tmp_path / "t.xyz").write_text(xyz)
     t = read_structures(tmp_path / "t.xyz")
     assert t.coords.shape == (3, 5, 3) and list(t.elements) == ["N", "C", "H", "S", "O"]
@@ -106,13 +111,22 @@ def test_particles_cv_star_and_subsets(tmp_path):
     write_particles_cv_star(tmp_path / "particles_cv.star", s, cv, 0.1 + cv**2)
     orig = starfile.read(tmp_path / "in.star")
     out = starfile.read(tmp_path / "particles_cv.star")
-    assert out["particles"].columns.tolist() == orig["particles"].columns.tolist() + ["cryosipCvMean", "cryosipCvSd"]
+    assert out["particles"].columns.tolist() == orig["particles"].columns.tolist() + [
+        "cryosipCvMean",
+        "cryosipCvSd",
+    ]
     np.testing.assert_allclose(out["particles"]["cryosipCvMean"], cv, rtol=1e-8)
     np.testing.assert_allclose(out["particles"]["cryosipCvSd"], 0.1 + cv**2, rtol=1e-8)
     for col in orig["particles"].columns:
         assert out["particles"][col].tolist() == orig["particles"][col].tolist()
     assert read_star(tmp_path / "particles_cv.star").has_poses  # RELION-readable as before
-    write_particles_cv_star(tmp_path / "two.star", s, np.stack([cv, -cv], 1), np.ones((6, 2)), cv_names=["open", "twist"])
+    write_particles_cv_star(
+        tmp_path / "two.star",
+        s,
+        np.stack([cv, -cv], 1),
+        np.ones((6, 2)),
+        cv_names=["open", "twist"],
+    )
     assert "cryosipCvMean_twist" in starfile.read(tmp_path / "two.star")["particles"].columns
 
     files = write_cv_subsets(tmp_path / "sub", s, cv, [-1.0, 0.0, 0.5, 1.0])
@@ -137,7 +151,15 @@ def test_ensemble_with_weights(tmp_path, suffix):
     coords = rng.normal(0, 10, (3, 5, 3))
     w = [0.2, 0.3, 0.5]
     path = tmp_path / f"ens{suffix}"
-    write_ensemble_pdb(path, coords, w, ["N", "C", "H", "S", "O"], ["N", "CA", "HG1", "SD", "OXT"], ["MET"] * 5, [1] * 5)
+    write_ensemble_pdb(
+        path,
+        coords,
+        w,
+        ["N", "C", "H", "S", "O"],
+        ["N", "CA", "HG1", "SD", "OXT"],
+        ["MET"] * 5,
+        [1] * 5,
+    )
     st = gemmi.read_structure(str(path))
     assert len(st) == 3
     for m in range(3):
@@ -146,7 +168,9 @@ def test_ensemble_with_weights(tmp_path, suffix):
     assert [cra.atom.element.name for cra in st[0].all()] == ["N", "C", "H", "S", "O"]
     np.testing.assert_allclose(read_ensemble_weights(path), w, rtol=1e-7)
     with pytest.raises(ValueError, match="sum"):
-        write_ensemble_pdb(tmp_path / "x.pdb", coords, [0.2, 0.2, 0.2], ["C"] * 5, ["CA"] * 5, ["ALA"] * 5, [1] * 5)
+        write_ensemble_pdb(
+            tmp_path / "x.pdb", coords, [0.2, 0.2, 0.2], ["C"] * 5, ["CA"] * 5, ["ALA"] * 5, [1] * 5
+        )
     assert not (tmp_path / "x.pdb").exists()
 
 
@@ -155,10 +179,15 @@ def test_render_volume_projects_to_the_image_model(tmp_path):
     xyz = rng.normal(0, 6, (40, 3))
     atoms = AtomParameters.from_elements(["C"] * 25 + ["N"] * 10 + ["O"] * 5)
     vol = render_volume(xyz, atoms, 32, 1.5)
-    proj = np.asarray(project_gaussians_dense(jnp.asarray(xyz[:, :2], jnp.float32), atoms.amplitudes,
-                                              atoms.variances, 32, 1.5))
+    proj = np.asarray(
+        project_gaussians_dense(
+            jnp.asarray(xyz[:, :2], jnp.float32), atoms.amplitudes, atoms.variances, 32, 1.5
+        )
+    )
     np.testing.assert_allclose(vol.sum(axis=0) * 1.5, proj, atol=1e-4 * np.abs(proj).max())
-    np.testing.assert_allclose(vol.sum() * 1.5**3, float(np.asarray(atoms.amplitudes).sum()), rtol=1e-4)
+    np.testing.assert_allclose(
+        vol.sum() * 1.5**3, float(np.asarray(atoms.amplitudes).sum()), rtol=1e-4
+    )
     write_volume_mrc(tmp_path / "v.mrc", vol, 1.5)
     with mrcfile.open(tmp_path / "v.mrc") as m:
         np.testing.assert_allclose(float(m.voxel_size.x), 1.5, rtol=1e-6)
@@ -169,7 +198,12 @@ def test_render_volume_projects_to_the_image_model(tmp_path):
 def test_challenge_submission(tmp_path):
     vols = [np.full((8, 8, 8), k, np.float32) for k in range(3)]
     files = write_challenge(tmp_path / "sub", vols, [0.5, 0.25, 0.25], 2.0)
-    assert [f.name for f in files] == ["map_001.mrc", "map_002.mrc", "map_003.mrc", "populations.txt"]
+    assert [f.name for f in files] == [
+        "map_001.mrc",
+        "map_002.mrc",
+        "map_003.mrc",
+        "populations.txt",
+    ]
     pops = np.loadtxt(tmp_path / "sub" / "populations.txt")
     np.testing.assert_allclose(pops.sum(), 1.0, rtol=1e-9)
     np.testing.assert_allclose(pops, [0.5, 0.25, 0.25])

@@ -32,13 +32,21 @@ FORMATS = ("star", "star3.1", "star3.0", "cs", "cryodrgn")
 def add_args(parser) -> None:
     parser.add_argument("input", help=".star, .cs, .mrcs/.txt (with --ctf) or a cryoDRGN .pkl")
     parser.add_argument("output", help="output file (.star, .cs) or cryoDRGN folder/prefix")
-    parser.add_argument("--to", choices=FORMATS, help="output format (default: from the output extension)")
+    parser.add_argument(
+        "--to", choices=FORMATS, help="output format (default: from the output extension)"
+    )
     parser.add_argument("--datadir", help="folder holding the image stacks")
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (override, or the optics of an .mrcs input)")
+    parser.add_argument(
+        "--ctf", help="cryoDRGN ctf.pkl (override, or the optics of an .mrcs input)"
+    )
     parser.add_argument("--pose", help="cryoDRGN pose.pkl (override)")
     parser.add_argument("--ind", help="cryoDRGN ind.pkl (particle selection)")
-    parser.add_argument("--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)")
-    parser.add_argument("--box", type=int, help="Fourier-crop the images to this box and write them as a new stack")
+    parser.add_argument(
+        "--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)"
+    )
+    parser.add_argument(
+        "--box", type=int, help="Fourier-crop the images to this box and write them as a new stack"
+    )
 
 
 def output_format(output: str, to: str | None) -> str:
@@ -51,8 +59,11 @@ def output_format(output: str, to: str | None) -> str:
         return "cs"
     if low.endswith(".pkl") or output.endswith(os.sep) or Path(output).is_dir():
         return "cryodrgn"
-    raise CryosipInputError(output, "cannot tell the output format from the extension: use .star, .cs, a folder "
-                                    "(cryoDRGN) or --to")
+    raise CryosipInputError(
+        output,
+        "cannot tell the output format from the extension: use .star, .cs, a folder "
+        "(cryoDRGN) or --to",
+    )
 
 
 def _cryodrgn_prefix(output: str) -> str:
@@ -75,9 +86,17 @@ def main(args) -> int:
     from ..data.star import write_star
 
     fmt = output_format(args.output, args.to)
-    stack = read_particles(args.input, datadir=args.datadir, box_size=args.box, pose=args.pose, ctf=args.ctf,
-                           ind=args.ind, particles=args.images, require_poses=fmt != "cryodrgn",
-                           allow_unsupported_contrast=True)
+    stack = read_particles(
+        args.input,
+        datadir=args.datadir,
+        box_size=args.box,
+        pose=args.pose,
+        ctf=args.ctf,
+        ind=args.ind,
+        particles=args.images,
+        require_poses=fmt != "cryodrgn",
+        allow_unsupported_contrast=True,
+    )
     out = Path(args.output)
     image_names = None
     new_stack = None
@@ -109,8 +128,11 @@ def main(args) -> int:
     if new_stack is not None:
         written.append(new_stack)
     shifts = np.asarray(stack.nuisance.shift_in_angstroms)
-    sys.stdout.write(f"wrote {len(stack)} particles ({stack.box_size} px, {stack.pixel_size:.4f} A/px, "
-                     f"poses: {'yes' if stack.has_poses else 'no'}, max |shift| "
-                     f"{float(np.abs(shifts).max()) if len(shifts) else 0.0:.2f} A) to "
-                     + ", ".join(str(w) for w in written) + "\n")
+    sys.stdout.write(
+        f"wrote {len(stack)} particles ({stack.box_size} px, {stack.pixel_size:.4f} A/px, "
+        f"poses: {'yes' if stack.has_poses else 'no'}, max |shift| "
+        f"{float(np.abs(shifts).max()) if len(shifts) else 0.0:.2f} A) to "
+        + ", ".join(str(w) for w in written)
+        + "\n"
+    )
     return 0

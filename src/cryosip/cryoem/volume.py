@@ -20,8 +20,15 @@ from .atoms import AtomParameters
 __all__ = ["render_volume"]
 
 
-def render_volume(coords, atoms: AtomParameters, box_size: int, voxel_size: float, *,
-                  n_sigma: float = 4.0, chunk: int = 2048) -> np.ndarray:
+def render_volume(
+    coords,
+    atoms: AtomParameters,
+    box_size: int,
+    voxel_size: float,
+    *,
+    n_sigma: float = 4.0,
+    chunk: int = 2048,
+) -> np.ndarray:
     """Voxel-averaged density ``(box, box, box)`` float32 of atoms at ``coords`` (n, 3) Angstrom.
 
     Coordinates are relative to the box centre (as in the image model). ``n_sigma`` sets the
@@ -41,16 +48,20 @@ def render_volume(coords, atoms: AtomParameters, box_size: int, voxel_size: floa
     canvas = np.zeros((D + 2 * pad,) * 3, np.float64)
     inv = 1.0 / np.sqrt(2.0 * var)  # (n, K)
     for s in range(0, coords.shape[0], chunk):
-        c = coords[s:s + chunk]
+        c = coords[s : s + chunk]
         u = c / voxel_size + D // 2  # voxel coordinates (x, y, z), centres at integers
         start = np.round(u).astype(np.int64) - h  # (m, 3)
         edges = start[:, :, None] - 0.5 + np.arange(w + 1)  # (m, 3, w+1)
         rel = (edges - u[:, :, None]) * voxel_size
-        cdf = erf(rel[:, :, None, :] * inv[s:s + chunk, None, :, None])  # (m, 3, K, w+1)
-        prof = (cdf[..., 1:] - cdf[..., :-1]) * (0.5 / voxel_size)  # (m, 3, K, w) mean density per voxel
-        foot = np.einsum("mk,mkz,mky,mkx->mzyx", amp[s:s + chunk], prof[:, 2], prof[:, 1], prof[:, 0])
+        cdf = erf(rel[:, :, None, :] * inv[s : s + chunk, None, :, None])  # (m, 3, K, w+1)
+        prof = (cdf[..., 1:] - cdf[..., :-1]) * (
+            0.5 / voxel_size
+        )  # (m, 3, K, w) mean density per voxel
+        foot = np.einsum(
+            "mk,mkz,mky,mkx->mzyx", amp[s : s + chunk], prof[:, 2], prof[:, 1], prof[:, 0]
+        )
         iz = np.clip(start[:, 2, None] + np.arange(w) + pad, 0, D + 2 * pad - 1)
         iy = np.clip(start[:, 1, None] + np.arange(w) + pad, 0, D + 2 * pad - 1)
         ix = np.clip(start[:, 0, None] + np.arange(w) + pad, 0, D + 2 * pad - 1)
         np.add.at(canvas, (iz[:, :, None, None], iy[:, None, :, None], ix[:, None, None, :]), foot)
-    return canvas[pad:pad + D, pad:pad + D, pad:pad + D].astype(np.float32)
+    return canvas[pad : pad + D, pad : pad + D, pad : pad + D].astype(np.float32)

@@ -29,8 +29,16 @@ from .particles import ParticleStack, take_nuisance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_pose_pkl", "read_ctf_pkl", "read_ind_pkl", "apply_cryodrgn", "write_cryodrgn", "read_cryodrgn",
-           "cryodrgn_pickle_kind", "write_pickle"]
+__all__ = [
+    "read_pose_pkl",
+    "read_ctf_pkl",
+    "read_ind_pkl",
+    "apply_cryodrgn",
+    "write_cryodrgn",
+    "read_cryodrgn",
+    "cryodrgn_pickle_kind",
+    "write_pickle",
+]
 
 
 def _load_pickle(path: Path):
@@ -42,7 +50,9 @@ def _load_pickle(path: Path):
         with open(path, "rb") as f:
             return pickle.load(f)
     except Exception as e:  # UnpicklingError, EOFError, ModuleNotFoundError (torch objects), ...
-        raise CryosipInputError(path, f"not a readable pickle ({type(e).__name__}: {str(e)[:120]})") from None
+        raise CryosipInputError(
+            path, f"not a readable pickle ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
 
 
 def _as_array(obj, path: Path, what: str) -> np.ndarray:
@@ -70,7 +80,9 @@ def cryodrgn_pickle_kind(path: str | os.PathLike) -> str:
         return "ctf"
     if arr.ndim == 1 and arr.dtype.kind in "iu":
         return "ind"
-    raise CryosipInputError(path, f"not a cryoDRGN pose/ctf/ind pickle (array of shape {arr.shape})")
+    raise CryosipInputError(
+        path, f"not a cryoDRGN pose/ctf/ind pickle (array of shape {arr.shape})"
+    )
 
 
 def read_pose_pkl(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -87,15 +99,23 @@ def read_pose_pkl(path) -> tuple[np.ndarray, np.ndarray | None]:
     rot = _as_array(rot, path, "rotations")
     if rot.ndim != 3 or rot.shape[1:] != (3, 3):
         raise CryosipInputError(path, f"rotations must be (N, 3, 3), got {rot.shape}")
-    err = np.abs(rot @ np.swapaxes(rot, 1, 2) - np.eye(3)).max(axis=(1, 2)) if len(rot) else np.zeros(0)
+    err = (
+        np.abs(rot @ np.swapaxes(rot, 1, 2) - np.eye(3)).max(axis=(1, 2))
+        if len(rot)
+        else np.zeros(0)
+    )
     det = np.linalg.det(rot) if len(rot) else np.zeros(0)
     bad = (err > 1e-3) | (det < 0)
     if bad.any():
-        raise CryosipInputError(path, f"pose {int(np.nonzero(bad)[0][0]) + 1} is not a rotation matrix")
+        raise CryosipInputError(
+            path, f"pose {int(np.nonzero(bad)[0][0]) + 1} is not a rotation matrix"
+        )
     if trans is not None:
         trans = _as_array(trans, path, "translations")
         if trans.shape != (len(rot), 2):
-            raise CryosipInputError(path, f"translations must be ({len(rot)}, 2), got {trans.shape}")
+            raise CryosipInputError(
+                path, f"translations must be ({len(rot)}, 2), got {trans.shape}"
+            )
     return rot, trans
 
 
@@ -106,7 +126,9 @@ def read_ctf_pkl(path) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[1] != 9:
         raise CryosipInputError(path, f"ctf.pkl must be an (N, 9) array, got shape {arr.shape}")
     if len(arr) and ((arr[:, 0] < 2).any() or (arr[:, 1] <= 0).any()):
-        raise CryosipInputError(path, "ctf.pkl: box size (column 0) and pixel size (column 1) must be positive")
+        raise CryosipInputError(
+            path, "ctf.pkl: box size (column 0) and pixel size (column 1) must be positive"
+        )
     return arr
 
 
@@ -115,22 +137,33 @@ def read_ind_pkl(path, n: int | None = None) -> np.ndarray:
     obj = _load_pickle(path)
     arr = np.asarray(obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise CryosipInputError(path, f"ind.pkl must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        raise CryosipInputError(
+            path, f"ind.pkl must be a 1-D integer array, got {arr.dtype} {arr.shape}"
+        )
     arr = arr.astype(np.int64)
     if n is not None and arr.size and (arr.min() < 0 or arr.max() >= n):
-        raise CryosipInputError(path, f"index {int(arr.max()) if arr.max() >= n else int(arr.min())} out of range "
-                                      f"for {n} particles")
+        raise CryosipInputError(
+            path,
+            f"index {int(arr.max()) if arr.max() >= n else int(arr.min())} out of range "
+            f"for {n} particles",
+        )
     return arr
 
 
 def _ctf_fields(ctf: np.ndarray) -> dict:
-    return dict(defocus_u_in_angstroms=ctf[:, 2], defocus_v_in_angstroms=ctf[:, 3], defocus_angle_in_degrees=ctf[:, 4],
-                voltage_in_kilovolts=ctf[:, 5], spherical_aberration_in_mm=ctf[:, 6], amplitude_contrast=ctf[:, 7],
-                phase_shift_in_degrees=ctf[:, 8])
+    return dict(
+        defocus_u_in_angstroms=ctf[:, 2],
+        defocus_v_in_angstroms=ctf[:, 3],
+        defocus_angle_in_degrees=ctf[:, 4],
+        voltage_in_kilovolts=ctf[:, 5],
+        spherical_aberration_in_mm=ctf[:, 6],
+        amplitude_contrast=ctf[:, 7],
+        phase_shift_in_degrees=ctf[:, 8],
+    )
 
 
 def apply_cryodrgn(stack: ParticleStack, *, pose=None, ctf=None, ind=None) -> ParticleStack:
-    """Override poses/shifts (``pose``) and CTF (``ctf``) of ``stack`` and select particles (``ind``).
+    """Override poses/shifts (``pose``) and CTF (``ctf``) of ``stack``; select particles (``ind``).
 
     Each argument is a path to the pickle or the already loaded object. Overrides may cover
     all of ``stack`` (then ``ind`` selects afterwards) or, when ``ind`` is given, only the
@@ -139,22 +172,47 @@ def apply_cryodrgn(stack: ParticleStack, *, pose=None, ctf=None, ind=None) -> Pa
     src = {}
     ind_arr = None
     if ind is not None:
-        ind_arr = read_ind_pkl(ind, len(stack)) if isinstance(ind, (str, os.PathLike)) else np.asarray(ind, np.int64)
+        ind_arr = (
+            read_ind_pkl(ind, len(stack))
+            if isinstance(ind, (str, os.PathLike))
+            else np.asarray(ind, np.int64)
+        )
         if ind_arr.size and (ind_arr.min() < 0 or ind_arr.max() >= len(stack)):
-            raise CryosipInputError(ind if isinstance(ind, (str, os.PathLike)) else None,
-                                    f"index out of range for {len(stack)} particles")
+            raise CryosipInputError(
+                ind if isinstance(ind, (str, os.PathLike)) else None,
+                f"index out of range for {len(stack)} particles",
+            )
     if pose is not None:
         src["pose"] = pose
-        pose = read_pose_pkl(pose) if isinstance(pose, (str, os.PathLike)) else (
-            (np.asarray(pose[0]), None if pose[1] is None else np.asarray(pose[1])) if isinstance(pose, tuple)
-            else (np.asarray(pose), None))
+        pose = (
+            read_pose_pkl(pose)
+            if isinstance(pose, (str, os.PathLike))
+            else (
+                (np.asarray(pose[0]), None if pose[1] is None else np.asarray(pose[1]))
+                if isinstance(pose, tuple)
+                else (np.asarray(pose), None)
+            )
+        )
     if ctf is not None:
         src["ctf"] = ctf
-        ctf = read_ctf_pkl(ctf) if isinstance(ctf, (str, os.PathLike)) else np.asarray(ctf, np.float64)
+        ctf = (
+            read_ctf_pkl(ctf)
+            if isinstance(ctf, (str, os.PathLike))
+            else np.asarray(ctf, np.float64)
+        )
 
-    lengths = {k: len(v[0] if k == "pose" else v) for k, v in (("pose", pose), ("ctf", ctf)) if v is not None}
+    lengths = {
+        k: len(v[0] if k == "pose" else v)
+        for k, v in (("pose", pose), ("ctf", ctf))
+        if v is not None
+    }
     n = len(stack)
-    if ind_arr is not None and lengths and all(m == len(ind_arr) for m in lengths.values()) and len(ind_arr) != n:
+    if (
+        ind_arr is not None
+        and lengths
+        and all(m == len(ind_arr) for m in lengths.values())
+        and len(ind_arr) != n
+    ):
         stack = _select(stack, ind_arr)
         ind_arr = None
         n = len(stack)
@@ -168,17 +226,31 @@ def apply_cryodrgn(stack: ParticleStack, *, pose=None, ctf=None, ind=None) -> Pa
     changes = {}
     if ctf is not None:
         cext = ctf[:, 0] * ctf[:, 1]
-        if np.abs(cext - extent).max() > 1e-3 * extent and not isinstance(stack.images, MissingImages):
+        if np.abs(cext - extent).max() > 1e-3 * extent and not isinstance(
+            stack.images, MissingImages
+        ):
             where = src["ctf"] if isinstance(src["ctf"], (str, os.PathLike)) else None
-            raise CryosipInputError(where, f"ctf.pkl box {ctf[0, 0]:g} px x {ctf[0, 1]:g} A/px does not match the "
-                                           f"images ({stack.box_size} px x {stack.pixel_size:g} A/px)")
-        new = ParticleStack.make_nuisance(nu.rotation, nu.shift_in_angstroms, **_ctf_fields(ctf),
-                                          bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2, scale=nu.ctf.scale)
+            raise CryosipInputError(
+                where,
+                f"ctf.pkl box {ctf[0, 0]:g} px x {ctf[0, 1]:g} A/px does not match the "
+                f"images ({stack.box_size} px x {stack.pixel_size:g} A/px)",
+            )
+        new = ParticleStack.make_nuisance(
+            nu.rotation,
+            nu.shift_in_angstroms,
+            **_ctf_fields(ctf),
+            bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2,
+            scale=nu.ctf.scale,
+        )
         nu = new
     if pose is not None:
         rot, trans = pose
         shift = nu.shift_in_angstroms if trans is None else -np.asarray(trans, np.float64) * extent
-        nu = dataclasses.replace(nu, rotation=np.asarray(rot, np.float32), shift_in_angstroms=np.asarray(shift, np.float32))
+        nu = dataclasses.replace(
+            nu,
+            rotation=np.asarray(rot, np.float32),
+            shift_in_angstroms=np.asarray(shift, np.float32),
+        )
         changes.update(has_poses=True, has_shifts=trans is not None or stack.has_shifts)
     stack = dataclasses.replace(stack, nuisance=nu, **changes)
     if ind_arr is not None:
@@ -189,8 +261,12 @@ def apply_cryodrgn(stack: ParticleStack, *, pose=None, ctf=None, ind=None) -> Pa
 def _select(stack: ParticleStack, idx: np.ndarray) -> ParticleStack:
     if isinstance(stack.images, MissingImages):
         meta = None if stack.metadata is None else stack.metadata.iloc[idx].reset_index(drop=True)
-        return dataclasses.replace(stack, images=MissingImages(len(idx), stack.box_size, stack.images.source),
-                                   nuisance=take_nuisance(stack.nuisance, idx), metadata=meta)
+        return dataclasses.replace(
+            stack,
+            images=MissingImages(len(idx), stack.box_size, stack.images.source),
+            nuisance=take_nuisance(stack.nuisance, idx),
+            metadata=meta,
+        )
     return stack.take(idx)
 
 
@@ -230,7 +306,9 @@ def read_cryodrgn(*, ctf, pose=None, ind=None, particles=None, datadir=None) -> 
             if int(h.nx) != int(h.ny):
                 raise CryosipInputError(f, "images are not square")
         if len(set(boxes)) > 1:
-            raise CryosipInputError(particles, f"stacks have different box sizes {sorted(set(boxes))}")
+            raise CryosipInputError(
+                particles, f"stacks have different box sizes {sorted(set(boxes))}"
+            )
         fi = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
         ii = np.concatenate([np.arange(c) for c in counts])
         images = LazyImageStack(files, fi, ii, boxes[0], file_boxes=boxes)
@@ -244,8 +322,14 @@ def read_cryodrgn(*, ctf, pose=None, ind=None, particles=None, datadir=None) -> 
     rot = np.broadcast_to(np.eye(3), (n_img, 3, 3))
     base_ctf = ctf_arr if len(ctf_arr) == n_img else np.tile(ctf_arr[:1], (n_img, 1))
     nu = ParticleStack.make_nuisance(rot, np.zeros((n_img, 2)), **_ctf_fields(base_ctf))
-    stack = ParticleStack(images=images, nuisance=nu, pixel_size=px, source=None if source is None else os.fspath(source),
-                          has_poses=False, has_shifts=False)
+    stack = ParticleStack(
+        images=images,
+        nuisance=nu,
+        pixel_size=px,
+        source=None if source is None else os.fspath(source),
+        has_poses=False,
+        has_shifts=False,
+    )
     return apply_cryodrgn(stack, pose=pose, ctf=ctf_arr if len(ctf_arr) != n_img else None, ind=ind)
 
 
@@ -289,12 +373,26 @@ def write_cryodrgn(prefix: str | os.PathLike, stack: ParticleStack, *, ind=None)
     nu = jax.tree_util.tree_map(np.asarray, stack.nuisance)
     c = nu.ctf
     n = len(stack)
-    ctf = np.stack([np.full(n, stack.box_size, np.float64), np.full(n, stack.pixel_size, np.float64),
-                    c.defocus_u_in_angstroms, c.defocus_v_in_angstroms, c.defocus_angle_in_degrees,
-                    c.voltage_in_kilovolts, c.spherical_aberration_in_mm, c.amplitude_contrast,
-                    c.phase_shift_in_degrees], axis=1).astype(np.float32)
-    if (np.abs(np.asarray(c.bfactor_in_angstroms2)) > 0).any() or (np.abs(np.asarray(c.scale) - 1) > 1e-6).any():
-        logger.warning("ctf.pkl has no B-factor/scale columns: those CTF parameters are not written")
+    ctf = np.stack(
+        [
+            np.full(n, stack.box_size, np.float64),
+            np.full(n, stack.pixel_size, np.float64),
+            c.defocus_u_in_angstroms,
+            c.defocus_v_in_angstroms,
+            c.defocus_angle_in_degrees,
+            c.voltage_in_kilovolts,
+            c.spherical_aberration_in_mm,
+            c.amplitude_contrast,
+            c.phase_shift_in_degrees,
+        ],
+        axis=1,
+    ).astype(np.float32)
+    if (np.abs(np.asarray(c.bfactor_in_angstroms2)) > 0).any() or (
+        np.abs(np.asarray(c.scale) - 1) > 1e-6
+    ).any():
+        logger.warning(
+            "ctf.pkl has no B-factor/scale columns: those CTF parameters are not written"
+        )
     objs = {"ctf": ctf}
     if stack.has_poses:
         trans = -np.asarray(nu.shift_in_angstroms, np.float64) / (stack.box_size * stack.pixel_size)

@@ -39,10 +39,33 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["read_cs", "write_cs", "load_cs_array", "cs_to_dataframe", "dataframe_to_cs"]
 
-_REQUIRED = ["blob/path", "blob/idx", "blob/psize_A", "ctf/df1_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
-_RECOMPUTED = {"blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad",
-               "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast", "ctf/phase_shift_rad", "ctf/bfactor", "ctf/scale",
-               "alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A"}
+_REQUIRED = [
+    "blob/path",
+    "blob/idx",
+    "blob/psize_A",
+    "ctf/df1_A",
+    "ctf/accel_kv",
+    "ctf/cs_mm",
+    "ctf/amp_contrast",
+]
+_RECOMPUTED = {
+    "blob/path",
+    "blob/idx",
+    "blob/shape",
+    "blob/psize_A",
+    "ctf/df1_A",
+    "ctf/df2_A",
+    "ctf/df_angle_rad",
+    "ctf/accel_kv",
+    "ctf/cs_mm",
+    "ctf/amp_contrast",
+    "ctf/phase_shift_rad",
+    "ctf/bfactor",
+    "ctf/scale",
+    "alignments3D/pose",
+    "alignments3D/shift",
+    "alignments3D/psize_A",
+}
 
 
 def rotvec_to_matrix(rotvec) -> np.ndarray:
@@ -57,7 +80,7 @@ def rotvec_to_matrix(rotvec) -> np.ndarray:
 
 
 def load_cs_array(path: str | os.PathLike) -> np.ndarray:
-    """``np.load`` a ``.cs`` file as a 1-D structured array; anything else is a CryosipInputError."""
+    """``np.load`` a ``.cs`` file as a 1-D structured array; else raise CryosipInputError."""
     path = Path(path)
     if not path.exists():
         raise CryosipInputError(path, "file not found")
@@ -69,14 +92,21 @@ def load_cs_array(path: str | os.PathLike) -> np.ndarray:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # ValueError, OSError, EOFError, ... for non-.npy bytes
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CryosipInputError(path, f"not a cryoSPARC .cs file (a NumPy .npy array): {msg[:200]}") from None
+        raise CryosipInputError(
+            path, f"not a cryoSPARC .cs file (a NumPy .npy array): {msg[:200]}"
+        ) from None
     if not isinstance(data, np.ndarray):
         if hasattr(data, "close"):
             data.close()
-        raise CryosipInputError(path, "not a cryoSPARC .cs file (an .npz archive, expected one structured array)")
+        raise CryosipInputError(
+            path, "not a cryoSPARC .cs file (an .npz archive, expected one structured array)"
+        )
     if data.dtype.names is None or data.ndim != 1:
-        raise CryosipInputError(path, f"not a cryoSPARC .cs file (array of dtype {data.dtype} and shape "
-                                      f"{data.shape}, expected a 1-D structured array)")
+        raise CryosipInputError(
+            path,
+            f"not a cryoSPARC .cs file (array of dtype {data.dtype} and shape "
+            f"{data.shape}, expected a 1-D structured array)",
+        )
     return data
 
 
@@ -105,7 +135,9 @@ def _field(data: np.ndarray, name: str, path: Path, *, shape: tuple = ()) -> np.
     except (ValueError, TypeError):
         raise CryosipInputError(path, f"field {name} is not numeric ({data.dtype[name]})") from None
     if v.shape[1:] != shape:
-        raise CryosipInputError(path, f"field {name} has shape {v.shape[1:]} per particle, expected {shape}")
+        raise CryosipInputError(
+            path, f"field {name} has shape {v.shape[1:]} per particle, expected {shape}"
+        )
     flat = v.reshape(len(v), -1)
     bad = ~(np.isfinite(flat) & (np.abs(np.nan_to_num(flat)) < 1e30)).all(axis=1)
     if bad.any():
@@ -113,8 +145,14 @@ def _field(data: np.ndarray, name: str, path: Path, *, shape: tuple = ()) -> np.
     return v
 
 
-def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None, box_size: int | None = None,
-            require_poses: bool = True, allow_unsupported_contrast: bool = False) -> ParticleStack:
+def read_cs(
+    path: str | os.PathLike,
+    *,
+    datadir: str | os.PathLike | None = None,
+    box_size: int | None = None,
+    require_poses: bool = True,
+    allow_unsupported_contrast: bool = False,
+) -> ParticleStack:
     """Read a cryoSPARC ``.cs`` file (e.g. a refinement's ``particles.cs``) into a ParticleStack.
 
     Stacks (``blob/path``) are resolved against ``datadir``, then the ``.cs`` file's folder and
@@ -135,19 +173,27 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
         raise CryosipInputError(path, "no particles")
     has_poses = {"alignments3D/pose", "alignments3D/shift"} <= names
     if not has_poses and require_poses:
-        raise CryosipInputError(path, "no poses (alignments3D/pose and alignments3D/shift missing): use the .cs "
-                                      "of a refinement job, not of an extraction/import job")
+        raise CryosipInputError(
+            path,
+            "no poses (alignments3D/pose and alignments3D/shift missing): use the .cs "
+            "of a refinement job, not of an extraction/import job",
+        )
 
     raw_paths = data["blob/path"]
     try:
-        stack_names = np.array([(p.decode() if isinstance(p, bytes) else str(p)) for p in raw_paths], dtype=object)
+        stack_names = np.array(
+            [(p.decode() if isinstance(p, bytes) else str(p)) for p in raw_paths], dtype=object
+        )
     except (UnicodeDecodeError, AttributeError):
         raise CryosipInputError(path, "blob/path is not text") from None
     stack_names = np.array([s[1:] if s.startswith(">") else s for s in stack_names], dtype=object)
     idx = _field(data, "blob/idx", path)
     if (idx < 0).any() or (idx != np.floor(idx)).any():
-        raise CryosipInputError(path, f"row {int(np.nonzero((idx < 0) | (idx != np.floor(idx)))[0][0]) + 1}: "
-                                      "blob/idx must be a non-negative integer (0-based)")
+        raise CryosipInputError(
+            path,
+            f"row {int(np.nonzero((idx < 0) | (idx != np.floor(idx)))[0][0]) + 1}: "
+            "blob/idx must be a non-negative integer (0-based)",
+        )
     idx = idx.astype(np.int64)
     if any(not s.strip() for s in stack_names):
         raise CryosipInputError(path, "blob/path is empty for some particles")
@@ -158,29 +204,42 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
             raise CryosipInputError(path, "blob/shape: images are not square")
         meta_box = shp[:, 0].astype(np.int64)
     px = _field(data, "blob/psize_A", path)
-    if data["blob/psize_A"].dtype == np.float32:  # 1.7f is 1.70000005: keep the decimal the user typed
+    if (
+        data["blob/psize_A"].dtype == np.float32
+    ):  # 1.7f is 1.70000005: keep the decimal the user typed
         px = np.asarray(data["blob/psize_A"]).astype(str).astype(np.float64)
     if (px <= 0).any():
         raise CryosipInputError(path, "blob/psize_A must be positive")
 
-    images, file_boxes = build_image_source(path, stack_names, idx, datadir, box_size, expected_boxes=meta_box)
+    images, file_boxes = build_image_source(
+        path, stack_names, idx, datadir, box_size, expected_boxes=meta_box
+    )
     boxes = np.asarray(file_boxes)[images.file_index]
     extents = px * boxes
     if box_size is None:
         combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
         if len(combos) > 1:
-            raise CryosipInputError(path, f"particles have different box/pixel sizes {combos}; request a common "
-                                          "working box (--box)")
+            raise CryosipInputError(
+                path,
+                f"particles have different box/pixel sizes {combos}; request a common "
+                "working box (--box)",
+            )
         pixel_size = float(px[0])
     else:
         if np.ptp(extents) > 1e-3 * extents.max():
-            raise CryosipInputError(path, "particles have different physical box sizes; cannot use one working box")
+            raise CryosipInputError(
+                path, "particles have different physical box sizes; cannot use one working box"
+            )
         pixel_size = float(extents[0]) / int(box_size)
 
     dfu = _field(data, "ctf/df1_A", path)
     dfv = _field(data, "ctf/df2_A", path) if "ctf/df2_A" in names else dfu
     ang = np.rad2deg(_field(data, "ctf/df_angle_rad", path)) if "ctf/df_angle_rad" in names else 0.0
-    phase = np.rad2deg(_field(data, "ctf/phase_shift_rad", path)) if "ctf/phase_shift_rad" in names else 0.0
+    phase = (
+        np.rad2deg(_field(data, "ctf/phase_shift_rad", path))
+        if "ctf/phase_shift_rad" in names
+        else 0.0
+    )
     bfac = _field(data, "ctf/bfactor", path) if "ctf/bfactor" in names else 0.0
     scale = _field(data, "ctf/scale", path) if "ctf/scale" in names else 1.0
 
@@ -195,25 +254,48 @@ def read_cs(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None
         shift = np.zeros((n, 2))
 
     nuisance = make_checked_nuisance(
-        path, rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=ang,
-        voltage_in_kilovolts=_field(data, "ctf/accel_kv", path), spherical_aberration_in_mm=_field(data, "ctf/cs_mm", path),
-        amplitude_contrast=_field(data, "ctf/amp_contrast", path), phase_shift_in_degrees=phase,
-        bfactor_in_angstroms2=bfac, scale=scale)
-    return ParticleStack(images=images, nuisance=nuisance, pixel_size=pixel_size, metadata=cs_to_dataframe(data),
-                         optics=None, source=os.fspath(path), has_poses=has_poses, has_shifts=has_poses)
+        path,
+        rot,
+        shift,
+        defocus_u_in_angstroms=dfu,
+        defocus_v_in_angstroms=dfv,
+        defocus_angle_in_degrees=ang,
+        voltage_in_kilovolts=_field(data, "ctf/accel_kv", path),
+        spherical_aberration_in_mm=_field(data, "ctf/cs_mm", path),
+        amplitude_contrast=_field(data, "ctf/amp_contrast", path),
+        phase_shift_in_degrees=phase,
+        bfactor_in_angstroms2=bfac,
+        scale=scale,
+    )
+    return ParticleStack(
+        images=images,
+        nuisance=nuisance,
+        pixel_size=pixel_size,
+        metadata=cs_to_dataframe(data),
+        optics=None,
+        source=os.fspath(path),
+        has_poses=has_poses,
+        has_shifts=has_poses,
+    )
 
 
-def _cs_image_locations(stack: ParticleStack, out_dir: Path, image_names) -> tuple[list[str], np.ndarray]:
+def _cs_image_locations(
+    stack: ParticleStack, out_dir: Path, image_names
+) -> tuple[list[str], np.ndarray]:
     if image_names is None:
         image_names = stack_image_names(stack, out_dir)
     if image_names is None:
-        raise ValueError("the stack's images are not in a file as they are (new or downsampled images): write "
-                         "them with MrcsWriter and pass image_names")
+        raise ValueError(
+            "the stack's images are not in a file as they are (new or downsampled images): write "
+            "them with MrcsWriter and pass image_names"
+        )
     paths, idx = parse_image_names(image_names)
     return list(paths), idx
 
 
-def write_cs(path: str | os.PathLike, stack: ParticleStack, *, image_names: list[str] | None = None) -> Path:
+def write_cs(
+    path: str | os.PathLike, stack: ParticleStack, *, image_names: list[str] | None = None
+) -> Path:
     """Write ``stack`` as a cryoSPARC ``.cs`` structured array, atomically.
 
     Poses/shifts (``alignments3D/*``) are written when ``stack.has_poses``; fields of an original
@@ -231,25 +313,47 @@ def write_cs(path: str | os.PathLike, stack: ParticleStack, *, image_names: list
     if meta is not None and "uid" in meta.columns and len(meta) == n:
         uid = meta["uid"].to_numpy().astype(np.uint64)
     else:
-        uid = np.random.default_rng(zlib.crc32(os.fspath(path).encode())).integers(1, 2**63, n, dtype=np.uint64)
+        uid = np.random.default_rng(zlib.crc32(os.fspath(path).encode())).integers(
+            1, 2**63, n, dtype=np.uint64
+        )
     cols["uid"] = (uid, "<u8", ())
     width = max(1, max(len(p.encode()) for p in stack_paths))
-    cols["blob/path"] = (np.array([p.encode() for p in stack_paths], dtype=f"S{width}"), f"S{width}", ())
+    cols["blob/path"] = (
+        np.array([p.encode() for p in stack_paths], dtype=f"S{width}"),
+        f"S{width}",
+        (),
+    )
     cols["blob/idx"] = (np.asarray(idx, np.uint32), "<u4", ())
-    cols["blob/shape"] = (np.tile(np.array([stack.box_size, stack.box_size], np.uint32), (n, 1)), "<u4", (2,))
+    cols["blob/shape"] = (
+        np.tile(np.array([stack.box_size, stack.box_size], np.uint32), (n, 1)),
+        "<u4",
+        (2,),
+    )
     cols["blob/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
     cols["ctf/accel_kv"] = (np.asarray(ctf.voltage_in_kilovolts, f4), "<f4", ())
     cols["ctf/cs_mm"] = (np.asarray(ctf.spherical_aberration_in_mm, f4), "<f4", ())
     cols["ctf/amp_contrast"] = (np.asarray(ctf.amplitude_contrast, f4), "<f4", ())
     cols["ctf/df1_A"] = (np.asarray(ctf.defocus_u_in_angstroms, f4), "<f4", ())
     cols["ctf/df2_A"] = (np.asarray(ctf.defocus_v_in_angstroms, f4), "<f4", ())
-    cols["ctf/df_angle_rad"] = (np.deg2rad(np.asarray(ctf.defocus_angle_in_degrees, np.float64)).astype(f4), "<f4", ())
-    cols["ctf/phase_shift_rad"] = (np.deg2rad(np.asarray(ctf.phase_shift_in_degrees, np.float64)).astype(f4), "<f4", ())
+    cols["ctf/df_angle_rad"] = (
+        np.deg2rad(np.asarray(ctf.defocus_angle_in_degrees, np.float64)).astype(f4),
+        "<f4",
+        (),
+    )
+    cols["ctf/phase_shift_rad"] = (
+        np.deg2rad(np.asarray(ctf.phase_shift_in_degrees, np.float64)).astype(f4),
+        "<f4",
+        (),
+    )
     cols["ctf/bfactor"] = (np.asarray(ctf.bfactor_in_angstroms2, f4), "<f4", ())
     cols["ctf/scale"] = (np.asarray(ctf.scale, f4), "<f4", ())
     if stack.has_poses:
         A = np.asarray(nu.rotation, np.float64)
-        cols["alignments3D/pose"] = (matrix_to_axis_angle(np.swapaxes(A, -1, -2)).astype(f4), "<f4", (3,))
+        cols["alignments3D/pose"] = (
+            matrix_to_axis_angle(np.swapaxes(A, -1, -2)).astype(f4),
+            "<f4",
+            (3,),
+        )
         shift_px = -np.asarray(nu.shift_in_angstroms, np.float64) / stack.pixel_size
         cols["alignments3D/shift"] = (shift_px.astype(f4), "<f4", (2,))
         cols["alignments3D/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
@@ -260,7 +364,11 @@ def write_cs(path: str | os.PathLike, stack: ParticleStack, *, image_names: list
             if name in cols or name in _RECOMPUTED or not isinstance(name, str) or "/" not in name:
                 continue
             v = meta[name].to_numpy()
-            arr = np.stack(v) if v.dtype == object and len(v) and isinstance(v[0], np.ndarray) else np.asarray(v)
+            arr = (
+                np.stack(v)
+                if v.dtype == object and len(v) and isinstance(v[0], np.ndarray)
+                else np.asarray(v)
+            )
             if arr.dtype == object:
                 continue
             extra[name] = (arr, arr.dtype.str, arr.shape[1:])

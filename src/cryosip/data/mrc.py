@@ -30,9 +30,20 @@ from .errors import CryosipInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MrcsWriter", "read_mrcs", "write_mrcs", "read_mrc_header", "mrc_pixel_size", "fourier_crop",
-           "LazyImageStack", "TransformedImages", "MissingImages", "AbstractImages",
-           "write_volume_mrc", "read_volume_mrc"]
+__all__ = [
+    "MrcsWriter",
+    "read_mrcs",
+    "write_mrcs",
+    "read_mrc_header",
+    "mrc_pixel_size",
+    "fourier_crop",
+    "LazyImageStack",
+    "TransformedImages",
+    "MissingImages",
+    "AbstractImages",
+    "write_volume_mrc",
+    "read_volume_mrc",
+]
 
 _HEADER_BYTES = 1024
 
@@ -44,7 +55,7 @@ def _temp_path(path: Path) -> Path:
 
 
 def read_mrc_header(path: str | os.PathLike):
-    """The MRC header (a NumPy record) of ``path``, validated; errors are :class:`CryosipInputError`."""
+    """The validated MRC header (a NumPy record) of ``path``; errors are CryosipInputError."""
     path = Path(path)
     if not path.exists():
         raise CryosipInputError(path, "file not found")
@@ -61,8 +72,13 @@ def read_mrc_header(path: str | os.PathLike):
         raise CryosipInputError(path, "not an MRC file (truncated header)")
     if bytes(header.map) != b"MAP ":
         # old (pre-2014) files may lack the MAP id; accept them only with a sane mode and size
-        if int(header.mode) not in (0, 1, 2, 6, 12) or min(int(header.nx), int(header.ny), int(header.nz)) < 1:
-            raise CryosipInputError(path, "not an MRC file (no 'MAP ' id and an implausible header)")
+        if (
+            int(header.mode) not in (0, 1, 2, 6, 12)
+            or min(int(header.nx), int(header.ny), int(header.nz)) < 1
+        ):
+            raise CryosipInputError(
+                path, "not an MRC file (no 'MAP ' id and an implausible header)"
+            )
     return header
 
 
@@ -121,10 +137,11 @@ def mrc_layout(path: str | os.PathLike, header=None) -> tuple[np.dtype, int, tup
     if size < expected:
         n_full = max(0, (size - offset) // (nx * ny * dtype.itemsize))
         raise CryosipInputError(
-            path, f"truncated MRC file: header says {nz} images of {ny}x{nx} ({expected} bytes) but the "
-                  f"file has {size} bytes ({n_full} complete images)")
+            path,
+            f"truncated MRC file: header says {nz} images of {ny}x{nx} ({expected} bytes) but the "
+            f"file has {size} bytes ({n_full} complete images)",
+        )
     return dtype, offset, (nz, ny, nx)
-
 
 
 class MrcsWriter:
@@ -164,8 +181,12 @@ class MrcsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temp_path(self.path)
         try:
-            self._mrc = mrcfile.new_mmap(self._tmp, shape=(self.n_images, self.box_size, self.box_size),
-                                         mrc_mode=2, overwrite=True)
+            self._mrc = mrcfile.new_mmap(
+                self._tmp,
+                shape=(self.n_images, self.box_size, self.box_size),
+                mrc_mode=2,
+                overwrite=True,
+            )
             self._mrc.set_image_stack()
         except BaseException:
             self.abort()
@@ -183,7 +204,9 @@ class MrcsWriter:
         if chunk.ndim == 2:
             chunk = chunk[None]
         if chunk.ndim != 3 or chunk.shape[1:] != (self.box_size, self.box_size):
-            raise ValueError(f"chunk must be (m, {self.box_size}, {self.box_size}), got {chunk.shape}")
+            raise ValueError(
+                f"chunk must be (m, {self.box_size}, {self.box_size}), got {chunk.shape}"
+            )
         m = chunk.shape[0]
         if self._n + m > self.n_images:
             raise ValueError(f"writing {self._n + m} images into a stack of {self.n_images}")
@@ -191,7 +214,7 @@ class MrcsWriter:
             return
         if not np.isfinite(chunk).all():
             raise ValueError("chunk contains NaN or Inf pixels")
-        self._mrc.data[self._n:self._n + m] = chunk
+        self._mrc.data[self._n : self._n + m] = chunk
         self._n += m
         self._min = min(self._min, float(chunk.min()))
         self._max = max(self._max, float(chunk.max()))
@@ -206,7 +229,9 @@ class MrcsWriter:
         if self._n != self.n_images:
             n = self._n
             self.abort()
-            raise ValueError(f"{self.path}: {n} of {self.n_images} images written; nothing was saved")
+            raise ValueError(
+                f"{self.path}: {n} of {self.n_images} images written; nothing was saved"
+            )
         try:
             h = self._mrc.header
             self._mrc.voxel_size = self.pixel_size
@@ -246,7 +271,9 @@ class MrcsWriter:
         self.close()
 
 
-def write_mrcs(path: str | os.PathLike, array, pixel_size: float, *, chunk_size: int = 4096) -> Path:
+def write_mrcs(
+    path: str | os.PathLike, array, pixel_size: float, *, chunk_size: int = 4096
+) -> Path:
     """Write an ``(n, D, D)`` array (or array-like accessor) as a float32 stack, atomically."""
     shape = tuple(array.shape)
     if len(shape) == 2:
@@ -258,12 +285,16 @@ def write_mrcs(path: str | os.PathLike, array, pixel_size: float, *, chunk_size:
         raise ValueError(f"images must be square, got {shape[1:]}")
     with MrcsWriter(path, shape[0], shape[1], pixel_size) as w:
         for i in range(0, shape[0], chunk_size):
-            w.write(np.asarray(array[i:i + chunk_size], np.float32))
+            w.write(np.asarray(array[i : i + chunk_size], np.float32))
     return Path(path)
 
 
-def write_volume_mrc(path: str | os.PathLike, volume, voxel_size: float,
-                     origin_in_angstroms: tuple[float, float, float] | None = None) -> Path:
+def write_volume_mrc(
+    path: str | os.PathLike,
+    volume,
+    voxel_size: float,
+    origin_in_angstroms: tuple[float, float, float] | None = None,
+) -> Path:
     """Write a cubic ``(z, y, x)`` volume (float32, ``ispg = 1``), atomically.
 
     The voxel size goes into ``cella``. ``origin_in_angstroms`` defaults to ``(0, 0, 0)`` with
@@ -324,7 +355,7 @@ def fourier_crop(images, box_size: int) -> np.ndarray:
         raise ValueError(f"Fourier cropping needs even boxes, got {D} -> {box_size}")
     f = np.fft.fftshift(np.fft.fft2(images.astype(np.float64)), axes=(-2, -1))
     lo = D // 2 - box_size // 2
-    f = f[..., lo:lo + box_size, lo:lo + box_size]
+    f = f[..., lo : lo + box_size, lo : lo + box_size]
     out = np.fft.ifft2(np.fft.ifftshift(f, axes=(-2, -1))).real * (box_size / D) ** 2
     out = out.astype(np.float32)
     return out[0] if single else out
@@ -405,8 +436,17 @@ class LazyImageStack(AbstractImages):
     :class:`CryosipInputError` naming the file and the 1-based image number).
     """
 
-    def __init__(self, files, file_index, image_index, box_size: int, *, file_boxes=None,
-                 check_finite: bool = True, max_open: int = 256):
+    def __init__(
+        self,
+        files,
+        file_index,
+        image_index,
+        box_size: int,
+        *,
+        file_boxes=None,
+        check_finite: bool = True,
+        max_open: int = 256,
+    ):
         self.files = [Path(f) for f in files]
         self.file_index = np.asarray(file_index, dtype=np.int64)
         self.image_index = np.asarray(image_index, dtype=np.int64)
@@ -436,10 +476,18 @@ class LazyImageStack(AbstractImages):
 
     def take(self, idx) -> LazyImageStack:
         """A lazy view of a subset of the particles."""
-        idx, _ = _normalise_index(idx if not isinstance(idx, (int, np.integer)) else [idx], len(self))
-        return LazyImageStack(self.files, self.file_index[idx], self.image_index[idx], self.box_size,
-                              file_boxes=self.file_boxes, check_finite=self.check_finite,
-                              max_open=self.max_open)
+        idx, _ = _normalise_index(
+            idx if not isinstance(idx, (int, np.integer)) else [idx], len(self)
+        )
+        return LazyImageStack(
+            self.files,
+            self.file_index[idx],
+            self.image_index[idx],
+            self.box_size,
+            file_boxes=self.file_boxes,
+            check_finite=self.check_finite,
+            max_open=self.max_open,
+        )
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
         D = self.box_size
@@ -450,16 +498,22 @@ class LazyImageStack(AbstractImages):
             rows = self.image_index[idx[sel]]
             mm = self._map(int(k))
             if mm.shape[1] != mm.shape[2]:
-                raise CryosipInputError(self.files[k], f"images are not square ({mm.shape[1]}x{mm.shape[2]})")
+                raise CryosipInputError(
+                    self.files[k], f"images are not square ({mm.shape[1]}x{mm.shape[2]})"
+                )
             if rows.size and rows.max() >= mm.shape[0]:
                 bad = int(rows.max())
-                raise CryosipInputError(self.files[k], f"image index {bad + 1} out of range (stack has "
-                                                       f"{mm.shape[0]} images)")
+                raise CryosipInputError(
+                    self.files[k],
+                    f"image index {bad + 1} out of range (stack has {mm.shape[0]} images)",
+                )
             order = np.argsort(rows, kind="stable")
             chunk = np.asarray(mm[rows[order]], dtype=np.float32)
             if self.check_finite and not np.isfinite(chunk).all():
                 bad = int(rows[order][np.nonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0][0]])
-                raise CryosipInputError(self.files[k], f"image {bad + 1} contains NaN or Inf pixels")
+                raise CryosipInputError(
+                    self.files[k], f"image {bad + 1} contains NaN or Inf pixels"
+                )
             if chunk.shape[-1] != D:
                 chunk = fourier_crop(chunk, D)
             out[sel[order]] = chunk

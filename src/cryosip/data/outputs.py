@@ -32,8 +32,15 @@ from .star import star_blocks, write_star_blocks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_particles_cv_star", "write_cv_subsets", "write_latent_pkl", "write_ensemble_pdb",
-           "write_volume_mrc", "write_challenge", "cv_column_names"]
+__all__ = [
+    "write_particles_cv_star",
+    "write_cv_subsets",
+    "write_latent_pkl",
+    "write_ensemble_pdb",
+    "write_volume_mrc",
+    "write_challenge",
+    "cv_column_names",
+]
 
 
 def cv_column_names(cv_names=None, n_cv: int = 1) -> tuple[list[str], list[str]]:
@@ -62,7 +69,9 @@ def _particle_key(blocks: dict) -> str:
     return "particles" if "particles" in blocks else next(iter(blocks))
 
 
-def write_particles_cv_star(path: str | os.PathLike, stack: ParticleStack, cv_mean, cv_sd, cv_names=None) -> Path:
+def write_particles_cv_star(
+    path: str | os.PathLike, stack: ParticleStack, cv_mean, cv_sd, cv_names=None
+) -> Path:
     """The input STAR with per-particle CV posterior mean and sd as extra columns (atomic)."""
     cv_mean = np.asarray(cv_mean, np.float64)
     cv_sd = np.asarray(cv_sd, np.float64)
@@ -84,7 +93,9 @@ def write_particles_cv_star(path: str | os.PathLike, stack: ParticleStack, cv_me
     return write_star_blocks(path, blocks, version_line)
 
 
-def write_cv_subsets(prefix: str | os.PathLike, stack: ParticleStack, cv_mean, edges) -> dict[int, Path]:
+def write_cv_subsets(
+    prefix: str | os.PathLike, stack: ParticleStack, cv_mean, edges
+) -> dict[int, Path]:
     """One STAR file per CV bin ``[edges[i], edges[i+1])`` (last bin closed) with the original rows.
 
     Files are ``{prefix}_cv{i:02d}.star``; empty bins are skipped. Returns ``{bin: path}``.
@@ -134,9 +145,10 @@ def _check_weights(weights, k: int) -> np.ndarray:
     return w / w.sum()
 
 
-def write_ensemble_pdb(path: str | os.PathLike, coords_list, weights, elements, names, resnames, resids,
-                       chains=None) -> Path:
-    """Multi-model PDB (or mmCIF for ``.cif``) of K conformations with their weights (gemmi), atomic.
+def write_ensemble_pdb(
+    path: str | os.PathLike, coords_list, weights, elements, names, resnames, resids, chains=None
+) -> Path:
+    """Multi-model PDB (mmCIF for ``.cif``) of K conformations with their weights (gemmi), atomic.
 
     ``coords_list`` is (K, n_atoms, 3) Angstrom; per-atom labels are shared by all models.
     Weights go into ``REMARK 250 MODEL k WEIGHT w`` lines (PDB) or a ``_cryosip_model_weight``
@@ -236,7 +248,9 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
-def write_volume_mrc(path: str | os.PathLike, vol, voxel_size: float, *, origin_in_angstroms=None) -> Path:
+def write_volume_mrc(
+    path: str | os.PathLike, vol, voxel_size: float, *, origin_in_angstroms=None
+) -> Path:
     """A float32 map with ``voxel_size`` in the header; origin ``-(D // 2) * voxel_size`` by default
     (voxel ``D // 2`` at 0 A, matching :func:`cryosip.cryoem.volume.render_volume`)."""
     vol = np.asarray(vol, np.float32)
@@ -245,7 +259,9 @@ def write_volume_mrc(path: str | os.PathLike, vol, voxel_size: float, *, origin_
     return mrc.write_volume_mrc(path, vol, voxel_size, origin_in_angstroms=origin_in_angstroms)
 
 
-def write_challenge(out_dir: str | os.PathLike, volumes, populations, voxel_size: float) -> list[Path]:
+def write_challenge(
+    out_dir: str | os.PathLike, volumes, populations, voxel_size: float
+) -> list[Path]:
     """Heterogeneity-challenge submission: ``map_001.mrc`` ... and ``populations.txt``.
 
     ``populations`` must be non-negative and sum to 1 (within 1e-3; renormalised exactly). All

@@ -11,7 +11,8 @@ Versions
 Conventions (verified against the sources, see ``docs``):
     * Rotations: ``rlnAngleRot/Tilt/Psi`` are ZYZ Euler angles in degrees and
       ``A = Euler_angles2matrix(rot, tilt, psi)`` rotates the reference into the particle frame
-      (RELION docs, "Conventions: Orientations"); this is :func:`cryosip.cryoem.pose.euler_to_matrix`.
+      (RELION docs, "Conventions: Orientations"); this is
+      :func:`cryosip.cryoem.pose.euler_to_matrix`.
     * Shifts: ``rlnOriginXAngst/YAngst = -shift_in_angstroms``. RELION's documentation says the
       origin offsets "translate the image to its center" / "shift observations into the reference
       projection", and ``ObservationModel::predictObservation`` (``src/jaz/obs_model.cpp``) builds
@@ -46,33 +47,64 @@ from .particles import ParticleStack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_star", "write_star", "parse_image_names", "format_image_names", "star_version",
-           "euler_to_matrix_np"]
+__all__ = [
+    "read_star",
+    "write_star",
+    "parse_image_names",
+    "format_image_names",
+    "star_version",
+    "euler_to_matrix_np",
+]
 
 # columns recomputed by write_star from the nuisance (everything else is kept as it was)
 _POSE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 _SHIFT_COLUMNS = ["rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst"]
-_CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnCtfBfactor",
-                "rlnCtfScalefactor"]
-_OPTICS_PER_PARTICLE = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
-                        "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize", "rlnPixelSize",
-                        "rlnImageSize", "rlnImageDimensionality", "rlnCtfDataAreCtfPremultiplied",
-                        "rlnCtfDataArePhaseFlipped"]
-_OPTICS_RECOMPUTED = ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
-                      "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality"]
+_CTF_COLUMNS = [
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+]
+_OPTICS_PER_PARTICLE = [
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnDetectorPixelSize",
+    "rlnMagnification",
+    "rlnImagePixelSize",
+    "rlnPixelSize",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+    "rlnCtfDataAreCtfPremultiplied",
+    "rlnCtfDataArePhaseFlipped",
+]
+_OPTICS_RECOMPUTED = [
+    "rlnOpticsGroup",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+]
 _KNOWN_VERSIONS = (30000, 30001, 40000, 40001, 50000, 50001)
 
 
 def euler_to_matrix_np(rot, tilt, psi) -> np.ndarray:
-    """RELION ``Euler_angles2matrix`` in float64 NumPy (same as :func:`cryosip.cryoem.pose.euler_to_matrix`)."""
+    """RELION ``Euler_angles2matrix`` in float64 NumPy (as ``pose.euler_to_matrix``)."""
     a, b, g = (np.deg2rad(np.asarray(x, np.float64)) for x in (rot, tilt, psi))
     ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.stack([
-        np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
-        np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
-        np.stack([sc, ss, cb], -1),
-    ], -2)
+    return np.stack(
+        [
+            np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
+            np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
+            np.stack([sc, ss, cb], -1),
+        ],
+        -2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +115,9 @@ def star_version(path: str | os.PathLike) -> int | None:
     """The number in a ``# version NNNNN`` comment before the first data block (None if absent)."""
     with open(path, "rb") as f:
         head = f.read(4096).decode("utf-8", errors="replace")
-    m = re.search(r"^#\s*version\s+(\S+)", head.split("data_", 1)[0] if "data_" in head else head, re.M)
+    m = re.search(
+        r"^#\s*version\s+(\S+)", head.split("data_", 1)[0] if "data_" in head else head, re.M
+    )
     if m is None:
         return None
     try:
@@ -128,7 +162,9 @@ def parse_image_names(names, path=None) -> tuple[np.ndarray, np.ndarray]:
     bad = idx.isna() | (idx < 1) | (idx != np.floor(idx))
     if bad.any():
         i = int(np.nonzero(bad.to_numpy())[0][0])
-        raise CryosipInputError(path, f"row {i + 1}: bad rlnImageName {s.iloc[i]!r} (expected N@stack.mrcs, N >= 1)")
+        raise CryosipInputError(
+            path, f"row {i + 1}: bad rlnImageName {s.iloc[i]!r} (expected N@stack.mrcs, N >= 1)"
+        )
     empty = pd.Series(paths).str.strip() == ""
     if empty.any():
         i = int(np.nonzero(empty.to_numpy())[0][0])
@@ -141,7 +177,9 @@ def format_image_names(paths, indices) -> list[str]:
     return [f"{int(i) + 1:06d}@{p}" for p, i in zip(paths, indices)]
 
 
-def resolve_stack_path(name: str, star_dir: Path, datadir: str | os.PathLike | None, origin: Path) -> Path:
+def resolve_stack_path(
+    name: str, star_dir: Path, datadir: str | os.PathLike | None, origin: Path
+) -> Path:
     """Find a stack file referenced from a metadata file.
 
     Tried in order: ``datadir/name``, ``datadir/basename``, the metadata file's folder and up to
@@ -166,12 +204,19 @@ def resolve_stack_path(name: str, star_dir: Path, datadir: str | os.PathLike | N
     for c in candidates:
         if c.is_file():
             return c
-    where = f" (looked in {datadir})" if datadir is not None else f" (relative to {star_dir} and its parents)"
-    raise CryosipInputError(name, f"stack file not found, referenced by {origin}{where}; use --datadir")
+    where = (
+        f" (looked in {datadir})"
+        if datadir is not None
+        else f" (relative to {star_dir} and its parents)"
+    )
+    raise CryosipInputError(
+        name, f"stack file not found, referenced by {origin}{where}; use --datadir"
+    )
 
 
-def build_image_source(path: Path, stack_names, indices, datadir, box_size: int | None,
-                       expected_boxes=None) -> tuple[LazyImageStack, list[int]]:
+def build_image_source(
+    path: Path, stack_names, indices, datadir, box_size: int | None, expected_boxes=None
+) -> tuple[LazyImageStack, list[int]]:
     """A LazyImageStack for (stack name, 0-based index) pairs, with every file checked.
 
     Checks: files exist and are MRC, square, index within range, and boxes agree with each other
@@ -191,8 +236,10 @@ def build_image_source(path: Path, stack_names, indices, datadir, box_size: int 
         sel = inv == k
         top = int(indices[sel].max())
         if top >= nz:
-            raise CryosipInputError(f, f"image index {top + 1} out of range (stack has {nz} images), "
-                                       f"referenced by {path}")
+            raise CryosipInputError(
+                f,
+                f"image index {top + 1} out of range (stack has {nz} images), referenced by {path}",
+            )
         files.append(f)
         boxes.append(nx)
     file_boxes = np.asarray(boxes)[inv]
@@ -201,32 +248,47 @@ def build_image_source(path: Path, stack_names, indices, datadir, box_size: int 
         bad = np.nonzero(exp != file_boxes)[0]
         if bad.size:
             i = int(bad[0])
-            raise CryosipInputError(path, f"particle {i + 1}: metadata box size {int(exp[i])} but stack "
-                                          f"{files[inv[i]]} has {int(file_boxes[i])}-pixel images")
+            raise CryosipInputError(
+                path,
+                f"particle {i + 1}: metadata box size {int(exp[i])} but stack "
+                f"{files[inv[i]]} has {int(file_boxes[i])}-pixel images",
+            )
     if len(set(boxes)) > 1 and box_size is None:
-        raise CryosipInputError(path, f"stack files have different box sizes {sorted(set(boxes))}; "
-                                      "request a common working box (--box)")
+        raise CryosipInputError(
+            path,
+            f"stack files have different box sizes {sorted(set(boxes))}; "
+            "request a common working box (--box)",
+        )
     target = int(box_size) if box_size is not None else boxes[0]
     if target > min(boxes):
-        raise CryosipInputError(path, f"working box {target} is larger than the smallest stack box {min(boxes)}")
+        raise CryosipInputError(
+            path, f"working box {target} is larger than the smallest stack box {min(boxes)}"
+        )
     return LazyImageStack(files, inv, indices, target, file_boxes=boxes), boxes
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, block: str = "particles", *, integer: bool = False) -> np.ndarray:
+def _numeric(
+    df: pd.DataFrame, col: str, path: Path, block: str = "particles", *, integer: bool = False
+) -> np.ndarray:
     vals = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
     bad = ~np.isfinite(vals) | (np.abs(np.nan_to_num(vals)) > 1e30)
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
-        raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not a finite number "
-                                      "in range")
+        raise CryosipInputError(
+            path,
+            f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not a finite number "
+            "in range",
+        )
     if integer:
         bad = (vals != np.round(vals)) | (np.abs(vals) > 2**31)
         if bad.any():
             i = int(np.nonzero(bad)[0][0])
-            raise CryosipInputError(path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not an integer")
+            raise CryosipInputError(
+                path, f"data_{block} row {i + 1}: {col} = {df[col].iloc[i]!r} is not an integer"
+            )
     return vals
 
 
@@ -245,8 +307,10 @@ def make_checked_nuisance(path: Path, rot, shift, **ctf):
 def _require(df: pd.DataFrame, cols, path: Path, block: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise CryosipInputError(path, f"data_{block} is missing required column(s) "
-                                      + ", ".join("_" + c for c in missing))
+        raise CryosipInputError(
+            path,
+            f"data_{block} is missing required column(s) " + ", ".join("_" + c for c in missing),
+        )
 
 
 def _flag(df: pd.DataFrame | None, col: str, path: Path, block: str) -> np.ndarray | None:
@@ -259,8 +323,13 @@ def _flag(df: pd.DataFrame | None, col: str, path: Path, block: str) -> np.ndarr
 # reading
 
 
-def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = None,
-              box_size: int | None = None, allow_unsupported_contrast: bool = False) -> ParticleStack:
+def read_star(
+    path: str | os.PathLike,
+    *,
+    datadir: str | os.PathLike | None = None,
+    box_size: int | None = None,
+    allow_unsupported_contrast: bool = False,
+) -> ParticleStack:
     """Read a RELION particle STAR file (3.0, 3.1, 4 or 5) into a :class:`ParticleStack`.
 
     Images are memory-mapped and read on demand (``stack.images`` is a
@@ -285,8 +354,11 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
     except OSError as e:
         raise CryosipInputError(path, f"cannot read ({e})") from None
     if version is not None and version not in _KNOWN_VERSIONS:
-        raise CryosipInputError(path, f"unknown STAR version '# version {version}' (supported: RELION 3.0, "
-                                      "3.1/4 (30001) and 5 (50001))")
+        raise CryosipInputError(
+            path,
+            f"unknown STAR version '# version {version}' (supported: RELION 3.0, "
+            "3.1/4 (30001) and 5 (50001))",
+        )
     blocks = _read_blocks(path)
     if not blocks:
         raise CryosipInputError(path, "no data_ blocks (empty or not a STAR file)")
@@ -295,19 +367,31 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
     if "particles" in blocks:
         particles = blocks["particles"]
         if optics is None:
-            raise CryosipInputError(path, "data_particles without data_optics: unknown STAR version "
-                                          "(RELION 3.1+ files need both)")
+            raise CryosipInputError(
+                path,
+                "data_particles without data_optics: unknown STAR version "
+                "(RELION 3.1+ files need both)",
+            )
         style = "3.1"
     elif optics is not None:
-        raise CryosipInputError(path, "data_optics but no data_particles table (not a particle STAR file, "
-                                      "or an unknown STAR version)")
+        raise CryosipInputError(
+            path,
+            "data_optics but no data_particles table (not a particle STAR file, "
+            "or an unknown STAR version)",
+        )
     else:
         if version is not None and version >= 30001:
-            raise CryosipInputError(path, f"'# version {version}' but no data_optics/data_particles tables")
+            raise CryosipInputError(
+                path, f"'# version {version}' but no data_optics/data_particles tables"
+            )
         cands = [b for b in blocks.values() if "rlnImageName" in b.columns]
         if len(cands) != 1:
-            raise CryosipInputError(path, "no particle table with _rlnImageName (unknown STAR version or not a "
-                                          "particle file)" if not cands else "several tables with _rlnImageName")
+            raise CryosipInputError(
+                path,
+                "no particle table with _rlnImageName (unknown STAR version or not a particle file)"
+                if not cands
+                else "several tables with _rlnImageName",
+            )
         particles = cands[0]
         style = "3.0"
     if len(particles) == 0:
@@ -319,10 +403,16 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
     # ---- optics per particle
     if style == "3.1":
         _require(particles, ["rlnOpticsGroup"], path, "particles")
-        _require(optics, ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
-                 path, "optics")
+        _require(
+            optics,
+            ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
+            path,
+            "optics",
+        )
         if "rlnImagePixelSize" not in optics.columns:
-            raise CryosipInputError(path, "data_optics is missing required column _rlnImagePixelSize")
+            raise CryosipInputError(
+                path, "data_optics is missing required column _rlnImagePixelSize"
+            )
         optics = optics.reset_index(drop=True)
         og = _numeric(optics, "rlnOpticsGroup", path, "optics", integer=True).astype(np.int64)
         if len(set(og.tolist())) != len(og):
@@ -331,7 +421,9 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         row_of = {g: i for i, g in enumerate(og.tolist())}
         missing = sorted(set(pg.tolist()) - set(row_of))
         if missing:
-            raise CryosipInputError(path, f"particles refer to optics group(s) {missing} not in data_optics")
+            raise CryosipInputError(
+                path, f"particles refer to optics group(s) {missing} not in data_optics"
+            )
         prow = np.array([row_of[g] for g in pg.tolist()]) if n else np.zeros(0, int)
 
         def per_particle(col):
@@ -341,15 +433,23 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         cs = per_particle("rlnSphericalAberration")
         w = per_particle("rlnAmplitudeContrast")
         px = per_particle("rlnImagePixelSize")
-        meta_box = (_numeric(optics, "rlnImageSize", path, "optics", integer=True)[prow].astype(np.int64)
-                    if "rlnImageSize" in optics.columns else None)
+        meta_box = (
+            _numeric(optics, "rlnImageSize", path, "optics", integer=True)[prow].astype(np.int64)
+            if "rlnImageSize" in optics.columns
+            else None
+        )
         premult = _flag(optics, "rlnCtfDataAreCtfPremultiplied", path, "optics")
         flipped = _flag(optics, "rlnCtfDataArePhaseFlipped", path, "optics")
         premult = None if premult is None else premult[prow]
         flipped = None if flipped is None else flipped[prow]
         group_of_particle = pg
     else:
-        _require(particles, ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"], path, "particles")
+        _require(
+            particles,
+            ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
+            path,
+            "particles",
+        )
         voltage = _numeric(particles, "rlnVoltage", path)
         cs = _numeric(particles, "rlnSphericalAberration", path)
         w = _numeric(particles, "rlnAmplitudeContrast", path)
@@ -357,30 +457,44 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
             px = _numeric(particles, "rlnImagePixelSize", path)
         elif "rlnPixelSize" in particles.columns:
             px = _numeric(particles, "rlnPixelSize", path)
-        elif "rlnDetectorPixelSize" in particles.columns and "rlnMagnification" in particles.columns:
+        elif (
+            "rlnDetectorPixelSize" in particles.columns and "rlnMagnification" in particles.columns
+        ):
             mag = _numeric(particles, "rlnMagnification", path)
             if (mag <= 0).any():
                 raise CryosipInputError(path, "rlnMagnification must be positive")
             px = _numeric(particles, "rlnDetectorPixelSize", path) * 1e4 / mag
         else:
             px = None  # from the MRC header below
-        meta_box = (_numeric(particles, "rlnImageSize", path, integer=True).astype(np.int64)
-                    if "rlnImageSize" in particles.columns else None)
+        meta_box = (
+            _numeric(particles, "rlnImageSize", path, integer=True).astype(np.int64)
+            if "rlnImageSize" in particles.columns
+            else None
+        )
         premult = _flag(particles, "rlnCtfDataAreCtfPremultiplied", path, "particles")
         flipped = _flag(particles, "rlnCtfDataArePhaseFlipped", path, "particles")
         group_of_particle = np.ones(n, np.int64)
 
     # ---- images
     names, indices = parse_image_names(particles["rlnImageName"].to_numpy(), path)
-    images, file_boxes = build_image_source(path, names, indices, datadir, box_size, expected_boxes=meta_box)
+    images, file_boxes = build_image_source(
+        path, names, indices, datadir, box_size, expected_boxes=meta_box
+    )
     boxes = np.asarray(file_boxes)[images.file_index]
     if px is None:
-        hdr_px = np.array([float(read_mrc_header(f).cella.x) / max(int(read_mrc_header(f).mx), 1)
-                           for f in images.files])
+        hdr_px = np.array(
+            [
+                float(read_mrc_header(f).cella.x) / max(int(read_mrc_header(f).mx), 1)
+                for f in images.files
+            ]
+        )
         px = hdr_px[images.file_index]
         if (px <= 0).any():
-            raise CryosipInputError(path, "no pixel size: add _rlnImagePixelSize (or _rlnDetectorPixelSize and "
-                                          "_rlnMagnification), or set the voxel size in the stack header")
+            raise CryosipInputError(
+                path,
+                "no pixel size: add _rlnImagePixelSize (or _rlnDetectorPixelSize and "
+                "_rlnMagnification), or set the voxel size in the stack header",
+            )
         logger.info("%s: pixel size %.4f A taken from the MRC header", path, px[0])
     if (px <= 0).any():
         raise CryosipInputError(path, "pixel size must be positive")
@@ -391,34 +505,60 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
         if len(combos) > 1:
             desc = ", ".join(f"{b} px at {p:g} A/px" for b, p in combos)
-            raise CryosipInputError(path, f"optics groups have different box/pixel sizes ({desc}); request a "
-                                          "common working box (--box) or split the file by optics group")
+            raise CryosipInputError(
+                path,
+                f"optics groups have different box/pixel sizes ({desc}); request a "
+                "common working box (--box) or split the file by optics group",
+            )
         pixel_size = float(px[0])
     else:
         if np.ptp(extents) > 1e-3 * extents.max():
-            raise CryosipInputError(path, f"optics groups have different physical box sizes "
-                                          f"({sorted(set(np.round(extents, 3).tolist()))} A); cannot bring them "
-                                          f"to one working box")
+            raise CryosipInputError(
+                path,
+                f"optics groups have different physical box sizes "
+                f"({sorted(set(np.round(extents, 3).tolist()))} A); cannot bring them "
+                f"to one working box",
+            )
         if int(box_size) % 2 or int(box_size) < 8:
-            raise CryosipInputError(path, f"working box must be an even number >= 8, got {box_size}")
+            raise CryosipInputError(
+                path, f"working box must be an even number >= 8, got {box_size}"
+            )
         pixel_size = float(extents[0]) / int(box_size)
 
     # ---- contrast flags
     is_premult = bool(premult is not None and premult.any())
     is_flipped = bool(flipped is not None and flipped.any())
     if (is_premult or is_flipped) and not allow_unsupported_contrast:
-        what = "CTF-premultiplied (rlnCtfDataAreCtfPremultiplied = 1)" if is_premult else \
-            "phase-flipped (rlnCtfDataArePhaseFlipped = 1)"
-        raise CryosipInputError(path, f"images are {what}; the forward model describes raw images: re-extract "
-                                      "without CTF premultiplication/phase flipping")
+        what = (
+            "CTF-premultiplied (rlnCtfDataAreCtfPremultiplied = 1)"
+            if is_premult
+            else "phase-flipped (rlnCtfDataArePhaseFlipped = 1)"
+        )
+        raise CryosipInputError(
+            path,
+            f"images are {what}; the forward model describes raw images: re-extract "
+            "without CTF premultiplication/phase flipping",
+        )
 
     # ---- CTF
     dfu = _numeric(particles, "rlnDefocusU", path)
     dfv = _numeric(particles, "rlnDefocusV", path) if "rlnDefocusV" in particles.columns else dfu
-    dfang = _numeric(particles, "rlnDefocusAngle", path) if "rlnDefocusAngle" in particles.columns else 0.0
-    phase = _numeric(particles, "rlnPhaseShift", path) if "rlnPhaseShift" in particles.columns else 0.0
-    bfac = _numeric(particles, "rlnCtfBfactor", path) if "rlnCtfBfactor" in particles.columns else 0.0
-    scale = _numeric(particles, "rlnCtfScalefactor", path) if "rlnCtfScalefactor" in particles.columns else 1.0
+    dfang = (
+        _numeric(particles, "rlnDefocusAngle", path)
+        if "rlnDefocusAngle" in particles.columns
+        else 0.0
+    )
+    phase = (
+        _numeric(particles, "rlnPhaseShift", path) if "rlnPhaseShift" in particles.columns else 0.0
+    )
+    bfac = (
+        _numeric(particles, "rlnCtfBfactor", path) if "rlnCtfBfactor" in particles.columns else 0.0
+    )
+    scale = (
+        _numeric(particles, "rlnCtfScalefactor", path)
+        if "rlnCtfScalefactor" in particles.columns
+        else 1.0
+    )
 
     # ---- poses and shifts
     has_poses = all(c in particles.columns for c in _POSE_COLUMNS)
@@ -428,18 +568,32 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
         present = [c for c in _POSE_COLUMNS if c in particles.columns]
         if present:
-            logger.warning("%s: only %s present; poses treated as unknown", path, ", ".join(present))
+            logger.warning(
+                "%s: only %s present; poses treated as unknown", path, ", ".join(present)
+            )
     if style == "3.1" and {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
-        origin_a = np.stack([_numeric(particles, "rlnOriginXAngst", path),
-                             _numeric(particles, "rlnOriginYAngst", path)], -1)
+        origin_a = np.stack(
+            [
+                _numeric(particles, "rlnOriginXAngst", path),
+                _numeric(particles, "rlnOriginYAngst", path),
+            ],
+            -1,
+        )
         has_shifts = True
     elif {"rlnOriginX", "rlnOriginY"} <= set(particles.columns):
-        origin_px = np.stack([_numeric(particles, "rlnOriginX", path), _numeric(particles, "rlnOriginY", path)], -1)
+        origin_px = np.stack(
+            [_numeric(particles, "rlnOriginX", path), _numeric(particles, "rlnOriginY", path)], -1
+        )
         origin_a = origin_px * px[:, None]
         has_shifts = True
     elif {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
-        origin_a = np.stack([_numeric(particles, "rlnOriginXAngst", path),
-                             _numeric(particles, "rlnOriginYAngst", path)], -1)
+        origin_a = np.stack(
+            [
+                _numeric(particles, "rlnOriginXAngst", path),
+                _numeric(particles, "rlnOriginYAngst", path),
+            ],
+            -1,
+        )
         has_shifts = True
     else:
         origin_a = np.zeros((n, 2))
@@ -447,13 +601,32 @@ def read_star(path: str | os.PathLike, *, datadir: str | os.PathLike | None = No
     shift = -origin_a
 
     nuisance = make_checked_nuisance(
-        path, rot, shift, defocus_u_in_angstroms=dfu, defocus_v_in_angstroms=dfv, defocus_angle_in_degrees=dfang,
-        voltage_in_kilovolts=voltage, spherical_aberration_in_mm=cs, amplitude_contrast=w,
-        phase_shift_in_degrees=phase, bfactor_in_angstroms2=bfac, scale=scale)
+        path,
+        rot,
+        shift,
+        defocus_u_in_angstroms=dfu,
+        defocus_v_in_angstroms=dfv,
+        defocus_angle_in_degrees=dfang,
+        voltage_in_kilovolts=voltage,
+        spherical_aberration_in_mm=cs,
+        amplitude_contrast=w,
+        phase_shift_in_degrees=phase,
+        bfactor_in_angstroms2=bfac,
+        scale=scale,
+    )
     del group_of_particle
-    return ParticleStack(images=images, nuisance=nuisance, pixel_size=pixel_size, metadata=particles,
-                         optics=optics, source=os.fspath(path), has_poses=has_poses, has_shifts=has_shifts,
-                         ctf_premultiplied=is_premult, phase_flipped=is_flipped)
+    return ParticleStack(
+        images=images,
+        nuisance=nuisance,
+        pixel_size=pixel_size,
+        metadata=particles,
+        optics=optics,
+        source=os.fspath(path),
+        has_poses=has_poses,
+        has_shifts=has_shifts,
+        ctf_premultiplied=is_premult,
+        phase_flipped=is_flipped,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +651,9 @@ def stack_image_names(stack: ParticleStack, out_dir: Path) -> list[str] | None:
     images = stack.images
     if isinstance(images, TransformedImages):
         return None
-    if isinstance(images, LazyImageStack) and any(b != images.box_size for b in (images.file_boxes or [])):
+    if isinstance(images, LazyImageStack) and any(
+        b != images.box_size for b in (images.file_boxes or [])
+    ):
         return None  # the files hold a different box than the stack
     meta = stack.metadata
     if meta is not None and len(meta) == len(stack):
@@ -516,7 +691,7 @@ def _star_text(tmp: Path, blocks: dict[str, pd.DataFrame], version_line: str | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             starfile.write(blocks, body, float_format="%.9g", overwrite=True)
-        with open(body, "r", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        with open(body, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
             first = src.readline()
             if version_line is not None:
                 dst.write(f"\n{version_line}\n")
@@ -533,7 +708,12 @@ def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd
     meta = stack.metadata
     orig = np.ones(n, np.int64)
     if meta is not None and "rlnOpticsGroup" in meta.columns:
-        orig = pd.to_numeric(meta["rlnOpticsGroup"], errors="coerce").fillna(1).astype(np.int64).to_numpy()
+        orig = (
+            pd.to_numeric(meta["rlnOpticsGroup"], errors="coerce")
+            .fillna(1)
+            .astype(np.int64)
+            .to_numpy()
+        )
     key = pd.DataFrame({"g": orig, "v": voltage, "c": cs, "w": w})
     combos = key.drop_duplicates().reset_index(drop=True)
     keep_numbers = combos["g"].is_unique and (combos["g"] > 0).all()
@@ -541,11 +721,17 @@ def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd
     merged = key.merge(combos, on=["g", "v", "c", "w"], how="left")
     group = merged["new"].to_numpy(np.int64)
     rows = []
-    old_optics = stack.optics if (stack.optics is not None and "rlnOpticsGroup" in stack.optics.columns) else None
+    old_optics = (
+        stack.optics
+        if (stack.optics is not None and "rlnOpticsGroup" in stack.optics.columns)
+        else None
+    )
     for _, c in combos.iterrows():
         row = {}
         if old_optics is not None:
-            match = old_optics[pd.to_numeric(old_optics["rlnOpticsGroup"], errors="coerce") == c["g"]]
+            match = old_optics[
+                pd.to_numeric(old_optics["rlnOpticsGroup"], errors="coerce") == c["g"]
+            ]
             if len(match):
                 row.update({k: v for k, v in match.iloc[0].items() if k not in _OPTICS_RECOMPUTED})
         row.setdefault("rlnOpticsGroupName", f"opticsGroup{int(c['new'])}")
@@ -569,8 +755,13 @@ def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd
     return group, optics
 
 
-def write_star(path: str | os.PathLike, stack: ParticleStack, *, version: str = "3.1",
-               image_names: list[str] | None = None) -> Path:
+def write_star(
+    path: str | os.PathLike,
+    stack: ParticleStack,
+    *,
+    version: str = "3.1",
+    image_names: list[str] | None = None,
+) -> Path:
     """Write ``stack`` as a RELION particle STAR file, atomically (temporary file + rename).
 
     ``version="3.1"`` writes ``data_optics`` + ``data_particles`` (shifts ``rlnOriginX/YAngst``,
@@ -583,20 +774,29 @@ def write_star(path: str | os.PathLike, stack: ParticleStack, *, version: str = 
     origins only when ``stack.has_shifts``.
     """
     path = Path(path)
-    blocks, version_line = star_blocks(stack, version=version, image_names=image_names, out_dir=path.parent)
+    blocks, version_line = star_blocks(
+        stack, version=version, image_names=image_names, out_dir=path.parent
+    )
     write_star_blocks(path, blocks, version_line)
     return path
 
 
-def write_star_blocks(path: str | os.PathLike, blocks: dict[str, pd.DataFrame], version_line: str | None) -> Path:
+def write_star_blocks(
+    path: str | os.PathLike, blocks: dict[str, pd.DataFrame], version_line: str | None
+) -> Path:
     """Write STAR tables (``{"optics": df, "particles": df}`` or ``{"": df}``) atomically."""
     path = Path(path)
     _atomic_write_text(path, lambda tmp: _star_text(tmp, blocks, version_line))
     return path
 
 
-def star_blocks(stack: ParticleStack, *, version: str = "3.1", image_names=None,
-                out_dir: str | os.PathLike = ".") -> tuple[dict[str, pd.DataFrame], str | None]:
+def star_blocks(
+    stack: ParticleStack,
+    *,
+    version: str = "3.1",
+    image_names=None,
+    out_dir: str | os.PathLike = ".",
+) -> tuple[dict[str, pd.DataFrame], str | None]:
     """The tables :func:`write_star` writes (and the ``# version`` line), without writing them."""
     path = Path(out_dir) / "_"
     if version not in ("3.0", "3.1"):
@@ -605,8 +805,10 @@ def star_blocks(stack: ParticleStack, *, version: str = "3.1", image_names=None,
     if image_names is None:
         image_names = stack_image_names(stack, path.parent)
         if image_names is None:
-            raise ValueError("the stack's images are not in a file as they are (new or downsampled images): "
-                             "write them with MrcsWriter and pass image_names")
+            raise ValueError(
+                "the stack's images are not in a file as they are (new or downsampled images): "
+                "write them with MrcsWriter and pass image_names"
+            )
     image_names = [str(s) for s in image_names]
     if len(image_names) != n:
         raise ValueError(f"{len(image_names)} image names for {n} particles")
@@ -619,7 +821,14 @@ def star_blocks(stack: ParticleStack, *, version: str = "3.1", image_names=None,
         base = meta[keep].reset_index(drop=True).copy()
     else:
         base = pd.DataFrame(index=range(n))
-    drop = ["rlnImageName", *_POSE_COLUMNS, *_SHIFT_COLUMNS, *_CTF_COLUMNS, *_OPTICS_PER_PARTICLE, "rlnOpticsGroup"]
+    drop = [
+        "rlnImageName",
+        *_POSE_COLUMNS,
+        *_SHIFT_COLUMNS,
+        *_CTF_COLUMNS,
+        *_OPTICS_PER_PARTICLE,
+        "rlnOpticsGroup",
+    ]
     base = base.drop(columns=[c for c in drop if c in base.columns])
 
     cols: dict[str, object] = {"rlnImageName": image_names}
@@ -632,17 +841,29 @@ def star_blocks(stack: ParticleStack, *, version: str = "3.1", image_names=None,
         if version == "3.1":
             cols.update(rlnOriginXAngst=origin[:, 0], rlnOriginYAngst=origin[:, 1])
         else:
-            cols.update(rlnOriginX=origin[:, 0] / stack.pixel_size, rlnOriginY=origin[:, 1] / stack.pixel_size)
+            cols.update(
+                rlnOriginX=origin[:, 0] / stack.pixel_size,
+                rlnOriginY=origin[:, 1] / stack.pixel_size,
+            )
     cols.update(
-        rlnDefocusU=_f32_column(ctf.defocus_u_in_angstroms), rlnDefocusV=_f32_column(ctf.defocus_v_in_angstroms),
-        rlnDefocusAngle=_f32_column(ctf.defocus_angle_in_degrees), rlnPhaseShift=_f32_column(ctf.phase_shift_in_degrees),
-        rlnCtfBfactor=_f32_column(ctf.bfactor_in_angstroms2), rlnCtfScalefactor=_f32_column(ctf.scale))
+        rlnDefocusU=_f32_column(ctf.defocus_u_in_angstroms),
+        rlnDefocusV=_f32_column(ctf.defocus_v_in_angstroms),
+        rlnDefocusAngle=_f32_column(ctf.defocus_angle_in_degrees),
+        rlnPhaseShift=_f32_column(ctf.phase_shift_in_degrees),
+        rlnCtfBfactor=_f32_column(ctf.bfactor_in_angstroms2),
+        rlnCtfScalefactor=_f32_column(ctf.scale),
+    )
     voltage = _f32_column(ctf.voltage_in_kilovolts)
     cs = _f32_column(ctf.spherical_aberration_in_mm)
     w = _f32_column(ctf.amplitude_contrast)
     if version == "3.0":
-        cols.update(rlnVoltage=voltage, rlnSphericalAberration=cs, rlnAmplitudeContrast=w,
-                    rlnDetectorPixelSize=np.full(n, float(stack.pixel_size)), rlnMagnification=np.full(n, 10000.0))
+        cols.update(
+            rlnVoltage=voltage,
+            rlnSphericalAberration=cs,
+            rlnAmplitudeContrast=w,
+            rlnDetectorPixelSize=np.full(n, float(stack.pixel_size)),
+            rlnMagnification=np.full(n, 10000.0),
+        )
     new = pd.DataFrame(cols)
     if version == "3.1":
         group, optics = _optics_groups(stack, voltage, cs, w)

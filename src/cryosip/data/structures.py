@@ -48,11 +48,18 @@ class Structures:
         return int(self.coords.shape[1])
 
     def select(self, mask) -> Structures:
-        """Keep the atoms where ``mask`` is true (e.g. ``s.select(np.array(s.elements) != "H")``)."""
+        """Keep the atoms where ``mask`` is true (``s.select(np.array(s.elements) != "H")``)."""
         m = np.asarray(mask, bool)
         pick = lambda t: tuple(np.asarray(t, dtype=object)[m].tolist())  # noqa: E731
-        return dataclasses.replace(self, coords=self.coords[:, m], elements=pick(self.elements), names=pick(self.names),
-                                   resnames=pick(self.resnames), resids=self.resids[m], chains=pick(self.chains))
+        return dataclasses.replace(
+            self,
+            coords=self.coords[:, m],
+            elements=pick(self.elements),
+            names=pick(self.names),
+            resnames=pick(self.resnames),
+            resids=self.resids[m],
+            chains=pick(self.chains),
+        )
 
 
 def guess_elements(names, resnames=None) -> list[str]:
@@ -87,7 +94,9 @@ def _read_gemmi(path: Path) -> Structures:
     try:
         st = gemmi.read_structure(os.fspath(path))
     except Exception as e:  # gemmi raises RuntimeError/ValueError on malformed files
-        raise CryosipInputError(path, f"cannot read structure ({str(e).splitlines()[0][:200] if str(e) else e})") from None
+        raise CryosipInputError(
+            path, f"cannot read structure ({str(e).splitlines()[0][:200] if str(e) else e})"
+        ) from None
     st.remove_alternative_conformations()
     is_pdb = path.name.lower().split(".gz")[0].endswith((".pdb", ".ent"))
     trust_elements = not is_pdb or _pdb_has_elements(path)
@@ -98,26 +107,46 @@ def _read_gemmi(path: Path) -> Structures:
             for res in chain:
                 for atom in res:
                     xyz.append(atom.pos.tolist())
-                    lab.append((atom.element.name if trust_elements else "", atom.name, res.name, res.seqid.num,
-                                chain.name))
+                    lab.append(
+                        (
+                            atom.element.name if trust_elements else "",
+                            atom.name,
+                            res.name,
+                            res.seqid.num,
+                            chain.name,
+                        )
+                    )
         if not xyz:
             continue
         if labels is None:
             labels = lab
         elif len(lab) != len(labels):
-            raise CryosipInputError(path, f"model {m + 1} has {len(lab)} atoms but model 1 has {len(labels)}")
+            raise CryosipInputError(
+                path, f"model {m + 1} has {len(lab)} atoms but model 1 has {len(labels)}"
+            )
         elif [x[1] for x in lab] != [x[1] for x in labels]:
-            raise CryosipInputError(path, f"model {m + 1} lists its atoms in a different order than model 1")
+            raise CryosipInputError(
+                path, f"model {m + 1} lists its atoms in a different order than model 1"
+            )
         frames.append(xyz)
     if not frames:
         raise CryosipInputError(path, "no atoms")
     elements, names, resnames, resids, chains = (list(t) for t in zip(*labels))
     if not trust_elements or any(e in ("", "X") for e in elements):
         guessed = guess_elements(names)
-        elements = [g if not trust_elements or e in ("", "X") else e for e, g in zip(elements, guessed)]
+        elements = [
+            g if not trust_elements or e in ("", "X") else e for e, g in zip(elements, guessed)
+        ]
         logger.info("%s: no element column; elements guessed from atom names", path)
-    return Structures(np.asarray(frames, np.float32), tuple(_norm_el(e) for e in elements), tuple(names),
-                      tuple(resnames), np.asarray(resids, np.int64), tuple(chains), os.fspath(path))
+    return Structures(
+        np.asarray(frames, np.float32),
+        tuple(_norm_el(e) for e in elements),
+        tuple(names),
+        tuple(resnames),
+        np.asarray(resids, np.int64),
+        tuple(chains),
+        os.fspath(path),
+    )
 
 
 def _norm_el(e: str) -> str:
@@ -136,8 +165,12 @@ def _read_mdanalysis(path: Path, topology) -> Structures:
     except Exception as e:  # ValueError for atom-count mismatch, OSError, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = path if topology is None else f"{topology} + {path}"
-        if "atoms" in msg.lower() and ("same number" in msg.lower() or "mismatch" in msg.lower() or "n_atoms" in msg):
-            raise CryosipInputError(where, f"atom count of the topology does not match the trajectory ({msg[:200]})") from None
+        if "atoms" in msg.lower() and (
+            "same number" in msg.lower() or "mismatch" in msg.lower() or "n_atoms" in msg
+        ):
+            raise CryosipInputError(
+                where, f"atom count of the topology does not match the trajectory ({msg[:200]})"
+            ) from None
         raise CryosipInputError(where, f"cannot read structure/trajectory ({msg[:200]})") from None
     atoms = u.atoms
     if len(atoms) == 0:
@@ -150,13 +183,29 @@ def _read_mdanalysis(path: Path, topology) -> Structures:
     frames = np.empty((len(u.trajectory), len(atoms), 3), np.float32)
     for i, ts in enumerate(u.trajectory):
         frames[i] = atoms.positions
-    resnames = [str(r) for r in atoms.resnames] if hasattr(atoms, "resnames") else ["UNK"] * len(atoms)
-    resids = np.asarray(atoms.resids, np.int64) if hasattr(atoms, "resids") else np.ones(len(atoms), np.int64)
+    resnames = (
+        [str(r) for r in atoms.resnames] if hasattr(atoms, "resnames") else ["UNK"] * len(atoms)
+    )
+    resids = (
+        np.asarray(atoms.resids, np.int64)
+        if hasattr(atoms, "resids")
+        else np.ones(len(atoms), np.int64)
+    )
     chains = [str(c) for c in atoms.segids] if hasattr(atoms, "segids") else ["A"] * len(atoms)
-    return Structures(frames, tuple(elements), tuple(names), tuple(resnames), resids, tuple(chains), os.fspath(path))
+    return Structures(
+        frames,
+        tuple(elements),
+        tuple(names),
+        tuple(resnames),
+        resids,
+        tuple(chains),
+        os.fspath(path),
+    )
 
 
-def read_structures(path: str | os.PathLike, *, topology: str | os.PathLike | None = None) -> Structures:
+def read_structures(
+    path: str | os.PathLike, *, topology: str | os.PathLike | None = None
+) -> Structures:
     """Frames ``(F, n_atoms, 3)`` from a multi-model PDB/mmCIF or a trajectory.
 
     With ``topology`` the file is read by MDAnalysis as ``Universe(topology, path)``; a topology
@@ -178,21 +227,39 @@ def read_structures(path: str | os.PathLike, *, topology: str | os.PathLike | No
     return s
 
 
-def read_end_structures(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
-                        topology: str | os.PathLike | None = None) -> Structures:
+def read_end_structures(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    *,
+    topology: str | os.PathLike | None = None,
+) -> Structures:
     """Two end structures (first frame of each) as a 2-frame :class:`Structures`.
 
     The atom counts and names must match (same atoms in the same order).
     """
-    a = read_structures(path_a, topology=topology if topology is not None and not str(path_a).lower().endswith(
-        _GEMMI_SUFFIXES) else None)
-    b = read_structures(path_b, topology=topology if topology is not None and not str(path_b).lower().endswith(
-        _GEMMI_SUFFIXES) else None)
+    a = read_structures(
+        path_a,
+        topology=topology
+        if topology is not None and not str(path_a).lower().endswith(_GEMMI_SUFFIXES)
+        else None,
+    )
+    b = read_structures(
+        path_b,
+        topology=topology
+        if topology is not None and not str(path_b).lower().endswith(_GEMMI_SUFFIXES)
+        else None,
+    )
     if a.n_atoms != b.n_atoms:
-        raise CryosipInputError(path_b, f"{b.n_atoms} atoms but {path_a} has {a.n_atoms}: the end structures must "
-                                        "have the same atoms")
+        raise CryosipInputError(
+            path_b,
+            f"{b.n_atoms} atoms but {path_a} has {a.n_atoms}: the end structures must "
+            "have the same atoms",
+        )
     if list(a.names) != list(b.names):
         i = next(i for i, (x, y) in enumerate(zip(a.names, b.names)) if x != y)
-        raise CryosipInputError(path_b, f"atom {i + 1} is {b.names[i]!r} but {a.names[i]!r} in {path_a}: atoms must "
-                                        "be in the same order")
+        raise CryosipInputError(
+            path_b,
+            f"atom {i + 1} is {b.names[i]!r} but {a.names[i]!r} in {path_a}: atoms must "
+            "be in the same order",
+        )
     return dataclasses.replace(a, coords=np.stack([a.coords[0], b.coords[0]]))
