@@ -1,0 +1,568 @@
+"""Simulate a particle stack with a known conformational distribution (RELION 3.1 output).
+
+Draws a CV for every particle from a ground-truth distribution, a uniform SO(3) pose, a
+Gaussian in-plane shift and a per-particle defocus (uniform in [--defocus-min, --defocus-max]
+with Gaussian astigmatism), renders the noise-free image with the CTF and adds white Gaussian
+noise whose sigma gives the requested SNR (SNR = mean over images of var(clean) / sigma^2,
+measured on a pilot batch of the first 256 particles). Images are simulated, noised and
+written chunk by chunk, so 10^5-10^6 images never sit in memory at once.
+
+Writes into --out:
+  particles.star        RELION 3.1: data_optics + data_particles (ZYZ Euler angles in degrees,
+                        rlnOriginX/YAngst in Angstrom, rlnDefocusU/V/Angle per particle)
+  particles_NNN.mrcs    float32 stacks, --images-per-file images each, pixel size in the header
+  truth.csv             the true CV of every particle (one row per STAR row, same order)
+  config.json           every setting (seed included), the sigma used and the measured SNR
+  montage.png           8 particles next to their noise-free versions
+Same seed and settings give identical files; --config config.json regenerates a data set.
+
+Datasets: adk (all-atom AdK closed->open path, s in [0, 1]), adk-ca (C-alpha only), dumbbell
+(separation, Angstrom), hinge (angle, degrees), square (side, Angstrom), two-hinge (two angles).
+Distributions: unimodal, bimodal, skewed, uniform, banana and ring (two-hinge only), or
+samples:<file.csv> (resampled user samples); --distribution-params '{"mean": 0.4}' overrides
+defaults (see cryosip.data.distributions).
+
+Examples:
+  $ cryosip simulate --dataset adk --distribution bimodal --n-images 10000 --box 64 \\
+        --pixel-size 1.5 --snr 0.1 --seed 0 --out sim/
+  $ cryosip simulate --dataset two-hinge --distribution ring --n-images 2000 --box 48 \\
+        --pixel-size 2 --snr 0.05 --out sim2d/
+  $ cryosip simulate --config sim/config.json --seed 1 --out sim_seed1/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..data.errors import CryosipInputError
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("adk", "adk-ca", "dumbbell", "hinge", "square", "two-hinge")
+STAR_NAME = "particles.star"
+TRUTH_NAME = "truth.csv"
+CONFIG_NAME = "config.json"
+MONTAGE_NAME = "montage.png"
+N_MONTAGE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulateConfig:
+    """The resolved settings of one simulation (written to config.json)."""
+
+    dataset: str = "adk"
+    distribution: str = "bimodal"
+    distribution_params: dict = dataclasses.field(default_factory=dict)
+    n_images: int = 10000
+    box_size: int = 64
+    pixel_size: float = 1.5
+    snr: float | None = 0.1
+    sigma: float | None = None
+    seed: int = 0
+    defocus_min_in_angstroms: float = 10000.0
+    defocus_max_in_angstroms: float = 25000.0
+    astigmatism_sd_in_angstroms: float = 200.0
+    shift_sd_in_angstroms: float = 2.0
+    voltage_in_kilovolts: float = 300.0
+    spherical_aberration_in_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    bfactor_in_angstroms2: float = 0.0
+    pilot_size: int = 256
+    chunk_size: int = 1000
+    images_per_file: int = 10000
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise CryosipInputError(
+                None, f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}"
+            )
+        if (self.snr is None) == (self.sigma is None):
+            raise CryosipInputError(None, "give exactly one of --snr and --sigma")
+        for name in ("n_images", "pilot_size", "chunk_size", "images_per_file"):
+            if int(getattr(self, name)) < 1:
+                raise CryosipInputError(None, f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.box_size < 8 or self.box_size % 2:
+            raise CryosipInputError(
+                None, f"--box must be an even integer >= 8, got {self.box_size}"
+            )
+        positive = ("pixel_size", "voltage_in_kilovolts", "defocus_min_in_angstroms")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise CryosipInputError(None, f"{name} must be positive, got {getattr(self, name)}")
+        if (self.snr is not None and not self.snr > 0) or (
+            self.sigma is not None and not self.sigma > 0
+        ):
+            raise CryosipInputError(None, "the SNR / sigma must be positive")
+        if self.defocus_max_in_angstroms < self.defocus_min_in_angstroms:
+            raise CryosipInputError(None, "--defocus-max must be >= --defocus-min")
+        if (
+            min(
+                self.shift_sd_in_angstroms,
+                self.astigmatism_sd_in_angstroms,
+                self.spherical_aberration_in_mm,
+                self.bfactor_in_angstroms2,
+            )
+            < 0
+        ):
+            raise CryosipInputError(None, "shift sd, astigmatism sd, Cs and B-factor must be >= 0")
+        if not 0 <= self.amplitude_contrast < 1:
+            raise CryosipInputError(
+                None, f"amplitude contrast must be in [0, 1), got {self.amplitude_contrast}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SimulateConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------- library helpers
+
+
+def conformation_model(dataset: str):
+    """The conformation model of a built-in dataset name (see ``DATASETS``)."""
+    from ..conformations import toys
+
+    if dataset in ("adk", "adk-ca"):
+        from ..data.adk import adk_model
+
+        return adk_model(ca_only=dataset == "adk-ca")
+    if dataset in toys.TOYS:
+        return toys.TOYS[dataset]()
+    raise CryosipInputError(None, f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+
+
+def build_operator(cfg: SimulateConfig, model=None):
+    """The cryo-EM operator (noise sigma 1; the simulation sets its own) for a config."""
+    from ..cryoem.image_model import ImageModel, NuisancePrior
+    from ..cryoem.operator import CryoEMOperator
+
+    model = conformation_model(cfg.dataset) if model is None else model
+    prior = NuisancePrior(
+        shift_sd_in_angstroms=cfg.shift_sd_in_angstroms,
+        defocus_range_in_angstroms=(cfg.defocus_min_in_angstroms, cfg.defocus_max_in_angstroms),
+        astigmatism_sd_in_angstroms=cfg.astigmatism_sd_in_angstroms,
+        voltage_in_kilovolts=cfg.voltage_in_kilovolts,
+        spherical_aberration_in_mm=cfg.spherical_aberration_in_mm,
+        amplitude_contrast=cfg.amplitude_contrast,
+        bfactor_in_angstroms2=cfg.bfactor_in_angstroms2,
+    )
+    image_model = ImageModel.for_atoms(cfg.box_size, cfg.pixel_size, model.atoms)
+    return CryoEMOperator(model, image_model, 1.0, prior)
+
+
+def build_distribution(cfg: SimulateConfig, model):
+    """The ground-truth distribution of a config on the model's domain."""
+    from ..data.distributions import make_distribution
+
+    try:
+        return make_distribution(
+            cfg.distribution,
+            np.asarray(model.lower),
+            np.asarray(model.upper),
+            names=model.cv_names,
+            **cfg.distribution_params,
+        )
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CryosipInputError):
+            raise
+        raise CryosipInputError(None, f"distribution {cfg.distribution!r}: {e}") from None
+
+
+def file_names(n_images: int, images_per_file: int) -> list[str]:
+    n_files = -(-n_images // images_per_file)
+    width = max(3, len(str(n_files - 1)))
+    return [f"particles_{k:0{width}d}.mrcs" for k in range(n_files)]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    d = SimulateConfig()
+    g = parser.add_argument_group("data set")
+    g.add_argument(
+        "--config",
+        type=Path,
+        help="a config.json of an earlier run: its settings are the "
+        "defaults, flags given here override them",
+    )
+    g.add_argument("--dataset", choices=DATASETS, help=f"conformation model (default {d.dataset})")
+    g.add_argument(
+        "--distribution", help=f"ground-truth CV distribution (default {d.distribution})"
+    )
+    g.add_argument(
+        "--distribution-params",
+        type=json.loads,
+        dest="distribution_params",
+        help="JSON object of distribution parameters, in the CV's units",
+    )
+    g.add_argument("--n-images", type=int, dest="n_images", help=f"default {d.n_images}")
+    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g = parser.add_argument_group("imaging")
+    g.add_argument(
+        "--box", type=int, dest="box_size", help=f"box size in pixels (default {d.box_size})"
+    )
+    g.add_argument(
+        "--pixel-size",
+        type=float,
+        dest="pixel_size",
+        help=f"Angstrom per pixel (default {d.pixel_size})",
+    )
+    g.add_argument("--snr", type=float, help=f"signal-to-noise ratio (default {d.snr})")
+    g.add_argument("--sigma", type=float, help="noise standard deviation instead of --snr")
+    g.add_argument(
+        "--defocus-min",
+        type=float,
+        dest="defocus_min_in_angstroms",
+        help=f"Angstrom, underfocus positive (default {d.defocus_min_in_angstroms:g})",
+    )
+    g.add_argument(
+        "--defocus-max",
+        type=float,
+        dest="defocus_max_in_angstroms",
+        help=f"Angstrom (default {d.defocus_max_in_angstroms:g})",
+    )
+    g.add_argument(
+        "--astigmatism-sd",
+        type=float,
+        dest="astigmatism_sd_in_angstroms",
+        help=f"sd of |defocusU - defocusV| in Angstrom (default {d.astigmatism_sd_in_angstroms:g})",
+    )
+    g.add_argument(
+        "--shift-sd",
+        type=float,
+        dest="shift_sd_in_angstroms",
+        help=f"sd of each in-plane shift component, Angstrom (default {d.shift_sd_in_angstroms:g})",
+    )
+    g.add_argument(
+        "--voltage",
+        type=float,
+        dest="voltage_in_kilovolts",
+        help=f"kV (default {d.voltage_in_kilovolts:g})",
+    )
+    g.add_argument(
+        "--cs",
+        type=float,
+        dest="spherical_aberration_in_mm",
+        help=f"spherical aberration in mm (default {d.spherical_aberration_in_mm:g})",
+    )
+    g.add_argument(
+        "--amplitude-contrast",
+        type=float,
+        dest="amplitude_contrast",
+        help=f"default {d.amplitude_contrast:g}",
+    )
+    g.add_argument(
+        "--bfactor",
+        type=float,
+        dest="bfactor_in_angstroms2",
+        help=f"CTF B-factor in Angstrom^2 (default {d.bfactor_in_angstroms2:g})",
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", type=Path, required=True, help="output folder")
+    g.add_argument(
+        "--chunk",
+        type=int,
+        dest="chunk_size",
+        help=f"images simulated at a time (default {d.chunk_size})",
+    )
+    g.add_argument(
+        "--images-per-file",
+        type=int,
+        dest="images_per_file",
+        help=f"images per .mrcs stack (default {d.images_per_file})",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace an existing simulation in --out"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> SimulateConfig:
+    base: dict = {}
+    if getattr(args, "config", None) is not None:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CryosipInputError(args.config, f"cannot read the config ({e})") from None
+        if not isinstance(base, dict):
+            raise CryosipInputError(args.config, "expected a JSON object")
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SimulateConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    merged = {**base, **given}
+    if "sigma" in given and "snr" not in given:
+        merged["snr"] = None  # --sigma replaces the (default or configured) SNR
+    if "snr" in given and "sigma" not in given:
+        merged["sigma"] = None
+    return SimulateConfig.from_dict(merged)
+
+
+def _publish(tmp, path: Path) -> None:
+    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and move it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mrcs_writer_class():
+    from ..data.mrc import MrcsWriter
+
+    class _LabelledWriter(MrcsWriter):
+        """MrcsWriter with a fixed header label: mrcfile's default label carries the creation
+        time, which would make two runs with the same seed differ."""
+
+        def __init__(self, *args, label: str = "cryosip simulate", **kw):
+            super().__init__(*args, **kw)
+            self.label = label
+
+        def open(self):
+            out = super().open()
+            self._mrc.header.label[0] = f"{self.label:<80s}"[:80]
+            self._mrc.header.nlabl = 1
+            return out
+
+    return _LabelledWriter
+
+
+def write_truth_csv(path: Path, theta: np.ndarray, names) -> None:
+    """One row per particle, columns = CV names; float32 values written exactly (9 digits)."""
+    lines = [",".join(names)]
+    lines += [",".join(f"{v:.9g}" for v in row) for row in np.asarray(theta, np.float32)]
+    _atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_montage(
+    path: Path, noisy: np.ndarray, clean: np.ndarray, theta: np.ndarray, names
+) -> None:
+    """A 2 x n grid: noisy particles on top, noise-free versions below (each panel scaled alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(noisy)
+    fig = Figure(figsize=(1.6 * n, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        label = ", ".join(f"{nm}={v:.3g}" for nm, v in zip(names, theta[i]))
+        for row, img in enumerate((noisy[i], clean[i])):
+            ax = axes[row, i]
+            ax.imshow(img, cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, i].set_title(label, fontsize=7)
+    axes[0, 0].set_ylabel("noisy", fontsize=8)
+    axes[1, 0].set_ylabel("noise-free", fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _command_line(cfg: SimulateConfig) -> str:
+    """The command that regenerates ``cfg`` (every flag explicit)."""
+    d = cfg
+    flags = [("--dataset", d.dataset), ("--distribution", d.distribution)]
+    if d.distribution_params:
+        flags.append(("--distribution-params", json.dumps(d.distribution_params)))
+    flags += [("--n-images", d.n_images), ("--box", d.box_size), ("--pixel-size", d.pixel_size)]
+    flags.append(("--snr", d.snr) if d.snr is not None else ("--sigma", d.sigma))
+    flags += [
+        ("--seed", d.seed),
+        ("--defocus-min", d.defocus_min_in_angstroms),
+        ("--defocus-max", d.defocus_max_in_angstroms),
+        ("--astigmatism-sd", d.astigmatism_sd_in_angstroms),
+        ("--shift-sd", d.shift_sd_in_angstroms),
+        ("--voltage", d.voltage_in_kilovolts),
+        ("--cs", d.spherical_aberration_in_mm),
+        ("--amplitude-contrast", d.amplitude_contrast),
+        ("--bfactor", d.bfactor_in_angstroms2),
+        ("--chunk", d.chunk_size),
+        ("--images-per-file", d.images_per_file),
+    ]
+    parts = ["cryosip", "simulate"] + [str(x) for flag in flags for x in flag]
+    return shlex.join(parts) + " --out DIR"
+
+
+def run_simulation(
+    cfg: SimulateConfig, out: Path, *, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """Simulate ``cfg`` into the folder ``out``; returns the config.json content."""
+    import jax
+    from tqdm import tqdm
+
+    from .. import __version__
+    from ..cryoem.simulate import iter_simulation, plan_simulation
+    from ..data.mrc import LazyImageStack
+    from ..data.particles import ParticleStack
+    from ..data.star import write_star
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in (out / STAR_NAME, out / CONFIG_NAME) if p.exists()]
+    if existing and not overwrite:
+        raise CryosipInputError(existing[0], "a simulation already exists here (use --overwrite)")
+    for p in existing:  # the STAR file marks a complete simulation: remove it before rewriting
+        p.unlink()
+
+    model = conformation_model(cfg.dataset)
+    operator = build_operator(cfg, model)
+    distribution = build_distribution(cfg, model)
+    key = jax.random.key(cfg.seed)
+    logger.info(
+        "simulating %d %s images (%d px, %.3g A/px), CV ~ %s",
+        cfg.n_images,
+        cfg.dataset,
+        cfg.box_size,
+        cfg.pixel_size,
+        distribution.name,
+    )
+    plan = plan_simulation(
+        key,
+        operator,
+        distribution,
+        cfg.n_images,
+        snr=cfg.snr,
+        sigma=cfg.sigma,
+        pilot_size=cfg.pilot_size,
+    )
+    logger.info(
+        "noise sigma %.6g (SNR %.4g on a pilot of %d images)", plan.sigma, plan.snr, plan.pilot_size
+    )
+
+    names = file_names(cfg.n_images, cfg.images_per_file)
+    if overwrite:  # stale stacks of an earlier, larger run would otherwise linger
+        for p in out.glob("particles_*.mrcs"):
+            if p.name not in names:
+                p.unlink()
+    writer_cls = _mrcs_writer_class()
+    label = f"cryosip {__version__} simulate seed {cfg.seed}"
+    D = cfg.box_size
+    m = min(N_MONTAGE, cfg.n_images)
+    montage_noisy, montage_clean = np.empty((m, D, D), np.float32), np.empty((m, D, D), np.float32)
+    bar = tqdm(
+        total=cfg.n_images, unit="img", desc="simulate", disable=not progress, dynamic_ncols=True
+    )
+    writer, file_k = None, -1
+    try:
+        for chunk in iter_simulation(
+            operator, plan, chunk_size=cfg.chunk_size, progress=bar.update
+        ):
+            if chunk.start < m:
+                k = min(m - chunk.start, len(chunk.images))
+                montage_noisy[chunk.start : chunk.start + k] = chunk.images[:k]
+                montage_clean[chunk.start : chunk.start + k] = chunk.clean[:k]
+            pos = 0
+            while pos < len(chunk.images):  # split the chunk across stack files
+                i = chunk.start + pos
+                if writer is None:
+                    file_k = i // cfg.images_per_file
+                    n_in_file = min(
+                        cfg.images_per_file, cfg.n_images - file_k * cfg.images_per_file
+                    )
+                    path = out / names[file_k]
+                    writer = writer_cls(path, n_in_file, D, cfg.pixel_size, label=label).open()
+                take = min(len(chunk.images) - pos, writer.n_images - writer.n_written)
+                writer.write(chunk.images[pos : pos + take])
+                pos += take
+                if writer.n_written == writer.n_images:
+                    writer.close()
+                    writer = None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    idx = np.arange(cfg.n_images)
+    file_index, image_index = idx // cfg.images_per_file, idx % cfg.images_per_file
+    images = LazyImageStack([out / nm for nm in names], file_index, image_index, D)
+    import pandas as pd
+
+    meta = pd.DataFrame({"rlnRandomSubset": idx % 2 + 1})  # half sets, alternating
+    stack = ParticleStack(
+        images, plan.nuisance, cfg.pixel_size, metadata=meta, source=os.fspath(out / STAR_NAME)
+    )
+    image_names = [f"{j + 1:06d}@{names[k]}" for k, j in zip(file_index, image_index)]
+    write_truth_csv(out / TRUTH_NAME, plan.theta, model.cv_names)
+    write_montage(out / MONTAGE_NAME, montage_noisy, montage_clean, plan.theta[:m], model.cv_names)
+    config = {
+        **dataclasses.asdict(cfg),
+        "derived": {
+            "sigma": plan.sigma,
+            "snr_measured_on_pilot": plan.snr,
+            "pilot_size": plan.pilot_size,
+            "snr_definition": "mean over images of var(clean image) / sigma^2",
+            "cv_names": list(model.cv_names),
+            "domain": {
+                "lower": np.asarray(model.lower).tolist(),
+                "upper": np.asarray(model.upper).tolist(),
+            },
+            "distribution": distribution.params(),
+            "n_atoms": int(model.atoms.n_atoms),
+            "files": {
+                "star": STAR_NAME,
+                "stacks": names,
+                "truth": TRUTH_NAME,
+                "montage": MONTAGE_NAME,
+            },
+            "key": "jax.random.key(seed), split into (conformations, nuisances, noise); "
+            "image i's noise is normal(fold_in(noise_key, i))",
+            "command": _command_line(cfg),
+            "cryosip_version": __version__,
+            "jax_version": jax.__version__,
+        },
+    }
+    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_star(
+        out / STAR_NAME, stack, version="3.1", image_names=image_names
+    )  # last: marks completion
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [out / STAR_NAME, *(out / nm for nm in names)]:  # the writers leave mkstemp's 0600
+        os.chmod(p, 0o666 & ~mask)
+    logger.info(
+        "wrote %s (%d stacks), %s, %s, %s",
+        out / STAR_NAME,
+        len(names),
+        TRUTH_NAME,
+        CONFIG_NAME,
+        MONTAGE_NAME,
+    )
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    run_simulation(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
