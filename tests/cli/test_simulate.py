@@ -17,7 +17,6 @@ from cryosip.cryoem.pose import euler_to_matrix
 from cryosip.cryoem.simulate import render_clean, simulate_dataset
 from cryosip.data.star import read_star
 
-
 ARGS = [
     "simulate",
     "--dataset",
