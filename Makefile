@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench lint clean
+.PHONY: venv sysdeps demo test test-slow bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,13 +13,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Debian's chromium: the tests open the HTML report in it (headless)
+sysdeps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 demo: $(STAMP)
 	$(BIN)/cryosip demo --out demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)

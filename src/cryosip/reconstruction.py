@@ -152,7 +152,7 @@ def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto")
     raise ValueError(f"unknown init {init!r}")
 
 
-def _auto_flow(problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.004):
+def _auto_flow(problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.003):
     """Step size from the initial velocities: the median particle moves ``step_fraction`` of the domain per step."""
     op, obs = problem.engine_operator, problem.engine_observations
     sub = obs if batch_size is None else obs.take(jnp.arange(min(batch_size, len(obs))))

@@ -11,10 +11,10 @@ def kde(x, w, grid, bandwidth: float | None = None, lower: float | None = None, 
     w = np.full(x.size, 1.0 / x.size) if w is None else np.asarray(w, np.float64) / np.sum(w)
     g = np.asarray(grid, np.float64)
     if bandwidth is None:
-        sd = np.sqrt(max(np.sum(w * (x - np.sum(w * x)) ** 2), 1e-12))
-        n_eff = 1.0 / np.sum(w * w)
-        bandwidth = 0.9 * sd * n_eff ** (-0.2)
-        bandwidth = max(bandwidth, 1.5 * (g[1] - g[0]))
+        # a fixed fraction of the domain (or of the grid span): rule-of-thumb bandwidths
+        # (Silverman) are far too wide for multimodal distributions
+        span = (upper - lower) if (lower is not None and upper is not None) else (g[-1] - g[0])
+        bandwidth = max(0.025 * span, 1.5 * (g[1] - g[0]))
     pts = [x]
     if lower is not None:
         pts.append(2 * lower - x)

@@ -6,7 +6,7 @@ import os
 
 from .errors import CryosipInputError
 
-BUILTIN = ("adk", "adk-ca", "dumbbell", "hinge", "square")
+BUILTIN = ("adk", "adk-ca", "dumbbell", "hinge", "square", "two-hinge")
 
 
 def load_model(name: str, **kw):
@@ -19,10 +19,10 @@ def load_model(name: str, **kw):
         from .adk import adk_model
 
         return adk_model(ca_only=True, **kw)
-    if name in ("dumbbell", "hinge", "square"):
-        from ..conformations import toys
+    from ..conformations.toys import TOYS
 
-        return {"dumbbell": toys.Dumbbell, "hinge": toys.Hinge, "square": toys.Square}[name](**kw)
+    if name in TOYS:
+        return TOYS[name](**kw)
     if os.path.exists(name):
         from ..conformations.path import PathModel
         from ..cryoem.atoms import AtomParameters
