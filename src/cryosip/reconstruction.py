@@ -175,7 +175,7 @@ def run_method(
     n_steps: int = 300,
     batch_size: int | None = None,
     entropy: float = 0.0,
-    fisher_rao: float = 0.0,
+    fisher_rao: float = 0.3,
     n_bootstrap: int = 0,
     init: str = "auto",
     progress: bool = True,
@@ -183,6 +183,7 @@ def run_method(
     checkpoint_every: int = 0,
     resume: bool = False,
     n_components: int = 2,
+    heldout_fraction: float = 0.0,
 ) -> MethodResult:
     t0 = time.perf_counter()
     op, obs = problem.engine_operator, problem.engine_observations
@@ -192,9 +193,16 @@ def run_method(
         if objective in ("mmd", "kl+mmd") and batch_size is None:
             batch_size = min(len(obs), 512)
         disc = make_discrepancy(problem, objective, key=k_flow, init=m0)
+        held = None
+        if heldout_fraction > 0:
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 7), len(obs)))
+            n_held = max(1, int(round(heldout_fraction * len(obs))))
+            held, obs = obs.take(jnp.asarray(np.sort(perm[:n_held]))), obs.take(jnp.asarray(np.sort(perm[n_held:])))
         flow = _auto_flow(problem, disc, m0, k_flow, n_steps, batch_size, entropy, fisher_rao)
+        if held is not None:
+            flow = dataclasses.replace(flow, heldout_every=flow.chunk_size)
         res = flow.run(disc, op, obs, m0, key=k_flow, progress=TqdmProgress(f"wgf {objective}") if progress else None,
-                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, heldout=held)
         out = MethodResult("wgf", objective, np.asarray(res.measure.positions), np.asarray(res.measure.weights),
                            0.0, np.asarray(res.losses), np.asarray(res.trajectory), flow=res)
         if n_bootstrap:

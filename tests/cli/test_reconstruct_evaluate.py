@@ -10,71 +10,20 @@ from cryosip.cli.main import main
 
 def test_simulate_reconstruct_evaluate(tmp_path, capsys):
     sim, rec = tmp_path / "sim", tmp_path / "rec"
-    assert (
-        main(
-            [
-                "simulate",
-                "--dataset",
-                "adk-ca",
-                "--distribution",
-                "bimodal",
-                "--n-images",
-                "300",
-                "--box",
-                "32",
-                "--pixel-size",
-                "3.0",
-                "--snr",
-                "0.1",
-                "--seed",
-                "0",
-                "--out",
-                str(sim),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "reconstruct",
-                str(sim / "particles.star"),
-                "--model",
-                "adk-ca",
-                "--objective",
-                "kl",
-                "--n-particles",
-                "32",
-                "--steps",
-                "100",
-                "--bootstrap",
-                "2",
-                "--nodes",
-                "25",
-                "--seed",
-                "0",
-                "--out",
-                str(rec),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    for f in [
-        "particles.csv",
-        "distribution.csv",
-        "free_energy.csv",
-        "history.csv",
-        "summary.json",
-        "density.png",
-        "objective.png",
-        "trajectories.png",
-        "particles_cv.star",
-    ]:
+    assert main(["simulate", "--dataset", "adk-ca", "--distribution", "bimodal", "--n-images", "300", "--box", "32",
+                 "--pixel-size", "3.0", "--snr", "0.1", "--seed", "0", "--out", str(sim), "--no-progress"]) == 0
+    assert main(["reconstruct", str(sim / "particles.star"), "--model", "adk-ca", "--objective", "kl",
+                 "--n-particles", "32", "--steps", "100", "--bootstrap", "2", "--nodes", "25", "--seed", "0",
+                 "--heldout", "0.1", "--out", str(rec), "--no-progress"]) == 0
+    for f in ["particles.csv", "distribution.csv", "free_energy.csv", "history.csv", "summary.json",
+              "density.png", "objective.png", "trajectories.png", "particles_cv.star", "config.json"]:
         assert (rec / f).exists(), f
     dist = pd.read_csv(rec / "distribution.csv")
     np.testing.assert_allclose(np.trapezoid(dist["density"], dist["s"]), 1.0, rtol=1e-3)
     assert (dist["density_lo"] <= dist["density_hi"] + 1e-12).all()
+    hist = pd.read_csv(rec / "history.csv")
+    held = hist["heldout_objective"].dropna()
+    assert len(held) >= 3 and np.isfinite(held).all()
     capsys.readouterr()
     assert main(["evaluate", str(rec), "--truth", str(sim / "truth.csv"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

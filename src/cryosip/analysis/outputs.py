@@ -49,7 +49,10 @@ def write_reconstruction(out_dir, problem, result, cv_names, settings: dict, sum
         summary["n_bootstrap"] = len(result.replicates)
     if result.losses is not None:
         h = np.asarray(result.losses)
-        _atomic.write_csv(os.path.join(out_dir, "history.csv"), pd.DataFrame({"step": np.arange(h.size), "objective": h}))
+        hist = {"step": np.arange(h.size), "objective": h}
+        if result.flow is not None and np.isfinite(np.asarray(result.flow.heldout)).any():
+            hist["heldout_objective"] = np.asarray(result.flow.heldout)
+        _atomic.write_csv(os.path.join(out_dir, "history.csv"), pd.DataFrame(hist))
         plots.plot_objectives(os.path.join(out_dir, "objective.png"), {result.label: h})
         finite = h[np.isfinite(h)]
         summary["final_objective"] = float(finite[-1]) if finite.size else None

@@ -32,8 +32,11 @@ def add_args(p):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=None, help="observations per step (default: all for kl)")
     p.add_argument("--entropy", type=float, default=0.0, help="entropy weight (Euler-Maruyama)")
-    p.add_argument("--fisher-rao", type=float, default=0.0, help="Wasserstein-Fisher-Rao weight rate (0: equal weights)")
+    p.add_argument("--fisher-rao", type=float, default=0.3,
+                   help="Wasserstein-Fisher-Rao weight step per flow step (default 0.3); 0 gives the pure Wasserstein "
+                        "flow with equal weights, which measured biased at high SNR (see docs/results.md)")
     p.add_argument("--bootstrap", type=int, default=8, help="bootstrap replicates for the bands")
+    p.add_argument("--heldout", type=float, default=0.0, help="fraction of images held out to track the objective on unseen data")
     p.add_argument("--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)")
     p.add_argument("--sigma", type=float, default=None, help="noise sd (default: estimated from the particle background)")
     p.add_argument("--fit-scale", action="store_true", help="profile a per-image contrast scale and offset")
@@ -63,7 +66,8 @@ def main(args) -> int:
     res = run_method(problem, args.method, args.objective, key=jax.random.key(args.seed), n_particles=args.n_particles,
                      n_steps=args.steps, batch_size=args.batch_size, entropy=args.entropy, fisher_rao=args.fisher_rao,
                      n_bootstrap=args.bootstrap, progress=progress, checkpoint=ck,
-                     checkpoint_every=args.checkpoint_every, resume=args.resume)
+                     checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     heldout_fraction=args.heldout)
     summary = write_reconstruction(args.out, problem, res, model.cv_names, settings)
     if problem.table is not None and str(args.particles).endswith(".star"):
         from ..data.outputs import write_particles_cv_star

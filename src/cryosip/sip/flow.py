@@ -9,7 +9,7 @@ alpha (theta += tau v + sqrt(2 alpha tau) Z). Particles are reflected at the dom
 Options: minibatches of observations and fresh nuisance draws each step, a step-size schedule,
 a displacement guard (a step that is non-finite is skipped and the step size halved; a particle
 that would move more than ``max_displacement`` is slowed to that), Wasserstein-Fisher-Rao
-weight updates (log w_i -= eta * (Phi_i - <Phi>), Phi_i = P dJ/dw_i), a held-out discrepancy,
+weight updates (log w_i -= eta * (Phi_i - <Phi>), Phi_i = dJ/dw_i, eta = ``fisher_rao`` per step), a held-out discrepancy,
 checkpoints and an exact resume (every step's randomness is ``fold_in(key, step)``).
 """
 
@@ -180,7 +180,7 @@ class WassersteinGradientFlow(eqx.Module):
                         losses[r], traj[r], wtraj[r] = ls[j], ps[j], ws[j]
                 if held_fn is not None and self.heldout_every and (int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps):
                     r = min((int(state.step) - 1) // self.record_every, n_rec - 1)
-                    held[r] = float(held_fn(state.positions, state.log_weights, jax.random.fold_in(key, -1)))
+                    held[r] = float(held_fn(state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1)))
                 b = int(state.backoffs)
                 if b > prev_backoffs:
                     logger.warning("non-finite step: skipped %d step(s) and halved the step size (now x%.3g)",
@@ -232,7 +232,9 @@ def _run_chunk(flow: WassersteinGradientFlow, discrepancy, operator, observation
         if flow.fisher_rao > 0:
             w = jnp.exp(state.log_weights)
             phi = glogw / jnp.maximum(w, 1e-30)  # dJ/dw_i (log-weights chain rule)
-            new_logw = state.log_weights - flow.fisher_rao * tau * (phi - jnp.sum(w * phi))
+            # a step of size fisher_rao along the Fisher-Rao gradient (independent of the transport step):
+            # for KL, phi_i = -R_i / w_i (R_i: responsibility mass), so fisher_rao = 1 is an EM-like update
+            new_logw = state.log_weights - flow.fisher_rao * (phi - jnp.sum(w * phi))
             new_logw = new_logw - jax.scipy.special.logsumexp(new_logw)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_pos)) & jnp.all(jnp.isfinite(new_logw))
         active = state.step < flow.n_steps
