@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,12 +246,19 @@ def run_method(
     return out
 
 
+@eqx.filter_jit
+def _llm_weighted(op, pos, logw, obs):
+    return op.log_likelihood_matrix(pos, obs) + logw[None, :]
+
+
 def posterior_cv(problem: Problem, result: MethodResult) -> tuple[np.ndarray, np.ndarray]:
     """Per-image posterior mean and sd of the CV under the recovered distribution (1-D tabulated path)."""
     op, obs = problem.engine_operator, problem.engine_observations
     pos = jnp.asarray(result.positions, jnp.float32)
     logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
-    f = jax.jit(lambda o: op.log_likelihood_matrix(pos, o) + logw[None, :])
+    def f(o):
+        return _llm_weighted(op, pos, logw, o)
+
     n = len(obs)
     means, sds = [], []
     for s in range(0, n, 1024):

@@ -47,6 +47,22 @@ def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_n
     return jnp.einsum("nf,nfg->ng", w, onehot)
 
 
+@eqx.filter_jit
+def _node_tables(base, nodes, y, nu, center: bool):
+    """Gram matrix, cross products and |y|^2 for a batch of observations (module-level: compiled once per shape)."""
+    n_nodes = nodes.shape[0]
+
+    def one(y, nu):
+        ms = jax.vmap(lambda th: base.mean(th, nu))(nodes).reshape(n_nodes, -1)
+        yv = y.reshape(-1)
+        if center:
+            ms = ms - ms.mean(axis=1, keepdims=True)
+            yv = yv - yv.mean()
+        return ms @ ms.T, ms @ yv, yv @ yv
+
+    return jax.vmap(one)(y, nu)
+
+
 class TabulatedOperator(AbstractRandomOperator):
     """Gram tables of a base operator's outputs on a 1-D node grid, for every observation."""
 
@@ -79,24 +95,12 @@ class TabulatedOperator(AbstractRandomOperator):
         nodes = jnp.linspace(float(lower[0]), float(upper[0]), n_nodes)[:, None]
         center = base.fit_scale
 
-        @jax.jit
-        def tables(y, nu):
-            def one(y, nu):
-                ms = jax.vmap(lambda th: base.mean(th, nu))(nodes).reshape(n_nodes, -1)
-                yv = y.reshape(-1)
-                if center:
-                    ms = ms - ms.mean(axis=1, keepdims=True)
-                    yv = yv - yv.mean()
-                return ms @ ms.T, ms @ yv, yv @ yv
-
-            return jax.vmap(one)(y, nu)
-
         n = len(obs)
         parts = []
         for s in range(0, n, batch_size):
             idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1))  # one compiled shape
             sub = obs.take(idx)
-            parts.append([np.asarray(a)[: min(batch_size, n - s)] for a in tables(sub.values, sub.nuisance)])
+            parts.append([np.asarray(a)[: min(batch_size, n - s)] for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)])
             if progress is not None:
                 progress(min(batch_size, n - s))
         gram, cross, ysq = (jnp.asarray(np.concatenate(c)) for c in zip(*parts))
