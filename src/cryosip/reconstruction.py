@@ -20,6 +20,7 @@ from .sip import dto
 from .sip.discrepancies import KL, MMD, Composite, GaussianKernel, PairedMMD, balance_weights, median_distance
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.measure import ParticleMeasure, uniform_measure
+from .sip.operator import Observations
 from .sip.table import TabulatedOperator
 
 logger = logging.getLogger(__name__)
@@ -83,11 +84,26 @@ def estimate_sigma(images: np.ndarray, radius_fraction: float = 0.45, max_images
     return float(np.sqrt(np.mean(np.var(bg, axis=1))))
 
 
+def contrast_scale_estimate(op: CryoEMOperator, obs, n: int = 128) -> float:
+    """Pooled least-squares scale of the data on the model (mid-CV conformation, each image's own
+    nuisance, both mean-centred): positive when the data have the model's contrast (protein dark),
+    negative for inverted data (RELION extracts with white protein by default)."""
+    lo, hi = (np.asarray(b, np.float64) for b in op.domain)
+    theta = jnp.asarray(np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), 0.0), jnp.float32)[None, :]
+    sub = obs.take(jnp.arange(min(n, len(obs))))
+    m = np.asarray(op.paired_means(theta, sub))[:, 0].reshape(len(sub), -1)
+    y = np.asarray(sub.values).reshape(len(sub), -1)
+    m = m - m.mean(1, keepdims=True)
+    y = y - y.mean(1, keepdims=True)
+    return float(np.sum(m * y) / max(np.sum(m * m), 1e-30))
+
+
 def prepare(
     stack: ParticleStack,
     conformation: AbstractConformationModel,
     *,
     sigma: float | None = None,
+    contrast: str = "auto",
     fit_scale: bool = False,
     n_nodes: int = 33,
     use_table: bool | None = None,
@@ -101,6 +117,16 @@ def prepare(
     image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
     op = CryoEMOperator(conformation, image_model, sigma, fit_scale=fit_scale)
     obs = stack.observations()
+    if contrast not in ("auto", "as-is", "invert"):
+        raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
+    if contrast == "auto":
+        a = contrast_scale_estimate(op, obs)
+        if a < 0:
+            logger.warning("the images correlate negatively with the model (pooled scale %.3g): the data have "
+                           "inverted contrast (white protein); inverting them (use --contrast as-is to keep)", a)
+            contrast = "invert"
+    if contrast == "invert":
+        obs = Observations(-obs.values, obs.nuisance, obs.index, obs.weight)
     lower, upper = (np.asarray(b, np.float64) for b in op.domain)
     if use_table is None:
         use_table = conformation.dim == 1 and np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))

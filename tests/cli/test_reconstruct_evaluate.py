@@ -38,3 +38,30 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--truth", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "particles.csv" in err[0]
+
+
+def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
+    import jax
+
+    from cryosip.cryoem.image_model import ImageModel, NuisancePrior
+    from cryosip.cryoem.operator import CryoEMOperator
+    from cryosip.cryoem.simulate import simulate_dataset
+    from cryosip.data.adk import adk_model
+    from cryosip.data.distributions import make_distribution
+    from cryosip.reconstruction import contrast_scale_estimate, prepare, run_method
+
+    model = adk_model(ca_only=True)
+    op = CryoEMOperator(model, ImageModel.for_atoms(32, 3.0, model.atoms), 1.0, NuisancePrior(shift_sd_in_angstroms=1.0))
+    sim = simulate_dataset(jax.random.key(2), op, make_distribution("bimodal", model.lower, model.upper), 200, snr=0.1)
+    a = contrast_scale_estimate(op.with_sigma(sim.sigma), sim.stack.observations())
+    assert 0.5 < a < 1.5, a
+    sim.stack.images = -sim.stack.images  # RELION-style white protein
+    from cryosip.analysis.metrics import w1
+
+    got = {}
+    for mode in ["auto", "as-is"]:
+        pr = prepare(sim.stack, model, sigma=sim.sigma, contrast=mode, progress=False, n_nodes=25)
+        r = run_method(pr, "em-grid", key=jax.random.key(0))
+        got[mode] = w1(r.positions[:, 0], sim.theta[:, 0], r.weights)
+    assert got["auto"] < 0.05 < got["as-is"], got  # flipped back: recovered; kept inverted: wrong
+    assert "inverted contrast" in caplog.text

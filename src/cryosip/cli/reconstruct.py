@@ -39,6 +39,8 @@ def add_args(p):
     p.add_argument("--heldout", type=float, default=0.0, help="fraction of images held out to track the objective on unseen data")
     p.add_argument("--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)")
     p.add_argument("--sigma", type=float, default=None, help="noise sd (default: estimated from the particle background)")
+    p.add_argument("--contrast", default="auto", choices=["auto", "as-is", "invert"],
+                   help="image contrast: auto detects inverted (white-protein) data and flips it")
     p.add_argument("--fit-scale", action="store_true", help="profile a per-image contrast scale and offset")
     p.add_argument("--box", type=int, default=None, help="Fourier-crop to this working box")
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +63,7 @@ def main(args) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)
     progress = not args.no_progress
-    problem = prepare(stack, model, sigma=args.sigma, fit_scale=args.fit_scale, n_nodes=args.nodes, progress=progress)
+    problem = prepare(stack, model, sigma=args.sigma, fit_scale=args.fit_scale, contrast=args.contrast, n_nodes=args.nodes, progress=progress)
     ck = os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
     res = run_method(problem, args.method, args.objective, key=jax.random.key(args.seed), n_particles=args.n_particles,
                      n_steps=args.steps, batch_size=args.batch_size, entropy=args.entropy, fisher_rao=args.fisher_rao,

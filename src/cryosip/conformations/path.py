@@ -33,9 +33,15 @@ class PathModel(AbstractConformationModel):
     coeffs: Float[Array, "4 n_seg n_atoms 3"]
     n_frames: int = eqx.field(static=True)
 
-    def __init__(self, frames: np.ndarray, atoms: AtomParameters, *, superpose_on: np.ndarray | None = None, center: bool = True):
+    def __init__(self, frames: np.ndarray, atoms: AtomParameters, *, superpose_on: np.ndarray | None = None,
+                 center: bool = True, n_knots: int | None = None):
         """``frames``: (F, n_atoms, 3); superposed on frame 0 using the atoms in ``superpose_on``
-        (a boolean mask or index array; default all atoms) and centred on frame 0's centroid."""
+        (a boolean mask or index array; default all atoms) and centred on frame 0's centroid.
+
+        ``n_knots``: if given, the path is first smoothed by a least-squares cubic B-spline in the
+        frame index with that many interior knots (removes frame-to-frame jitter of MD/DIMS paths;
+        the curve then no longer passes exactly through the frames). Default: interpolate the frames.
+        """
         frames = np.asarray(frames, np.float64)
         if frames.ndim != 3 or frames.shape[0] < 2 or frames.shape[2] != 3:
             raise ValueError(f"frames must be (n_frames >= 2, n_atoms, 3), got {frames.shape}")
@@ -43,6 +49,13 @@ class PathModel(AbstractConformationModel):
             raise ValueError(f"frames have {frames.shape[1]} atoms but the atom parameters {atoms.n_atoms}")
         ref = frames[0]
         frames = np.stack([kabsch_superpose(f, ref, superpose_on) for f in frames])
+        if n_knots is not None and frames.shape[0] > 4:
+            from scipy.interpolate import make_lsq_spline
+
+            F = frames.shape[0]
+            x = np.arange(F, dtype=np.float64)
+            knots = np.r_[[0.0] * 4, np.linspace(0, F - 1, int(n_knots) + 2)[1:-1], [F - 1.0] * 4]
+            frames = make_lsq_spline(x, frames.reshape(F, -1), knots, k=3)(x).reshape(frames.shape)
         if center:
             frames = frames - frames[0].mean(0)
         F = frames.shape[0]
