@@ -202,7 +202,7 @@ def run_method(
     n_steps: int = 300,
     batch_size: int | None = None,
     entropy: float = 0.0,
-    fisher_rao: float = 0.3,
+    fisher_rao: float | None = None,
     n_bootstrap: int = 0,
     init: str = "auto",
     progress: bool = True,
@@ -215,10 +215,15 @@ def run_method(
     t0 = time.perf_counter()
     op, obs = problem.engine_operator, problem.engine_observations
     if method == "wgf":
+        if fisher_rao is None:
+            # Fisher-Rao weights by default for KL only: its first variation -R_i/w_i has a natural
+            # scale (0.3 is a damped EM step); for MMD terms the scale is arbitrary and minibatch
+            # noise in it makes weights random-walk, so those flows keep equal weights
+            fisher_rao = 0.3 if objective == "kl" else 0.0
         k_init, k_flow, k_boot = jax.random.split(key, 3)
         m0 = initial_measure(problem, n_particles, k_init, init)
         if objective in ("mmd", "kl+mmd") and batch_size is None:
-            batch_size = min(len(obs), 512)
+            batch_size = min(len(obs), 256)
         disc = make_discrepancy(problem, objective, key=k_flow, init=m0)
         held = None
         if heldout_fraction > 0:

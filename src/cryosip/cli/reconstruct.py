@@ -32,9 +32,9 @@ def add_args(p):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=None, help="observations per step (default: all for kl)")
     p.add_argument("--entropy", type=float, default=0.0, help="entropy weight (Euler-Maruyama)")
-    p.add_argument("--fisher-rao", type=float, default=0.3,
-                   help="Wasserstein-Fisher-Rao weight step per flow step (default 0.3); 0 gives the pure Wasserstein "
-                        "flow with equal weights, which measured biased at high SNR (see docs/results.md)")
+    p.add_argument("--fisher-rao", type=float, default=None,
+                   help="Wasserstein-Fisher-Rao weight step per flow step (default: 0.3 for kl, 0 otherwise); 0 gives "
+                        "the pure Wasserstein flow with equal weights, which measured biased at high SNR")
     p.add_argument("--bootstrap", type=int, default=8, help="bootstrap replicates for the bands")
     p.add_argument("--heldout", type=float, default=0.0, help="fraction of images held out to track the objective on unseen data")
     p.add_argument("--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)")

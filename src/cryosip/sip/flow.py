@@ -234,7 +234,8 @@ def _run_chunk(flow: WassersteinGradientFlow, discrepancy, operator, observation
             phi = glogw / jnp.maximum(w, 1e-30)  # dJ/dw_i (log-weights chain rule)
             # a step of size fisher_rao along the Fisher-Rao gradient (independent of the transport step):
             # for KL, phi_i = -R_i / w_i (R_i: responsibility mass), so fisher_rao = 1 is an EM-like update
-            new_logw = state.log_weights - flow.fisher_rao * (phi - jnp.sum(w * phi))
+            # guard: at most a factor e per step, whatever the objective's scale
+            new_logw = state.log_weights - jnp.clip(flow.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0)
             new_logw = new_logw - jax.scipy.special.logsumexp(new_logw)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_pos)) & jnp.all(jnp.isfinite(new_logw))
         active = state.step < flow.n_steps
