@@ -7,6 +7,10 @@
 
 ``alpha = atan2(ky, kx)`` is measured from the image x axis (RELION). Positive defocus is
 underfocus, so ``CTF(0) = -w``: with a positive projected potential, protein is dark.
+
+cryojax (``AstigmaticCTF``) measures its azimuth from the y axis, ``atan2(kx, ky)``, so
+``astigmatism_angle = 90 - defocus_angle_in_degrees`` (mod 180) gives the same CTF, with
+``defocus_in_angstroms = (dfU + dfV) / 2`` and ``astigmatism_in_angstroms = dfU - dfV``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ def wavelength_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Flo
     """Relativistic electron wavelength (Angstrom)."""
     v = jnp.asarray(voltage_in_kilovolts) * 1e3
     return 12.2639 / jnp.sqrt(v + 0.97845e-6 * v * v)
+
+
+# electron rest energy m_e c^2 in eV (CODATA 2018)
+_ELECTRON_REST_ENERGY_IN_EV = 510998.95
+
+
+def interaction_constant_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Float[Array, "*batch"]:
+    """Electron interaction constant ``sigma_e = lambda * gamma`` (relativistic wavelength times
+    the Lorentz factor), in the convention where the potential of an atom is the sum of its
+    Peng Gaussians with amplitudes in Angstrom (cryojax's
+    ``interaction_constant_from_kilovolts``). The weak-phase object is
+    ``sigma_e * projected potential``: 0.03124 at 300 kV, 0.02545 at 200 kV.
+    """
+    v = jnp.asarray(voltage_in_kilovolts)
+    return wavelength_in_angstroms(v) * (1.0 + v * 1e3 / _ELECTRON_REST_ENERGY_IN_EV)
 
 
 class CTFParams(eqx.Module):
@@ -77,20 +96,25 @@ def rfft_frequencies(box_size: int, pixel_size: float) -> tuple[np.ndarray, np.n
 def compute_ctf(
     ctf: CTFParams, ky: Float[Array, "y x"], kx: Float[Array, "y x"]
 ) -> Float[Array, "y x"]:
-    """Evaluate one particle's CTF on a frequency grid (scalar fields; vmap for batches)."""
+    """Evaluate one particle's CTF on a frequency grid (scalar fields; vmap for batches).
+
+    Written for speed: ``cos 2(alpha - dfAng)`` is expanded with ``cos 2 alpha = (kx^2 - ky^2)/k^2``
+    and ``sin 2 alpha = 2 kx ky / k^2`` (no arctan2), and
+    ``sqrt(1 - w^2) sin(gamma) - w cos(gamma) = sin(gamma - arctan2(w, sqrt(1 - w^2)))``
+    (one sine per frequency).
+    """
     lam = wavelength_in_angstroms(ctf.voltage_in_kilovolts)
     k2 = kx * kx + ky * ky
-    alpha = jnp.arctan2(ky, kx)
-    ang = jnp.deg2rad(ctf.defocus_angle_in_degrees)
-    df = 0.5 * (
-        ctf.defocus_u_in_angstroms
-        + ctf.defocus_v_in_angstroms
-        + (ctf.defocus_u_in_angstroms - ctf.defocus_v_in_angstroms) * jnp.cos(2.0 * (alpha - ang))
-    )
+    nonzero = k2 > 0
+    safe = jnp.where(nonzero, k2, 1.0)
+    cos2a = jnp.where(nonzero, (kx * kx - ky * ky) / safe, 1.0)
+    sin2a = jnp.where(nonzero, 2.0 * kx * ky / safe, 0.0)
+    ang = 2.0 * jnp.deg2rad(ctf.defocus_angle_in_degrees)
+    mean = 0.5 * (ctf.defocus_u_in_angstroms + ctf.defocus_v_in_angstroms)
+    half = 0.5 * (ctf.defocus_u_in_angstroms - ctf.defocus_v_in_angstroms)
+    df = mean + half * (cos2a * jnp.cos(ang) + sin2a * jnp.sin(ang))
     cs = ctf.spherical_aberration_in_mm * 1e7
-    gamma = 2.0 * jnp.pi * (-0.5 * df * lam * k2 + 0.25 * cs * lam**3 * k2 * k2) - jnp.deg2rad(
-        ctf.phase_shift_in_degrees
-    )
+    gamma = jnp.pi * lam * k2 * (-df + 0.5 * cs * lam * lam * k2) - jnp.deg2rad(ctf.phase_shift_in_degrees)
     w = ctf.amplitude_contrast
-    value = jnp.sqrt(1.0 - w * w) * jnp.sin(gamma) - w * jnp.cos(gamma)
+    value = jnp.sin(gamma - jnp.arctan2(w, jnp.sqrt(1.0 - w * w)))
     return ctf.scale * value * jnp.exp(-0.25 * ctf.bfactor_in_angstroms2 * k2)
