@@ -28,7 +28,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .atoms import AtomParameters
-from .ctf import CTFParams, compute_ctf, interaction_constant_in_angstroms, rfft_frequencies
+from .ctf import CTFParams, compute_ctf, interaction_constant_in_angstroms, rfft_frequencies, sin_cos
 from .projection import project_gaussians, window_half_width
 
 
@@ -102,8 +102,12 @@ class ImageModel(eqx.Module):
         """The complex Fourier multiplier (D, D//2+1): contrast scale * CTF * mask * shift phase."""
         ky, kx = self.frequencies()
         t = nuisance.shift_in_angstroms
-        # separable shift phase: D + D//2 + 1 complex exponentials instead of D * (D//2 + 1)
-        phase = jnp.exp(-2j * jnp.pi * (ky * t[1])) * jnp.exp(-2j * jnp.pi * (kx * t[0]))
+        # separable shift phase: D + D//2 + 1 complex exponentials instead of D * (D//2 + 1);
+        # the barrier keeps XLA from fusing (and so repeating) them into the grid
+        sy, cy = sin_cos(-2.0 * jnp.pi * (ky * t[1]))
+        sx, cx = sin_cos(-2.0 * jnp.pi * (kx * t[0]))
+        ey, ex = jax.lax.optimization_barrier((jax.lax.complex(cy, sy), jax.lax.complex(cx, sx)))
+        phase = ey * ex
         if self.contrast_scale is None:
             scale = interaction_constant_in_angstroms(nuisance.ctf.voltage_in_kilovolts)
         else:
