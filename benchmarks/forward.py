@@ -222,6 +222,96 @@ def run_config(structure: str, box: int, batch: int, repeats: int, log) -> list[
     return rows
 
 
+# ------------------------------------------------------------------------------------------
+# Bounds: what this machine could do at best for the algorithm cryosip uses (all measured here)
+# ------------------------------------------------------------------------------------------
+
+
+def _best_seconds(fn, args, reps: int = 7) -> float:
+    jax.block_until_ready(fn(*args))
+    return min(_time(fn, args) for _ in range(reps))
+
+
+def forward_flops_per_image(n_atoms: int, n_gauss: int, half_width: int, box: int) -> dict:
+    """Arithmetic of cryosip's forward model for one image, counted from the algorithm.
+
+    Per atom: rotation 10; edge arguments 2 axes x 2h edges x K x 2; erf 2 x 2h x K x 27
+    (12 FMAs = 24, a division, two clamps); profiles 2 x (2h+1) x K; footprint
+    (2h+1)^2 x K x 2 plus amplitude products (2h+1) x K; scatter (2h+1)^2 adds; window index 8.
+    Per image: rfft2 + irfft2 2 x 2.5 N log2 N (N = D^2); CTF + phase ~60 per rfft frequency;
+    complex products 6 per frequency; noise ~50 per pixel (threefry + inverse erf).
+    """
+    K, h, w = n_gauss, half_width, 2 * half_width + 1
+    per_atom = 10 + 2 * 2 * h * K * 2 + 2 * 2 * h * K * 27 + 2 * w * K + w * w * K * 2 + w * K + w * w + 8
+    N = box * box
+    nf = box * (box // 2 + 1)
+    optics = 2 * 2.5 * N * np.log2(N) + 60 * nf + 6 * nf
+    noise = 50 * N
+    return dict(per_atom=per_atom, projection=per_atom * n_atoms, optics=float(optics), noise=noise,
+                total=float(per_atom * n_atoms + optics + noise))
+
+
+def measure_bounds(box: int = 64, pixel: float = 2.0, chunk: int | None = None) -> dict:
+    """Peak matmul rate, the rates of the XLA primitives the simulator is built from, and the
+    two resulting bounds on simulated images/s (AdK all-atom at ``box`` px)."""
+    from cryosip.cryoem import projection as P
+
+    model = adk_model(ca_only=False)
+    atoms = model.atoms
+    n, K = atoms.amplitudes.shape
+    h = ImageModel.for_atoms(box, pixel, atoms).half_width
+    w = 2 * h + 1
+    c = chunk or P.chunk_size(n, h)
+    n_chunks = 16
+    images = n_chunks * c
+    key = jax.random.key(0)
+    # peak: a large float32 matmul (XLA's best-tuned kernel, all cores)
+    a = jax.random.normal(key, (2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    peak = 2 * 2048**3 / _best_seconds(mm, (a,))
+    # primitives, each in the chunked loop cryosip uses, per image
+    z = jax.random.normal(key, (n_chunks, c, 2, K, 2 * h * n), jnp.float32)
+    t_erf = _best_seconds(jax.jit(lambda z: jax.lax.map(P._erf, z)), (z,)) / images
+    Pc = box + 2 * w
+    foot = jax.random.uniform(key, (n_chunks, c * n, w, w), jnp.float32)
+    idx = jnp.stack([jax.random.randint(jax.random.key(1), (n_chunks, c * n), 0, c * Pc - w),
+                     jax.random.randint(jax.random.key(2), (n_chunks, c * n), 0, Pc - w)], -1)
+
+    def scatter(f, i):
+        return jax.lax.scatter_add(jnp.zeros((c * Pc, Pc), f.dtype), i, f, P._SCATTER_DNUMS, mode="promise_in_bounds")
+
+    t_scatter = _best_seconds(jax.jit(lambda f, i: jax.lax.map(lambda fi: scatter(*fi), (f, i))), (foot, idx)) / images
+
+    def gather(g, i):
+        return jax.lax.gather(g, i, P._GATHER_DNUMS, slice_sizes=(w, w), mode="promise_in_bounds")
+
+    canv = jax.random.normal(key, (n_chunks, c * Pc, Pc), jnp.float32)
+    t_gather = _best_seconds(jax.jit(lambda g, i: jax.lax.map(lambda gi: gather(*gi), (g, i))), (canv, idx)) / images
+    t_exp = _best_seconds(jax.jit(lambda z: jax.lax.map(lambda x: jnp.exp(-x * x), z)), (z,)) / images
+    batch = 128
+    img = jax.random.normal(key, (batch, box, box), jnp.float32)
+    t_fft = _best_seconds(jax.jit(lambda x: jnp.fft.irfft2(jnp.fft.rfft2(x), s=(box, box))), (img,)) / batch
+    nu = NuisancePrior(shift_sd_in_angstroms=5.0).sample(key, batch)
+    im = ImageModel.for_atoms(box, pixel, atoms)
+    t_transfer = _best_seconds(jax.jit(jax.vmap(im.transfer)), (nu,)) / batch
+    t_noise = _best_seconds(jax.jit(lambda k: jax.random.normal(k, (batch, box, box))), (key,)) / batch
+    flops = forward_flops_per_image(n, K, h, box)
+    simulate_primitives = t_erf + t_scatter + t_fft + t_transfer + t_noise
+    # value + grad: forward (erf, scatter, optics) + backward (erf again, exp, gather, optics^T)
+    grad_primitives = 2 * t_erf + t_exp + t_scatter + t_gather + 2 * (t_fft + t_transfer)
+    return dict(
+        box_size=box, pixel_size_in_angstroms=pixel, n_atoms=int(n), window=f"{w}x{w}", chunk=c,
+        peak_matmul_gflops=peak / 1e9,
+        flops_per_image=flops,
+        primitive_microseconds_per_image=dict(
+            erf=1e6 * t_erf, window_scatter=1e6 * t_scatter, window_gather=1e6 * t_gather,
+            exp=1e6 * t_exp, fft_pair=1e6 * t_fft, ctf_and_phase=1e6 * t_transfer, noise=1e6 * t_noise),
+        simulate_bound_flop_roofline_images_per_second=peak / flops["total"],
+        simulate_bound_xla_primitives_images_per_second=1.0 / simulate_primitives,
+        value_and_grad_bound_xla_primitives_images_per_second=1.0 / grad_primitives,
+    )
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="64 px only (all-atom and C-alpha)")
@@ -237,6 +327,17 @@ def main(argv=None) -> dict:
     for structure, box, batch in configs:
         batch = args.batch or batch
         rows += run_config(structure, box, batch, args.repeats, lambda s: print(s, flush=True))
+    bounds = measure_bounds()
+    for row in rows:
+        if row["structure"] == "adk_all" and row["box_size"] == bounds["box_size"]:
+            key = "simulate" if row["task"] == "simulate" else "value_and_grad"
+            ours = row["images_per_second"]["cryosip"]
+            if key == "simulate":
+                bounds["simulate_fraction_of_flop_roofline"] = ours / bounds["simulate_bound_flop_roofline_images_per_second"]
+                bounds["simulate_fraction_of_xla_primitive_bound"] = ours / bounds["simulate_bound_xla_primitives_images_per_second"]
+            else:
+                bounds["value_and_grad_fraction_of_xla_primitive_bound"] = ours / bounds["value_and_grad_bound_xla_primitives_images_per_second"]
+    print("bounds:", json.dumps({k: v for k, v in bounds.items() if "bound" in k or "fraction" in k or k == "peak_matmul_gflops"}, indent=1))
     import cryojax
 
     result = dict(
@@ -255,6 +356,7 @@ def main(argv=None) -> dict:
         quick=args.quick,
         wall_seconds=time.time() - t0,
         rows=rows,
+        bounds=bounds,
     )
     _atomic_write_json(args.out, result)
     print(f"wrote {args.out}")

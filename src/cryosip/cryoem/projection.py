@@ -237,82 +237,75 @@ def _backward_chunk(geo: _Geometry, need_amp: bool, need_var: bool, xyT, amp, va
 # --------------------------------------------------------------------------------------
 
 
-def _chunked(fn, batch_size: int, chunk: int, batched_args, shared_args):
-    """Apply ``fn(*batched_chunk, *shared)`` over chunks of the leading axis; outputs stacked."""
+def _chunked(fn, batch_size: int, chunk: int, args, batched):
+    """``fn(*args_chunk)`` over chunks of the leading axis of the ``batched`` args (the others
+    are passed whole); outputs stacked back to ``batch_size``. ``None`` outputs stay ``None``."""
     n_chunks = -(-batch_size // chunk)
     if n_chunks == 1:
-        return fn(*batched_args, *shared_args)
+        return fn(*args)
     total = n_chunks * chunk
-    if total != batch_size:  # pad with copies of the last item (its results are dropped)
-        batched_args = [jnp.concatenate([x, jnp.repeat(x[-1:], total - batch_size, 0)]) for x in batched_args]
-    xs = [x.reshape((n_chunks, chunk) + x.shape[1:]) for x in batched_args]
-    out = jax.lax.map(lambda xs_: fn(*xs_, *shared_args), xs)
+    stacked = []
+    for x, b in zip(args, batched):
+        if b:
+            if total != batch_size:  # pad with copies of the last item (their results are dropped)
+                x = jnp.concatenate([x, jnp.repeat(x[-1:], total - batch_size, 0)])
+            stacked.append(x.reshape((n_chunks, chunk) + x.shape[1:]))
+
+    def body(xs):
+        it = iter(xs)
+        return fn(*[next(it) if b else x for x, b in zip(args, batched)])
+
+    out = jax.lax.map(body, stacked)
     return jax.tree.map(lambda y: y.reshape((total,) + y.shape[2:])[:batch_size], out)
+
+
+def _atom_minor(a: Array) -> Array:
+    """(..., n, K) -> (..., K, n)."""
+    return jnp.swapaxes(a, -1, -2)
 
 
 @functools.lru_cache(maxsize=None)
 def _make_projector(box_size: int, pixel_size: float, half_width: int):
     geo = _Geometry(box_size, pixel_size, half_width)
 
+    def forward(xy, amp, var):  # xy (c, n, 2); amp, var (K, n) or (c, K, n)
+        return _forward_chunk(geo, jnp.swapaxes(xy, 1, 2), amp, var)
+
     @custom_vmap
     def fwd_kernel(xy, amp, var):
-        return _forward_chunk(geo, xy.T[None], amp.T, var.T)[0]
+        return forward(xy[None], _atom_minor(amp), _atom_minor(var))[0]
 
     @fwd_kernel.def_vmap
     def _fwd_rule(axis_size, in_batched, xy, amp, var):
         xyb, ab, vb = in_batched
-        xyT = jnp.swapaxes(xy, -1, -2) if xyb else jnp.broadcast_to(xy.T, (axis_size,) + xy.T.shape)
-        ampT, varT = jnp.swapaxes(amp, -1, -2), jnp.swapaxes(var, -1, -2)
-        chunk = chunk_size(xyT.shape[-1], half_width)
-        batched, shared, order = [xyT], [], []
-        for arr, b in ((ampT, ab), (varT, vb)):
-            (batched if b else shared).append(arr)
-            order.append(b)
-
-        def fn(*args):
-            nb = 1 + sum(order)
-            bargs, sargs = list(args[:nb]), list(args[nb:])
-            x = bargs.pop(0)
-            a = bargs.pop(0) if order[0] else sargs.pop(0)
-            v = bargs.pop(0) if order[1] else sargs.pop(0)
-            return _forward_chunk(geo, x, a, v)
-
-        return _chunked(fn, axis_size, chunk, batched, shared), True
+        if not xyb:
+            xy = jnp.broadcast_to(xy, (axis_size,) + xy.shape)
+        chunk = chunk_size(xy.shape[-2], half_width)
+        args = (xy, _atom_minor(amp), _atom_minor(var))
+        return _chunked(forward, axis_size, chunk, args, (True, ab, vb)), True
 
     def make_bwd_kernel(need_amp: bool, need_var: bool):
+        def backward(xy, amp, var, g):  # -> dxy (c, n, 2), damp / dvar (c, n, K) or None
+            dxyT, da, dv = _backward_chunk(geo, need_amp, need_var, jnp.swapaxes(xy, 1, 2), amp, var, g)
+            return (jnp.swapaxes(dxyT, 1, 2), None if da is None else _atom_minor(da),
+                    None if dv is None else _atom_minor(dv))
+
         @custom_vmap
         def bwd_kernel(xy, amp, var, g):
-            dxyT, da, dv = _backward_chunk(geo, need_amp, need_var, xy.T[None], amp.T, var.T, g[None])
-            return dxyT[0].T, (None if da is None else da[0].T), (None if dv is None else dv[0].T)
+            dxy, da, dv = backward(xy[None], _atom_minor(amp), _atom_minor(var), g[None])
+            return dxy[0], (None if da is None else da[0]), (None if dv is None else dv[0])
 
         @bwd_kernel.def_vmap
         def _bwd_rule(axis_size, in_batched, xy, amp, var, g):
             xyb, ab, vb, gb = in_batched
-            xyT = jnp.swapaxes(xy, -1, -2) if xyb else jnp.broadcast_to(xy.T, (axis_size,) + xy.T.shape)
-            g = g if gb else jnp.broadcast_to(g, (axis_size,) + g.shape)
-            ampT, varT = jnp.swapaxes(amp, -1, -2), jnp.swapaxes(var, -1, -2)
-            chunk = chunk_size(xyT.shape[-1], half_width)
-            batched, shared, order = [xyT, g], [], []
-            for arr, b in ((ampT, ab), (varT, vb)):
-                (batched if b else shared).append(arr)
-                order.append(b)
-
-            def fn(*args):
-                nb = 2 + sum(order)
-                bargs, sargs = list(args[:nb]), list(args[nb:])
-                x, gg = bargs.pop(0), bargs.pop(0)
-                a = bargs.pop(0) if order[0] else sargs.pop(0)
-                v = bargs.pop(0) if order[1] else sargs.pop(0)
-                dxyT, da, dv = _backward_chunk(geo, need_amp, need_var, x, a, v, gg)
-                return dxyT, da, dv
-
-            dxyT, da, dv = _chunked(fn, axis_size, chunk, batched, shared)
-            out = (
-                jnp.swapaxes(dxyT, -1, -2),
-                None if da is None else jnp.swapaxes(da, -1, -2),
-                None if dv is None else jnp.swapaxes(dv, -1, -2),
-            )
-            return out, (True, None if da is None else True, None if dv is None else True)
+            if not xyb:
+                xy = jnp.broadcast_to(xy, (axis_size,) + xy.shape)
+            if not gb:
+                g = jnp.broadcast_to(g, (axis_size,) + g.shape)
+            chunk = chunk_size(xy.shape[-2], half_width)
+            args = (xy, _atom_minor(amp), _atom_minor(var), g)
+            dxy, da, dv = _chunked(backward, axis_size, chunk, args, (True, ab, vb, True))
+            return (dxy, da, dv), (True, None if da is None else True, None if dv is None else True)
 
         return bwd_kernel
 
