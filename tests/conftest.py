@@ -15,3 +15,13 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
+
+
+# test helper modules (e.g. tests/data/io_helpers.py) are imported by their siblings by name;
+# with --import-mode=importlib their folders are not on sys.path by themselves
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+for _d in sorted(p for p in pathlib.Path(__file__).parent.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_d) not in sys.path:
+        sys.path.insert(0, str(_d))
