@@ -22,6 +22,14 @@ def adk_ca():
     return adk_model(ca_only=True), a["frames"][:, ca]
 
 
+@pytest.fixture(scope="module")
+def adk_ca_raw():
+    """The unsmoothed path: a spline through every superposed DIMS frame."""
+    a = load_adk_arrays()
+    ca = a["names"] == "CA"
+    return adk_model(ca_only=True, smooth=False), a["frames"][:, ca]
+
+
 def _rmsd(x, ref):
     y = kabsch_superpose(np.asarray(x, np.float64), ref)
     return float(np.sqrt(np.mean(np.sum((y - ref) ** 2, axis=1))))
@@ -46,8 +54,9 @@ def _random_rotation(seed):
 # ------------------------------------------------------------------------------------- AdK
 
 
-def test_adk_cv_is_monotone_in_rmsd_to_closed_and_open(adk_ca):
-    model, frames = adk_ca
+@pytest.mark.parametrize("which", ["smoothed", "raw"])
+def test_adk_cv_is_monotone_in_rmsd_to_closed_and_open(which, adk_ca, adk_ca_raw):
+    model, frames = adk_ca if which == "smoothed" else adk_ca_raw
     closed, opened = frames[0], frames[-1]  # raw trajectory frames, independent of the model
 
     # the closed end is the compact one (1AKE-like): smaller radius of gyration
@@ -59,9 +68,12 @@ def test_adk_cv_is_monotone_in_rmsd_to_closed_and_open(adk_ca):
     X = _path(model, s)
     to_closed = np.array([_rmsd(x, closed) for x in X])
     to_open = np.array([_rmsd(x, opened) for x in X])
-    np.testing.assert_allclose([to_closed[0], to_open[-1]], 0.0, atol=1e-3)
+    # the raw path passes through the end frames; the built-in smoothed path (a least-squares
+    # spline, residual ~0.30 A, about the DIMS jitter) ends within 0.25 A of them
+    end_tol = 1e-3 if which == "raw" else 0.3
+    np.testing.assert_allclose([to_closed[0], to_open[-1]], 0.0, atol=end_tol)
     np.testing.assert_allclose(
-        [to_closed[-1], to_open[0]], 6.81, atol=0.02
+        [to_closed[-1], to_open[0]], 6.81, atol=0.02 if which == "raw" else 0.05
     )  # closed-open C-alpha RMSD
     assert np.all(np.diff(to_closed) > 0), to_closed
     assert np.all(np.diff(to_open) < 0), to_open
@@ -74,8 +86,8 @@ def test_adk_cv_is_monotone_in_rmsd_to_closed_and_open(adk_ca):
     assert np.max(to_open - np.minimum.accumulate(to_open)) < 0.05
 
 
-def test_path_model_passes_through_superposed_frames(adk_ca):
-    model, frames = adk_ca
+def test_path_model_passes_through_superposed_frames(adk_ca_raw):
+    model, frames = adk_ca_raw
     ca = np.ones(frames.shape[1], bool)
     ref = frames[0]
     expected = np.stack([kabsch_superpose(f, ref, ca) for f in frames])
