@@ -20,9 +20,11 @@ or a :class:`~cryosip.sip.table.TabulatedOperator`), or a precomputed log-likeli
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,20 +38,38 @@ from .operator import AbstractRandomOperator, Observations
 logger = logging.getLogger(__name__)
 
 
-def loglik_on_nodes(operator: AbstractRandomOperator, obs: Observations, nodes, *, key=None, batch_size: int | None = 256):
+def loglik_on_nodes(
+    operator: AbstractRandomOperator,
+    obs: Observations,
+    nodes,
+    *,
+    key=None,
+    batch_size: int | None = 256,
+):
     """log p(y_n | theta_k) for every observation and node, (N, K)."""
-    nodes = jnp.asarray(nodes, jnp.float32)
+    nodes = np.asarray(nodes, np.float32)
     if nodes.ndim == 1:
         nodes = nodes[:, None]
-    f = jax.jit(lambda o: operator.log_likelihood_matrix(nodes, o, key=key))
     n = len(obs)
     if batch_size is None or n <= batch_size:
-        return np.asarray(f(obs))
+        return np.asarray(_loglik_matrix(operator, nodes, obs, key))
     out = []
     for s in range(0, n, batch_size):
-        idx = np.minimum(np.arange(s, s + batch_size), n - 1)
-        out.append(np.asarray(f(obs.take(jnp.asarray(idx))))[: min(batch_size, n - s)])
+        idx = np.minimum(
+            np.arange(s, s + batch_size), n - 1
+        )  # pad the last batch: one compiled shape
+        out.append(
+            np.asarray(_loglik_matrix(operator, nodes, obs.take(idx), key))[
+                : min(batch_size, n - s)
+            ]
+        )
     return np.concatenate(out)
+
+
+@eqx.filter_jit
+def _loglik_matrix(operator, nodes, obs, key):
+    """Compiled once per (operator structure, shapes): repeated calls reuse it."""
+    return operator.log_likelihood_matrix(jnp.asarray(nodes), obs, key=key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,7 +77,13 @@ def loglik_on_nodes(operator: AbstractRandomOperator, obs: Observations, nodes, 
 # ------------------------------------------------------------------------------------------------
 
 
-def em_weights(loglik: np.ndarray, n_iter: int = 500, prior_alpha: float = 1.0, obs_weight=None, tol: float = 1e-9):
+def em_weights(
+    loglik: np.ndarray,
+    n_iter: int = 500,
+    prior_alpha: float = 1.0,
+    obs_weight=None,
+    tol: float = 1e-9,
+):
     """EM (MAP under a symmetric Dirichlet(alpha) prior) for mixture weights with fixed components.
 
     Maximises ``sum_n c_n log sum_k w_k exp(L_nk) + (alpha - 1) sum_k log w_k`` over the simplex
@@ -76,8 +102,12 @@ def em_weights(loglik: np.ndarray, n_iter: int = 500, prior_alpha: float = 1.0, 
     c = np.ones(N) if obs_weight is None else np.asarray(obs_weight, np.float64)
     a1 = float(prior_alpha) - 1.0
     rowmax = L.max(axis=1, keepdims=True)
-    E = np.exp(L - rowmax)  # each row's largest entry is 1: no overflow, underflow only far from the max
-    E[E < 1e-200] = 0.0  # no subnormals (they slow the products down many times; their terms are negligible)
+    E = np.exp(
+        L - rowmax
+    )  # each row's largest entry is 1: no overflow, underflow only far from the max
+    E[E < 1e-200] = (
+        0.0  # no subnormals (they slow the products down many times; their terms are negligible)
+    )
     const = float(c @ rowmax[:, 0])
     keep = c > 0
     E, c_k = E[keep], c[keep]
@@ -88,7 +118,9 @@ def em_weights(loglik: np.ndarray, n_iter: int = 500, prior_alpha: float = 1.0, 
         lm = np.log(np.where(bad, 1.0, m))
         if bad.any():  # weights vanished where these rows' likelihood lives: back to log space
             with np.errstate(divide="ignore"):
-                lm[bad] = np_logsumexp((L[keep][bad] - rowmax[keep][bad]) + np.log(w)[None, :], axis=1)
+                lm[bad] = np_logsumexp(
+                    (L[keep][bad] - rowmax[keep][bad]) + np.log(w)[None, :], axis=1
+                )
         pen = a1 * np.sum(np.log(np.maximum(w, 1e-300))) if a1 != 0.0 else 0.0
         return float(c_k @ lm) + const + pen, m, bad
 
@@ -112,7 +144,9 @@ def em_weights(loglik: np.ndarray, n_iter: int = 500, prior_alpha: float = 1.0, 
     return w, np.asarray(hist)
 
 
-def em_grid(operator, obs, nodes, *, n_iter: int = 500, prior_alpha: float = 1.0, loglik=None) -> ParticleMeasure:
+def em_grid(
+    operator, obs, nodes, *, n_iter: int = 500, prior_alpha: float = 1.0, loglik=None
+) -> ParticleMeasure:
     """Ensemble reweighting on fixed nodes: the K-atom restriction of the KL objective."""
     L = loglik_on_nodes(operator, obs, nodes) if loglik is None else loglik
     w, _ = em_weights(L, n_iter=n_iter, prior_alpha=prior_alpha)
@@ -120,7 +154,12 @@ def em_grid(operator, obs, nodes, *, n_iter: int = 500, prior_alpha: float = 1.0
 
 
 def bootstrap_em(
-    loglik: np.ndarray, n_boot: int, key: PRNGKeyArray, *, n_iter: int = 500, prior_alpha: float = 1.0
+    loglik: np.ndarray,
+    n_boot: int,
+    key: PRNGKeyArray,
+    *,
+    n_iter: int = 500,
+    prior_alpha: float = 1.0,
 ) -> Float[np.ndarray, "n_boot n_components"]:
     """EM weights for ``n_boot`` bootstrap replicates (images resampled with replacement).
 
@@ -158,12 +197,14 @@ def per_image_map(operator, obs, grid, *, log_prior=None, loglik=None) -> np.nda
 
 
 def _adam_update(grads, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
-    """One Adam step for a pytree; ``lr`` is a pytree of (scalar) learning rates. Returns (updates, m, v)."""
+    """One Adam step for a pytree; ``lr``: a pytree of scalar learning rates. -> (updates, m, v)."""
     m = jax.tree_util.tree_map(lambda mi, g: b1 * mi + (1 - b1) * g, m, grads)
     v = jax.tree_util.tree_map(lambda vi, g: b2 * vi + (1 - b2) * g * g, v, grads)
     t = step.astype(jnp.float32) + 1.0
     c1, c2 = 1 - b1**t, 1 - b2**t
-    upd = jax.tree_util.tree_map(lambda mi, vi, a: -a * (mi / c1) / (jnp.sqrt(vi / c2) + eps), m, v, lr)
+    upd = jax.tree_util.tree_map(
+        lambda mi, vi, a: -a * (mi / c1) / (jnp.sqrt(vi / c2) + eps), m, v, lr
+    )
     return upd, m, v
 
 
@@ -183,14 +224,19 @@ def _bounds(operator):
 
 
 def _default_init(operator, obs, n: int, key, grid_size: int, batch_size: int) -> np.ndarray:
-    """(n, d) initial positions: quantiles of per-image MAP (1-D bounded), else uniform in the box."""
+    """(n, d) initial positions: per-image-MAP quantiles (1-D bounded), else uniform in the box."""
     lo, hi = _bounds(operator)
     bounded = bool(np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)))
     if not bounded:
         raise ValueError("an unbounded domain needs an explicit init")
     if lo.size == 1:
         grid = np.linspace(lo[0], hi[0], grid_size)
-        m = per_image_map(operator, obs, grid, loglik=loglik_on_nodes(operator, obs, grid, key=key, batch_size=batch_size))
+        m = per_image_map(
+            operator,
+            obs,
+            grid,
+            loglik=loglik_on_nodes(operator, obs, grid, key=key, batch_size=batch_size),
+        )
         q = np.quantile(m, (np.arange(n) + 0.5) / n)
         # equal quantiles would stay glued together (same gradient): spread them within a grid cell
         h = (hi[0] - lo[0]) / (grid_size - 1)
@@ -239,43 +285,74 @@ def map_classes(
     if theta0.shape[0] != K:
         raise ValueError(f"init has {theta0.shape[0]} classes, K = {K}")
     width = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
-    lo_j, hi_j = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     n_obs = len(obs)
+    batch = None if batch_size is None or batch_size >= n_obs else int(batch_size)
+    theta, log_w, hist = _fit_classes(
+        operator,
+        obs,
+        np.asarray(theta0, np.float32),
+        np.asarray(logits0, np.float32),
+        k_run,
+        np.asarray(lo, np.float32),
+        np.asarray(hi, np.float32),
+        np.asarray(learning_rate * width, np.float32),
+        np.float32(weight_learning_rate),
+        int(n_steps),
+        batch,
+        int(n_nuisance),
+    )
+    hist = np.asarray(hist)
+    logger.debug("map_classes K=%d: objective %.6g -> %.6g", K, hist[0], hist[-1])
+    return ParticleMeasure(theta, log_w)
+
+
+@eqx.filter_jit
+def _fit_classes(
+    operator,
+    obs,
+    theta0,
+    logits0,
+    key,
+    lo,
+    hi,
+    lr_theta,
+    lr_logits,
+    n_steps: int,
+    batch: int | None,
+    n_nuisance: int,
+):
+    """Adam on (positions, logits) of a K-atom measure for the KL objective; one compiled scan."""
+    n_obs = obs.index.shape[0]
 
     def loss(params, o, k):
         ll = operator.log_likelihood_matrix(params["theta"], o, key=k, n_nuisance=n_nuisance)
         lm = logsumexp(ll + jax.nn.log_softmax(params["logits"])[None, :], axis=1)
         return -jnp.sum(o.weight * lm) / jnp.sum(o.weight)
 
-    lr = {"theta": jnp.asarray(learning_rate * width, jnp.float32), "logits": jnp.asarray(weight_learning_rate, jnp.float32)}
+    lr = {"theta": jnp.asarray(lr_theta), "logits": jnp.asarray(lr_logits)}
 
     def step(carry, _):
         params, m, v, i = carry
-        k = jax.random.fold_in(k_run, i)
-        kb, kn = jax.random.split(k)
-        o = obs
-        if batch_size is not None and batch_size < n_obs:
-            o = obs.take(jax.random.choice(kb, n_obs, (batch_size,), replace=False))
+        kb, kn = jax.random.split(jax.random.fold_in(key, i))
+        o = (
+            obs
+            if batch is None
+            else obs.take(jax.random.choice(kb, n_obs, (batch,), replace=False))
+        )
         val, g = jax.value_and_grad(loss)(params, o, kn)
         g = jax.tree_util.tree_map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), g)
         s = _cosine(i, n_steps)
         upd, m, v = _adam_update(g, m, v, i, jax.tree_util.tree_map(lambda a: a * s, lr))
-        theta = jnp.clip(params["theta"] + upd["theta"], lo_j, hi_j)
+        theta = jnp.clip(params["theta"] + upd["theta"], lo, hi)
         params = {"theta": theta, "logits": params["logits"] + upd["logits"]}
         return (params, m, v, i + 1), val
 
-    params = {"theta": jnp.asarray(theta0, jnp.float32), "logits": jnp.asarray(logits0, jnp.float32)}
+    params = {"theta": jnp.asarray(theta0), "logits": jnp.asarray(logits0)}
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-
-    @jax.jit
-    def run(params):
-        (params, _, _, _), hist = jax.lax.scan(step, (params, zeros, zeros, jnp.asarray(0)), None, length=int(n_steps))
-        return params, hist
-
-    params, hist = run(params)
-    hist = np.asarray(hist)
-    logger.debug("map_classes K=%d: objective %.6g -> %.6g", K, hist[0], hist[-1])
-    return ParticleMeasure(params["theta"], jax.nn.log_softmax(params["logits"]))
+    (params, _, _, _), hist = jax.lax.scan(
+        step, (params, zeros, zeros, jnp.asarray(0)), None, length=n_steps
+    )
+    return params["theta"], jax.nn.log_softmax(params["logits"]), hist
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,17 +379,22 @@ class GMMFit(NamedTuple):
 
 
 def mixture_on_grid(
-    grid: Float[Array, "n_grid dim"], weights: Float[Array, " c"], means: Float[Array, "c dim"], sds: Float[Array, "c dim"]
+    grid: Float[Array, "n_grid dim"],
+    weights: Float[Array, " c"],
+    means: Float[Array, "c dim"],
+    sds: Float[Array, "c dim"],
 ) -> Float[Array, " n_grid"]:
-    """Masses of a diagonal Gaussian mixture on grid points, each component normalised over the grid."""
+    """Masses of a diagonal Gaussian mixture on grid points, each component normalised there."""
     z = (grid[None, :, :] - means[:, None, :]) / sds[:, None, :]
     logc = -0.5 * jnp.sum(z * z, axis=-1)  # (C, G)
     logc = logc - logsumexp(logc, axis=1, keepdims=True)
     return jnp.exp(logsumexp(logc + jnp.log(weights)[:, None], axis=0))
 
 
-def _weighted_gmm_init(grid: np.ndarray, mass: np.ndarray, C: int, rng: np.random.Generator, h: np.ndarray):
-    """Plain weighted EM for a C-component diagonal GMM fitted to a discrete measure (an initial guess)."""
+def _weighted_gmm_init(
+    grid: np.ndarray, mass: np.ndarray, C: int, rng: np.random.Generator, h: np.ndarray
+):
+    """Plain weighted EM for a C-component diagonal GMM fitted to a discrete measure (a guess)."""
     G, d = grid.shape
     mass = mass / mass.sum()
     cdf = np.cumsum(mass)
@@ -344,7 +426,7 @@ def gmm(
     n_restarts: int = 4,
     learning_rate: float = 0.03,
 ) -> GMMFit:
-    """A Gaussian mixture rho = sum_c pi_c N(mu_c, diag s_c^2) on the CV, by maximum marginal likelihood.
+    """A Gaussian mixture rho = sum_c pi_c N(mu_c, diag s_c^2) on the CV, by maximum likelihood.
 
     The marginal likelihood is computed by quadrature on ``grid`` ((G,) or (G, d) points, uniform
     spacing; default 257 points over a bounded 1-D domain): ``p(y_n) = sum_g q_g p(y_n | theta_g)``
@@ -358,13 +440,23 @@ def gmm(
     if grid is None:
         lo, hi = _bounds(operator)
         if lo.size != 1 or not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            raise ValueError("gmm needs a quadrature grid for a multi-dimensional or unbounded domain")
+            raise ValueError(
+                "gmm needs a quadrature grid for a multi-dimensional or unbounded domain"
+            )
         grid = np.linspace(lo[0], hi[0], 257)
     g = np.asarray(grid, np.float64)
     L = loglik_on_nodes(operator, obs, g, key=key) if loglik is None else np.asarray(loglik)
     c = None if obs is None else np.asarray(obs.weight, np.float64)
-    return gmm_from_loglik(L, g, n_components, key=key, obs_weight=c, n_steps=n_steps, n_restarts=n_restarts,
-                           learning_rate=learning_rate)
+    return gmm_from_loglik(
+        L,
+        g,
+        n_components,
+        key=key,
+        obs_weight=c,
+        n_steps=n_steps,
+        n_restarts=n_restarts,
+        learning_rate=learning_rate,
+    )
 
 
 def gmm_from_loglik(
@@ -391,60 +483,88 @@ def gmm_from_loglik(
     L = np.asarray(loglik, np.float64)
     if L.ndim != 2 or L.shape[1] != G:
         raise ValueError(f"loglik must be (n_obs, {G}) for {G} grid points, got {L.shape}")
-    h = np.array([np.min(np.diff(np.unique(g[:, j]))) if np.unique(g[:, j]).size > 1 else 1.0 for j in range(d)])
+    h = np.array(
+        [
+            np.min(np.diff(np.unique(g[:, j]))) if np.unique(g[:, j]).size > 1 else 1.0
+            for j in range(d)
+        ]
+    )
     c = np.ones(L.shape[0]) if obs_weight is None else np.asarray(obs_weight, np.float64)
     keep = c > 0
     L, c = L[keep], c[keep]
     w_em, _ = em_weights(L, n_iter=300, obs_weight=c)
 
-    kd = np.asarray(jax.random.key_data(key)) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else np.asarray(key)
+    kd = (
+        np.asarray(jax.random.key_data(key))
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        else np.asarray(key)
+    )
     rng = np.random.default_rng(kd.astype(np.uint32).ravel().tolist())
     rowmax = L.max(axis=1, keepdims=True)
     # p(y_n) / max_g p(y_n | theta_g) = sum_g E_ng q_g: a matrix-vector product per step, no exp
-    Ej = jnp.asarray(np.exp(L - rowmax), jnp.float32)
-    cj = jnp.asarray(c / c.sum(), jnp.float32)
-    gj = jnp.asarray(g, jnp.float32)
-    hmin = jnp.asarray(0.5 * h, jnp.float32)
+    E = np.exp(L - rowmax).astype(np.float32)
+    inits = [_weighted_gmm_init(g, w_em, C, rng, h) for _ in range(max(1, int(n_restarts)))]
+    p0 = {
+        "logits": np.stack([np.log(np.maximum(pi, 1e-6)) for pi, _, _ in inits]).astype(np.float32),
+        "mu": np.stack([mu for _, mu, _ in inits]).astype(np.float32),
+        "log_s": np.stack(
+            [np.log(np.maximum(sd - 0.5 * h, 0.25 * h)) for _, _, sd in inits]
+        ).astype(np.float32),
+    }
+    lr = {
+        "logits": np.float32(learning_rate * 3),
+        "mu": (learning_rate * (g.max(0) - g.min(0))).astype(np.float32),
+        "log_s": np.float32(learning_rate * 3),
+    }
+    finals, hists, pis, mus, sds, qs = (
+        np.asarray(x, np.float64)
+        for x in _fit_gmm(
+            E,
+            (c / c.sum()).astype(np.float32),
+            g.astype(np.float32),
+            (0.5 * h).astype(np.float32),
+            p0,
+            lr,
+            int(n_steps),
+        )
+    )
+    r = int(np.argmin(finals))
+    logger.debug("gmm C=%d: restart objectives %s", C, finals)
+    pi, mu, sd, q = pis[r], mus[r], sds[r], qs[r]
+    ll = -finals[r] + float(np.sum(c / c.sum() * rowmax[:, 0]))
+    order = np.argsort(mu[:, 0])
+    return GMMFit(grid_measure(g, q), pi[order], mu[order], sd[order], ll, hists[r])
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _fit_gmm(E, c, grid, hmin, p0, lr, n_steps: int):
+    """Adam on (logits, means, log sds) of a grid-truncated diagonal GMM; all restarts at once."""
 
     def unpack(p):
         return jax.nn.softmax(p["logits"]), p["mu"], hmin + jnp.exp(p["log_s"])
 
     def loss(p):
-        q = mixture_on_grid(gj, *unpack(p))
-        return -jnp.sum(cj * jnp.log(jnp.maximum(Ej @ q, 1e-37)))
+        q = mixture_on_grid(grid, *unpack(p))
+        return -jnp.sum(c * jnp.log(jnp.maximum(E @ q, 1e-37)))
 
-    lr = {"logits": jnp.float32(learning_rate * 3), "mu": jnp.asarray(learning_rate * (g.max(0) - g.min(0)), jnp.float32),
-          "log_s": jnp.float32(learning_rate * 3)}
-
-    @jax.jit
-    def fit(p):
+    def one(p):
         zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
 
         def step(carry, _):
             p, m, v, i = carry
             val, gr = jax.value_and_grad(loss)(p)
             gr = jax.tree_util.tree_map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), gr)
-            upd, m, v = _adam_update(gr, m, v, i, jax.tree_util.tree_map(lambda a: a * _cosine(i, n_steps), lr))
+            upd, m, v = _adam_update(
+                gr, m, v, i, jax.tree_util.tree_map(lambda a: a * _cosine(i, n_steps), lr)
+            )
             p = jax.tree_util.tree_map(lambda a, u: a + u, p, upd)
-            p["mu"] = jnp.clip(p["mu"], gj.min(0), gj.max(0))
+            p["mu"] = jnp.clip(p["mu"], grid.min(0), grid.max(0))
             return (p, m, v, i + 1), val
 
-        (p, _, _, _), hist = jax.lax.scan(step, (p, zeros, zeros, jnp.asarray(0)), None, length=int(n_steps))
-        return p, hist, loss(p)
+        (p, _, _, _), hist = jax.lax.scan(
+            step, (p, zeros, zeros, jnp.asarray(0)), None, length=n_steps
+        )
+        pi, mu, sd = unpack(p)
+        return loss(p), hist, pi, mu, sd, mixture_on_grid(grid, pi, mu, sd)
 
-    best = None
-    for r in range(max(1, int(n_restarts))):
-        pi0, mu0, sd0 = _weighted_gmm_init(g, w_em, C, rng, h)
-        p0 = {"logits": jnp.asarray(np.log(np.maximum(pi0, 1e-6)), jnp.float32), "mu": jnp.asarray(mu0, jnp.float32),
-              "log_s": jnp.asarray(np.log(np.maximum(sd0 - 0.5 * h, 0.25 * h)), jnp.float32)}
-        p, hist, final = fit(p0)
-        final = float(final)
-        logger.debug("gmm restart %d: objective %.6g", r, final)
-        if best is None or final < best[0]:
-            best = (final, p, np.asarray(hist))
-    final, p, hist = best
-    pi, mu, sd = (np.asarray(x, np.float64) for x in unpack(p))
-    q = np.asarray(mixture_on_grid(gj, *unpack(p)), np.float64)
-    ll = -final + float(np.sum(c / c.sum() * rowmax[:, 0]))
-    order = np.argsort(mu[:, 0])
-    return GMMFit(grid_measure(g, q), pi[order], mu[order], sd[order], ll, hist)
+    return jax.vmap(one)(p0)
