@@ -1,0 +1,147 @@
+"""Data-parallel flows: observations (and nuisance draws) split over devices, particles replicated.
+
+The engine's objective is a sum over observations (KL: of per-image log marginal likelihoods;
+paired MMD: of per-image kernel scores), and every velocity is a gradient of it. Placing the
+observations sharded along their leading axis over a one-axis ``Mesh`` and everything else
+(particles, operator) replicated is enough: ``jit`` propagates the shardings through the
+compiled step (``_run_chunk`` in :mod:`cryosip.sip.flow`), so each device simulates and
+differentiates its own images, and XLA inserts the all-reduce of the objective and of the
+particle gradients. The engine's code does not change::
+
+    mesh = make_mesh()                                  # every device jax.devices() lists
+    obs = shard_observations(obs, mesh)                 # images + known nuisances split
+    op = DataParallelOperator(op, mesh)                 # Monte Carlo nuisance draws split too
+    init = replicate(init, mesh)
+    result = flow.run(disc, op, obs, init, key=key)     # same particles as one device
+
+Several hosts: call ``jax.distributed.initialize()`` first in every process; ``jax.devices()``
+then lists the devices of all hosts and the same code runs data-parallel over all of them
+(``docs/scaling.md`` has a SLURM recipe). The mesh uses ``AxisType.Auto`` (classic sharding
+propagation; ``jax.make_mesh`` defaults to ``Explicit`` in recent JAX).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
+
+from .operator import AbstractRandomOperator, Observations
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATA_AXIS",
+    "DataParallelOperator",
+    "data_sharding",
+    "make_mesh",
+    "replicate",
+    "replicated_sharding",
+    "shard_observations",
+]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A one-axis mesh over ``devices`` (default: all of ``jax.devices()``, every host's)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("no devices to build a mesh on")
+    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over the mesh's (only) axis, the other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Every array leaf of ``tree`` (particles, an operator) copied to every device of the mesh."""
+    sh = replicated_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, sh) if isinstance(a, (jax.Array, np.ndarray)) else a, tree
+    )
+
+
+def _pad_rows(a, n_pad: int):
+    a = jnp.asarray(a)
+    return jnp.concatenate([a, jnp.repeat(a[-1:], n_pad, axis=0)], axis=0)
+
+
+def shard_observations(obs: Observations, mesh: Mesh, *, pad: bool = False) -> Observations:
+    """``obs`` with every leaf split along the observation axis over the mesh's devices.
+
+    The number of observations must be a multiple of the number of devices, unless ``pad``:
+    then copies of the last observation with weight 0 are appended (they leave weighted
+    objectives -- ``KL``, ``PairedMMD`` -- unchanged, but a flow with ``batch_size`` set would
+    draw them into minibatches, so pad only for full-batch flows or pad the data beforehand).
+    """
+    n = len(obs)
+    n_dev = mesh.devices.size
+    n_pad = (-n) % n_dev
+    if n_pad:
+        if not pad:
+            raise ValueError(
+                f"{n} observations do not split evenly over {n_dev} devices (pass pad=True)"
+            )
+        logger.info(
+            "padding %d observations with %d zero-weight copies for %d devices", n, n_pad, n_dev
+        )
+        padded = jax.tree_util.tree_map(
+            lambda a: _pad_rows(a, n_pad), (obs.values, obs.nuisance, obs.index)
+        )
+        weight = jnp.concatenate([jnp.asarray(obs.weight), jnp.zeros((n_pad,), jnp.float32)])
+        obs = Observations(padded[0], padded[1], padded[2], weight)
+    sh = data_sharding(mesh)
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sh), obs)
+
+
+class DataParallelOperator(AbstractRandomOperator):
+    """Wraps an operator so that its Monte Carlo nuisance draws are split over the mesh too.
+
+    ``mean``, ``domain`` and the noise are the wrapped operator's; ``sample_nuisance`` draws the
+    same values and constrains their leading axis to the data axis (``KL`` with unknown
+    nuisances and the unconditional ``MMD`` then simulate data-parallel as well).
+    """
+
+    operator: AbstractRandomOperator
+    mesh: Mesh = eqx.field(static=True)
+
+    def __init__(self, operator: AbstractRandomOperator, mesh: Mesh):
+        self.operator = operator
+        self.mesh = mesh
+
+    @property
+    def noise(self):
+        return self.operator.noise
+
+    @property
+    def fit_scale(self):
+        return self.operator.fit_scale
+
+    def mean(self, theta, nuisance):
+        return self.operator.mean(theta, nuisance)
+
+    def sample_nuisance(self, key, n: int):
+        nu = self.operator.sample_nuisance(key, n)
+        if n % self.mesh.devices.size:
+            return nu
+        return jax.lax.with_sharding_constraint(nu, data_sharding(self.mesh))
+
+    @property
+    def domain(self):
+        return self.operator.domain
+
+    @property
+    def obs_size(self) -> int:
+        return self.operator.obs_size
