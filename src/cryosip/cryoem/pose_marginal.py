@@ -38,7 +38,7 @@ from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..sip.loglik_table import LogLikTableOperator
-from ..sip.operator import AbstractRandomOperator, Observations, _map_rows
+from ..sip.operator import AbstractRandomOperator, Observations, _map_chunks
 from .image_model import CryoNuisance
 from .operator import CryoEMOperator
 from .pose import axis_angle_to_matrix
@@ -176,16 +176,19 @@ class PoseMarginalOperator(AbstractRandomOperator):
         ll = lambda y, m: self.base.noise.log_likelihood(y, m, fit_scale=fs, fit_offset=fs)  # noqa: E731
         log_k = jnp.log(float(self.n_draws))
 
-        def row(args):
-            y, nu, i = args
-            nus = self.perturbed(nu, i)
-            ms = jax.vmap(lambda n: jax.vmap(lambda th: self.base.mean(th, n))(theta))(
-                nus
-            )  # (K, P, ...)
-            lls = jax.vmap(jax.vmap(lambda m: ll(y, m)))(ms)  # (K, P)
-            return logsumexp(lls, axis=0) - log_k
+        k = self.n_draws
 
-        return _map_rows(row, (obs.values, obs.nuisance, obs.index), batch_size)
+        def chunk(args):
+            ys, nus, idx = args
+            b = idx.shape[0]
+            pert = jax.vmap(self.perturbed)(nus, idx)  # leaves (b, K, ...)
+            flat = jax.tree_util.tree_map(lambda a: a.reshape((b * k,) + a.shape[2:]), pert)
+            ms = self.base.pair_means(theta, flat)  # one flat batch of b * K * P images
+            ms = ms.reshape((b, k) + ms.shape[1:])  # (b, K, P, ...)
+            lls = jax.vmap(lambda y, m: jax.vmap(jax.vmap(lambda mi: ll(y, mi)))(m))(ys, ms)
+            return logsumexp(lls, axis=1) - log_k  # (b, P)
+
+        return _map_chunks(chunk, (obs.values, obs.nuisance, obs.index), batch_size)
 
     def tabulate(
         self, obs: Observations, n_nodes: int = 33, *, batch_size: int = 16, progress=None

@@ -60,6 +60,28 @@ def _map_rows(f, xs, batch_size: int | None):
     return jax.lax.map(f, xs, batch_size=batch_size)
 
 
+def _map_chunks(f, xs, batch_size: int | None):
+    """``f`` applied to whole chunks of ``batch_size`` rows of ``xs`` (leading axis), results
+    concatenated; ``f`` itself is vectorised over a chunk. ``None``: one chunk of everything.
+
+    Unlike :func:`_map_rows` the rows of a chunk are not vmapped one by one: ``f`` sees the
+    chunk and can render all of its (row, particle) pairs as one flat batch.
+    """
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if batch_size is None or n <= batch_size:
+        return f(xs)
+    n_chunks = -(-n // batch_size)
+    total = n_chunks * batch_size
+
+    def split(a):
+        if total != n:  # pad with copies of the last row; their results are dropped
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], total - n, axis=0)])
+        return a.reshape((n_chunks, batch_size) + a.shape[1:])
+
+    out = jax.lax.map(f, jax.tree_util.tree_map(split, xs))
+    return jax.tree_util.tree_map(lambda y: y.reshape((total,) + y.shape[2:])[:n], out)
+
+
 class AbstractRandomOperator(eqx.Module):
     """A random forward operator with additive Gaussian noise."""
 
@@ -91,15 +113,25 @@ class AbstractRandomOperator(eqx.Module):
             nuisance = self.sample_nuisance(kn, theta.shape[0])
         return self.noise.sample(ke, self.means(theta, nuisance))
 
+    def pair_means(self, theta: Float[Array, "n_particles dim"], nuisance: PyTree) -> Array:
+        """F0(theta_i, xi_n) for every nuisance row n and particle i: (N, P, ...).
+
+        All N x P pairs are rendered as one flat ``vmap`` over pairs (not a vmap over rows of a
+        vmap over particles): a simulator with its own batching rule (the cryo-EM projector)
+        then sees one batch of N x P images, which nested vmaps would hide from it.
+        """
+        n = jax.tree_util.tree_leaves(nuisance)[0].shape[0]
+        p = theta.shape[0]
+        th = jnp.tile(theta, (n,) + (1,) * (theta.ndim - 1))  # row n * P + i is theta_i
+        nu = jax.tree_util.tree_map(lambda a: jnp.repeat(a, p, axis=0), nuisance)
+        m = jax.vmap(self.mean)(th, nu)
+        return m.reshape((n, p) + m.shape[1:])
+
     def paired_means(self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None) -> Array:
         """F0(theta_i, xi_n) for every observation n (its own nuisance) and particle i: (B, P, ...)."""
         if obs.nuisance is None:
             raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
-
-        def row(nu):
-            return jax.vmap(lambda th: self.mean(th, nu))(theta)
-
-        return _map_rows(row, obs.nuisance, batch_size)
+        return _map_chunks(lambda nu: self.pair_means(theta, nu), obs.nuisance, batch_size)
 
     def log_likelihood_matrix(
         self,
@@ -118,16 +150,16 @@ class AbstractRandomOperator(eqx.Module):
         """
         ll = lambda y, m: self.noise.log_likelihood(y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale)  # noqa: E731
         if obs.nuisance is not None:
-            def row(args):
-                y, nu = args
-                ms = jax.vmap(lambda th: self.mean(th, nu))(theta)
-                return jax.vmap(lambda m: ll(y, m))(ms)
+            def chunk(args):
+                ys, nus = args
+                ms = self.pair_means(theta, nus)  # (b, P, ...)
+                return jax.vmap(lambda y, m: jax.vmap(lambda mi: ll(y, mi))(m))(ys, ms)
 
-            return _map_rows(row, (obs.values, obs.nuisance), batch_size)
+            return _map_chunks(chunk, (obs.values, obs.nuisance), batch_size)
         if key is None:
             raise ValueError("unknown nuisances: a key is needed to draw them")
         nus = self.sample_nuisance(key, n_nuisance)
-        ms = jax.vmap(lambda nu: jax.vmap(lambda th: self.mean(th, nu))(theta))(nus)  # (M, P, ...)
+        ms = self.pair_means(theta, nus)  # (M, P, ...)
 
         def row_mc(y):
             lls = jax.vmap(jax.vmap(lambda m: ll(y, m)))(ms)  # (M, P)
@@ -139,18 +171,22 @@ class AbstractRandomOperator(eqx.Module):
         self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None
     ) -> tuple[Float[Array, "n_obs n_particles"], Float[Array, "n_obs n_particles n_particles"]]:
         """(||F0(theta_i, xi_n) - y_n||^2, ||F0(theta_i, xi_n) - F0(theta_j, xi_n)||^2)."""
-        def row(args):
-            y, nu = args
-            ms = jax.vmap(lambda th: self.mean(th, nu))(theta).reshape(theta.shape[0], -1)
-            yv = y.reshape(-1)
-            dy = jnp.sum((ms - yv) ** 2, axis=-1)
-            sq = jnp.sum(ms * ms, axis=-1)
-            dmm = jnp.maximum(sq[:, None] + sq[None, :] - 2 * ms @ ms.T, 0.0)
-            return dy, dmm
-
         if obs.nuisance is None:
             raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
-        return _map_rows(row, (obs.values, obs.nuisance), batch_size)
+        p = theta.shape[0]
+
+        def chunk(args):
+            ys, nus = args
+            ms = self.pair_means(theta, nus)
+            ms = ms.reshape(ms.shape[0], p, -1)  # (b, P, pixels)
+            yv = ys.reshape(ys.shape[0], 1, -1)
+            dy = jnp.sum((ms - yv) ** 2, axis=-1)
+            sq = jnp.sum(ms * ms, axis=-1)
+            gram = jnp.einsum("bip,bjp->bij", ms, ms)
+            dmm = jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
+            return dy, dmm
+
+        return _map_chunks(chunk, (obs.values, obs.nuisance), batch_size)
 
     @property
     def obs_size(self) -> int:

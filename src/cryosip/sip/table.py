@@ -78,17 +78,16 @@ def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_n
 @eqx.filter_jit
 def _node_tables(base, nodes, y, nu, center: bool):
     """Gram matrix, cross products and |y|^2 for a batch of observations (module-level: compiled once per shape)."""
-    n_nodes = nodes.shape[0]
-
-    def one(y, nu):
-        ms = jax.vmap(lambda th: base.mean(th, nu))(nodes).reshape(n_nodes, -1)
-        yv = y.reshape(-1)
-        if center:
-            ms = ms - ms.mean(axis=1, keepdims=True)
-            yv = yv - yv.mean()
-        return ms @ ms.T, ms @ yv, yv @ yv
-
-    return jax.vmap(one)(y, nu)
+    b, n_nodes = jax.tree_util.tree_leaves(y)[0].shape[0], nodes.shape[0]
+    # every (observation, node) image as one flat batch: see AbstractRandomOperator.pair_means
+    ms = base.pair_means(nodes, nu).reshape(b, n_nodes, -1)
+    yv = y.reshape(b, -1)
+    if center:
+        ms = ms - ms.mean(axis=2, keepdims=True)
+        yv = yv - yv.mean(axis=1, keepdims=True)
+    gram = jnp.einsum("bgp,bhp->bgh", ms, ms)
+    cross = jnp.einsum("bgp,bp->bg", ms, yv)
+    return gram, cross, jnp.sum(yv * yv, axis=1)
 
 
 class TabulatedOperator(AbstractRandomOperator):
