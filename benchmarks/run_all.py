@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["forward.py", "simulate_memory.py", "reconstruction.py"]
+SCRIPTS = ["forward.py", "simulate_memory.py", "reconstruction.py", "scaling.py"]
 
 if __name__ == "__main__":
     quick = ["--quick"] if "--quick" in sys.argv else []

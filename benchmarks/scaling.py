@@ -489,6 +489,7 @@ def report(result: dict, figure: Path = FIGURE) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from cryosip._atomic import savefig
 
@@ -513,6 +514,8 @@ def report(result: dict, figure: Path = FIGURE) -> str:
                 x, y = zip(*pts)
                 e = cost["exponents"][f"{objective}_{var}"]
                 ax.loglog(x, y, marker=marker, label=f"{objective}: slope {e:.2f}")
+            ax.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))])  # the measured points
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(label)
             ax.set_ylabel("seconds per WGF step")
             ax.legend(fontsize=8)

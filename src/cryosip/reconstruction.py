@@ -301,3 +301,96 @@ def posterior_cv(problem: Problem, result: MethodResult) -> tuple[np.ndarray, np
         means.append(np.asarray(m))
         sds.append(np.sqrt(np.maximum(np.asarray(v), 0.0)))
     return np.concatenate(means), np.concatenate(sds)
+
+
+def run_streamed(
+    stack: ParticleStack,
+    conformation: AbstractConformationModel,
+    objective: str = "kl",
+    *,
+    key,
+    n_particles: int = 64,
+    n_steps: int = 300,
+    batch_size: int = 256,
+    devices: int | None = None,
+    sigma: float | None = None,
+    contrast: str = "auto",
+    fit_scale: bool = False,
+    n_nodes: int = 33,
+    pilot_images: int = 512,
+    entropy: float = 0.0,
+    fisher_rao: float | None = None,
+    prefetch: int = 2,
+    progress: bool = True,
+) -> tuple[Problem, MethodResult]:
+    """The particle flow on the direct operator, fed one minibatch read from disk per step.
+
+    For stacks larger than memory: the images are never loaded whole (peak memory does not grow
+    with the number of images, ``benchmarks/scaling.py``). Every step renders and differentiates
+    ``batch_size x n_particles`` images (:class:`~cryosip.cryoem.operator.CryoEMOperator`), so
+    this path works for any CV dimension. A *pilot* subset of ``pilot_images`` random images is
+    tabulated first (1-D CVs) to choose what the in-memory pipeline chooses from all images:
+    the contrast sign, the initial particles (per-image-MAP quantiles), the kernel bandwidth and
+    the step size. ``devices`` > 1 splits each minibatch over that many devices
+    (:mod:`cryosip.sip.sharding`; particles replicated): ``batch_size`` must be a multiple of it.
+
+    Returns the pilot :class:`Problem` (its operator is the direct one) and the flow's result.
+    Not available here: bootstrap bands and per-image posteriors (both need passes over every
+    image); checkpoints (a stream's position is not checkpointed).
+    """
+    from .data.streaming import MinibatchStream
+    from .sip import sharding
+    from .sip.streaming_flow import run_streaming
+
+    if objective not in ("kl", "mmd", "kl+mmd"):
+        raise ValueError(f"streamed reconstruction supports kl, mmd and kl+mmd, not {objective!r}")
+    if contrast not in ("auto", "as-is", "invert"):
+        raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
+    t0 = time.perf_counter()
+    n = len(stack)
+    batch_size = int(min(batch_size, n))
+    n_dev = 1 if devices is None else int(devices)
+    if n_dev > 1 and batch_size % n_dev:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {n_dev} devices")
+    k_pilot, k_init, k_flow, k_stream = jax.random.split(key, 4)
+    if sigma is None:
+        sigma = estimate_sigma(stack.images)
+        logger.info("noise sigma estimated from the particle background: %.4g", sigma)
+    pilot_idx = np.sort(np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False)))
+    pilot_stack = stack.take(pilot_idx)
+    invert = contrast == "invert"
+    if contrast == "auto":
+        image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
+        a = contrast_scale_estimate(CryoEMOperator(conformation, image_model, sigma), pilot_stack.observations())
+        if a < 0:
+            logger.warning("the images correlate negatively with the model (pooled scale %.3g): the data have "
+                           "inverted contrast (white protein); inverting them (use --contrast as-is to keep)", a)
+            invert = True
+    pilot = prepare(pilot_stack, conformation, sigma=sigma, contrast="invert" if invert else "as-is",
+                    fit_scale=fit_scale, n_nodes=n_nodes, progress=False)
+    if fisher_rao is None:
+        fisher_rao = 0.3 if objective == "kl" else 0.0  # as run_method: see the comment there
+    m0 = initial_measure(pilot, n_particles, k_init)
+    disc = make_discrepancy(pilot, objective, key=k_flow, init=m0)
+    flow = _auto_flow(pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_stack)), entropy, fisher_rao)
+    op = pilot.operator
+    shard = None
+    if n_dev > 1:
+        if n_dev > len(jax.devices()):
+            raise ValueError(f"{n_dev} devices asked for, {len(jax.devices())} available: {jax.devices()}")
+        mesh = sharding.make_mesh(jax.devices()[:n_dev])
+        op = sharding.DataParallelOperator(op, mesh)
+        m0 = sharding.replicate(m0, mesh)
+        shard = sharding.data_sharding(mesh)
+    setup = time.perf_counter() - t0
+    pilot = dataclasses.replace(pilot, setup_seconds=setup)
+    t1 = time.perf_counter()
+    with MinibatchStream(stack, batch_size, k_stream, prefetch=prefetch, sharding=shard) as stream:
+        batches = (Observations(-b.values, b.nuisance, b.index, b.weight) for b in stream) if invert else stream
+        res = run_streaming(flow, disc, op, batches, m0, key=k_flow,
+                            progress=TqdmProgress(f"wgf {objective} (streamed)") if progress else None)
+        logger.info("streamed %d minibatches of %d images: reader busy %.1f s, flow waited %.1f s for data",
+                    stream.n_batches, batch_size, stream.read_seconds, stream.wait_seconds)
+    out = MethodResult("wgf", objective, np.asarray(res.measure.positions), np.asarray(res.measure.weights),
+                       time.perf_counter() - t1, np.asarray(res.losses), np.asarray(res.trajectory), flow=res)
+    return pilot, out

@@ -9,10 +9,21 @@ Examples:
   $ cryosip reconstruct sim/particles.star --model adk --objective kl --n-particles 64 --steps 300 --seed 0 --out rec/
   $ cryosip reconstruct sim/particles.star --model adk --method em-grid --out rec-em/
   $ cryosip reconstruct job/particles.cs --datadir job/ --model traj.pdb --objective kl+mmd --out rec/
+  $ cryosip reconstruct big/particles.star --model adk --stream --batch-size 256 --steps 2000 --out rec-big/
+  $ cryosip reconstruct big/particles.star --model adk --stream --devices 4 --out rec-4gpu/
+
+--stream reads one random minibatch of images from disk per step (prefetched in a background
+thread) and runs the flow on the direct operator, so memory does not grow with the number of
+images; a random pilot subset (--pilot-images) is tabulated to choose the contrast sign, the
+initial particles, the kernel bandwidth and the step size. --devices N splits each minibatch
+over N devices (GPUs, or CPU devices forced with
+XLA_FLAGS=--xla_force_host_platform_device_count=N). Streamed runs write no bootstrap bands
+and no particles_cv.star (both need passes over every image).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -46,8 +57,57 @@ def add_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (multiple of 25)")
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.npz")
+    p.add_argument("--stream", action="store_true",
+                   help="stream minibatches from disk (memory flat in the number of images); wgf only")
+    p.add_argument("--devices", type=_devices, default=None,
+                   help="with --stream: split each minibatch over N devices ('all': every device)")
+    p.add_argument("--pilot-images", type=int, default=512,
+                   help="with --stream: images tabulated to choose contrast, start, bandwidth and step size")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _devices(text: str):
+    if text == "all":
+        return "all"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--devices takes a positive integer or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--devices must be >= 1, got {n}")
+    return n
+
+
+def _main_streamed(args, stack, model, settings) -> int:
+    from ..analysis.outputs import write_reconstruction
+    from ..data.errors import CryosipInputError
+    from ..reconstruction import run_streamed
+
+    if args.method != "wgf":
+        raise CryosipInputError(args.particles, f"--stream runs the particle flow (wgf), not {args.method}")
+    if args.resume or args.checkpoint_every:
+        raise CryosipInputError(args.particles, "--stream does not checkpoint (a stream's position is not saved)")
+    devices = len(jax.devices()) if args.devices == "all" else args.devices
+    batch = args.batch_size or 256
+    try:
+        problem, res = run_streamed(stack, model, args.objective, key=jax.random.key(args.seed),
+                                    n_particles=args.n_particles, n_steps=args.steps, batch_size=batch,
+                                    devices=devices, sigma=args.sigma, contrast=args.contrast,
+                                    fit_scale=args.fit_scale, n_nodes=args.nodes, pilot_images=args.pilot_images,
+                                    entropy=args.entropy, fisher_rao=args.fisher_rao,
+                                    progress=not args.no_progress)
+    except CryosipInputError:
+        raise
+    except ValueError as e:
+        raise CryosipInputError(args.particles, str(e)) from None
+    extra = {"n_images": len(stack), "streamed": True, "devices": devices or 1, "batch_size": batch,
+             "pilot_images": min(args.pilot_images, len(stack))}
+    summary = write_reconstruction(args.out, problem, res, model.cv_names, settings, summary_extra=extra)
+    logger.info("done: %s (streamed) in %.1f s (final objective %s)", res.label, res.seconds, summary.get("final_objective"))
+    print(f"{res.label}: {res.positions.shape[0]} particles, mean CV {float(np.average(res.positions[:, 0], weights=res.weights)):.4f}; "  # noqa: T201
+          f"outputs in {args.out}")
+    return 0
 
 
 def main(args) -> int:
@@ -62,6 +122,12 @@ def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)
+    if args.stream:
+        return _main_streamed(args, stack, model, settings)
+    if args.devices not in (None, 1):
+        from ..data.errors import CryosipInputError
+
+        raise CryosipInputError(args.particles, "--devices needs --stream (the tabulated path runs on one device)")
     progress = not args.no_progress
     problem = prepare(stack, model, sigma=args.sigma, fit_scale=args.fit_scale, contrast=args.contrast, n_nodes=args.nodes, progress=progress)
     ck = os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
