@@ -339,9 +339,12 @@ def draw_dataset(key, scene: Scene, n_images: int):
     return theta, nu, k_noise
 
 
-def pipeline_fisher_rao() -> float:
-    """The pipeline's default Fisher-Rao weight step (``run_method``'s ``fisher_rao``), recorded in configs."""
-    return float(inspect.signature(run_method).parameters["fisher_rao"].default)
+def pipeline_fisher_rao() -> float | None:
+    """The pipeline's default Fisher-Rao weight step (``run_method``'s ``fisher_rao``), recorded in configs.
+
+    None: ``run_method`` picks it by objective (0.3 for the KL, 0 for the MMD objectives)."""
+    default = inspect.signature(run_method).parameters["fisher_rao"].default
+    return None if default is None else float(default)
 
 
 def reconstruct(
@@ -383,7 +386,7 @@ def score(positions, weights, reference) -> dict:
 
 def summarise(df: pd.DataFrame, by: list[str], metrics=("w1", "w2", "seconds")) -> pd.DataFrame:
     """Mean, sd (ddof 1; 0 for one seed) and count over seeds."""
-    g = df.groupby(by, sort=False)
+    g = df.groupby(by, sort=False, dropna=False)  # keep rows with a NaN key (the oracle's SNR)
     out = g.size().rename("n_seeds").reset_index()
     for m in metrics:
         if m in df:
