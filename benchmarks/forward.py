@@ -89,7 +89,9 @@ def _cryojax_image_model(cxs, integrator, coords, atoms, box, pixel, euler, shif
         amplitude_contrast_ratio=ctf.amplitude_contrast,
         phase_shift=ctf.phase_shift_in_degrees,
     )
-    return cxs.make_image_model(volume, config, pose, transfer, integrator, quantity_mode="contrast")
+    return cxs.make_image_model(
+        volume, config, pose, transfer, integrator, quantity_mode="contrast"
+    )
 
 
 def setup(structure: str, box: int, batch: int, seed: int = 0):
@@ -133,7 +135,9 @@ def setup(structure: str, box: int, batch: int, seed: int = 0):
 
     # --- cryojax -------------------------------------------------------------------------
     coords0 = model(jnp.array([0.5]))
-    n_spread = cxs.suggest_n_spread(cxs.GaussianMixtureVolume(coords0, atoms.amplitudes, atoms.variances), pixel)
+    n_spread = cxs.suggest_n_spread(
+        cxs.GaussianMixtureVolume(coords0, atoms.amplitudes, atoms.variances), pixel
+    )
     integrators = {
         "cryojax_default": cxs.GaussianMixtureProjection(),
         "cryojax_fastest": cxs.GaussianMixtureProjection(n_spread=n_spread),
@@ -148,19 +152,25 @@ def setup(structure: str, box: int, batch: int, seed: int = 0):
             keys = jax.random.split(key, theta.shape[0])
 
             def one(k, t, e, s, c):
-                return cxs.GaussianWhiteNoiseModel(cj_model(t, e, s, c), variance=SIGMA**2).sample(k)
+                return cxs.GaussianWhiteNoiseModel(cj_model(t, e, s, c), variance=SIGMA**2).sample(
+                    k
+                )
 
             return jax.vmap(one)(keys, theta, euler, shift, ctf)
 
         @jax.jit
         def grad_cj(theta, euler, shift, ctf, observed, cj_model=cj_model):
             def loss(th):
-                images = jax.vmap(lambda t, e, s, c: cj_model(t, e, s, c).simulate())(th, euler, shift, ctf)
+                images = jax.vmap(lambda t, e, s, c: cj_model(t, e, s, c).simulate())(
+                    th, euler, shift, ctf
+                )
                 return jnp.sum((images - observed) ** 2)
 
             return jax.value_and_grad(loss)(theta)
 
-        clean_cj = jax.jit(jax.vmap(lambda t, e, s, c, cj_model=cj_model: cj_model(t, e, s, c).simulate()))
+        clean_cj = jax.jit(
+            jax.vmap(lambda t, e, s, c, cj_model=cj_model: cj_model(t, e, s, c).simulate())
+        )
         methods[name] = dict(
             simulate=(simulate_cj, (k_sim, theta, euler, shift, ctf)),
             value_and_grad=(grad_cj, (theta, euler, shift, ctf, observed)),
@@ -196,29 +206,42 @@ def run_config(structure: str, box: int, batch: int, repeats: int, log) -> list[
 
     rows = []
     for task in ("simulate", "value_and_grad"):
-        outputs = {m: jax.block_until_ready(methods[m][task][0](*methods[m][task][1])) for m in names}  # warm-up
+        outputs = {
+            m: jax.block_until_ready(methods[m][task][0](*methods[m][task][1])) for m in names
+        }  # warm-up
         times = {m: [] for m in names}
         for _ in range(repeats):
             for m in names:  # interleaved rounds
                 fn, args = methods[m][task]
                 times[m].append(_time(fn, args))
         ips = {m: batch / statistics.median(times[m]) for m in names}
-        row = dict(info, task=task, images_per_second=ips,
-                   seconds_per_batch={m: times[m] for m in names},
-                   ratio_vs_cryojax_default=ips["cryosip"] / ips["cryojax_default"],
-                   ratio_vs_cryojax_fastest=ips["cryosip"] / ips["cryojax_fastest"])
+        row = dict(
+            info,
+            task=task,
+            images_per_second=ips,
+            seconds_per_batch={m: times[m] for m in names},
+            ratio_vs_cryojax_default=ips["cryosip"] / ips["cryojax_default"],
+            ratio_vs_cryojax_fastest=ips["cryosip"] / ips["cryojax_fastest"],
+        )
         if task == "value_and_grad":
             g_ref = np.asarray(outputs["cryojax_default"][1]).ravel()
             row["gradient_cosine_vs_cryojax_default"] = {
-                m: float(np.dot(np.asarray(outputs[m][1]).ravel(), g_ref)
-                         / (np.linalg.norm(np.asarray(outputs[m][1])) * np.linalg.norm(g_ref)))
+                m: float(
+                    np.dot(np.asarray(outputs[m][1]).ravel(), g_ref)
+                    / (np.linalg.norm(np.asarray(outputs[m][1])) * np.linalg.norm(g_ref))
+                )
                 for m in ("cryosip", "cryojax_fastest")
             }
         else:
-            row["relative_l2_vs_cryojax_default"] = {m: rel(clean[m]) for m in ("cryosip", "cryojax_fastest")}
+            row["relative_l2_vs_cryojax_default"] = {
+                m: rel(clean[m]) for m in ("cryosip", "cryojax_fastest")
+            }
         rows.append(row)
-        log(f"{structure:7s} {box:4d} px {task:15s} " + "  ".join(f"{m} {ips[m]:9.1f}" for m in names)
-            + f"   x{row['ratio_vs_cryojax_default']:.1f} default, x{row['ratio_vs_cryojax_fastest']:.1f} fastest")
+        log(
+            f"{structure:7s} {box:4d} px {task:15s} "
+            + "  ".join(f"{m} {ips[m]:9.1f}" for m in names)
+            + f"   x{row['ratio_vs_cryojax_default']:.1f} default, x{row['ratio_vs_cryojax_fastest']:.1f} fastest"
+        )
     return rows
 
 
@@ -242,13 +265,20 @@ def forward_flops_per_image(n_atoms: int, n_gauss: int, half_width: int, box: in
     complex products 6 per frequency; noise ~50 per pixel (threefry + inverse erf).
     """
     K, h, w = n_gauss, half_width, 2 * half_width + 1
-    per_atom = 10 + 2 * 2 * h * K * 2 + 2 * 2 * h * K * 27 + 2 * w * K + w * w * K * 2 + w * K + w * w + 8
+    per_atom = (
+        10 + 2 * 2 * h * K * 2 + 2 * 2 * h * K * 27 + 2 * w * K + w * w * K * 2 + w * K + w * w + 8
+    )
     N = box * box
     nf = box * (box // 2 + 1)
     optics = 2 * 2.5 * N * np.log2(N) + 60 * nf + 6 * nf
     noise = 50 * N
-    return dict(per_atom=per_atom, projection=per_atom * n_atoms, optics=float(optics), noise=noise,
-                total=float(per_atom * n_atoms + optics + noise))
+    return dict(
+        per_atom=per_atom,
+        projection=per_atom * n_atoms,
+        optics=float(optics),
+        noise=noise,
+        total=float(per_atom * n_atoms + optics + noise),
+    )
 
 
 def measure_bounds(box: int = 64, pixel: float = 2.0, chunk: int | None = None) -> dict:
@@ -274,38 +304,72 @@ def measure_bounds(box: int = 64, pixel: float = 2.0, chunk: int | None = None) 
     t_erf = _best_seconds(jax.jit(lambda z: jax.lax.map(P._erf, z)), (z,)) / images
     Pc = box + 2 * w
     foot = jax.random.uniform(key, (n_chunks, c * n, w, w), jnp.float32)
-    idx = jnp.stack([jax.random.randint(jax.random.key(1), (n_chunks, c * n), 0, c * Pc - w),
-                     jax.random.randint(jax.random.key(2), (n_chunks, c * n), 0, Pc - w)], -1)
+    idx = jnp.stack(
+        [
+            jax.random.randint(jax.random.key(1), (n_chunks, c * n), 0, c * Pc - w),
+            jax.random.randint(jax.random.key(2), (n_chunks, c * n), 0, Pc - w),
+        ],
+        -1,
+    )
 
     def scatter(f, i):
-        return jax.lax.scatter_add(jnp.zeros((c * Pc, Pc), f.dtype), i, f, P._SCATTER_DNUMS, mode="promise_in_bounds")
+        return jax.lax.scatter_add(
+            jnp.zeros((c * Pc, Pc), f.dtype), i, f, P._SCATTER_DNUMS, mode="promise_in_bounds"
+        )
 
-    t_scatter = _best_seconds(jax.jit(lambda f, i: jax.lax.map(lambda fi: scatter(*fi), (f, i))), (foot, idx)) / images
+    t_scatter = (
+        _best_seconds(
+            jax.jit(lambda f, i: jax.lax.map(lambda fi: scatter(*fi), (f, i))), (foot, idx)
+        )
+        / images
+    )
 
     def gather(g, i):
         return jax.lax.gather(g, i, P._GATHER_DNUMS, slice_sizes=(w, w), mode="promise_in_bounds")
 
     canv = jax.random.normal(key, (n_chunks, c * Pc, Pc), jnp.float32)
-    t_gather = _best_seconds(jax.jit(lambda g, i: jax.lax.map(lambda gi: gather(*gi), (g, i))), (canv, idx)) / images
-    t_exp = _best_seconds(jax.jit(lambda z: jax.lax.map(lambda x: jnp.exp(-x * x), z)), (z,)) / images
+    t_gather = (
+        _best_seconds(
+            jax.jit(lambda g, i: jax.lax.map(lambda gi: gather(*gi), (g, i))), (canv, idx)
+        )
+        / images
+    )
+    t_exp = (
+        _best_seconds(jax.jit(lambda z: jax.lax.map(lambda x: jnp.exp(-x * x), z)), (z,)) / images
+    )
     batch = 128
     img = jax.random.normal(key, (batch, box, box), jnp.float32)
-    t_fft = _best_seconds(jax.jit(lambda x: jnp.fft.irfft2(jnp.fft.rfft2(x), s=(box, box))), (img,)) / batch
+    t_fft = (
+        _best_seconds(jax.jit(lambda x: jnp.fft.irfft2(jnp.fft.rfft2(x), s=(box, box))), (img,))
+        / batch
+    )
     nu = NuisancePrior(shift_sd_in_angstroms=5.0).sample(key, batch)
     im = ImageModel.for_atoms(box, pixel, atoms)
     t_transfer = _best_seconds(jax.jit(jax.vmap(im.transfer)), (nu,)) / batch
-    t_noise = _best_seconds(jax.jit(lambda k: jax.random.normal(k, (batch, box, box))), (key,)) / batch
+    t_noise = (
+        _best_seconds(jax.jit(lambda k: jax.random.normal(k, (batch, box, box))), (key,)) / batch
+    )
     flops = forward_flops_per_image(n, K, h, box)
     simulate_primitives = t_erf + t_scatter + t_fft + t_transfer + t_noise
     # value + grad: forward (erf, scatter, optics) + backward (erf again, exp, gather, optics^T)
     grad_primitives = 2 * t_erf + t_exp + t_scatter + t_gather + 2 * (t_fft + t_transfer)
     return dict(
-        box_size=box, pixel_size_in_angstroms=pixel, n_atoms=int(n), window=f"{w}x{w}", chunk=c,
+        box_size=box,
+        pixel_size_in_angstroms=pixel,
+        n_atoms=int(n),
+        window=f"{w}x{w}",
+        chunk=c,
         peak_matmul_gflops=peak / 1e9,
         flops_per_image=flops,
         primitive_microseconds_per_image=dict(
-            erf=1e6 * t_erf, window_scatter=1e6 * t_scatter, window_gather=1e6 * t_gather,
-            exp=1e6 * t_exp, fft_pair=1e6 * t_fft, ctf_and_phase=1e6 * t_transfer, noise=1e6 * t_noise),
+            erf=1e6 * t_erf,
+            window_scatter=1e6 * t_scatter,
+            window_gather=1e6 * t_gather,
+            exp=1e6 * t_exp,
+            fft_pair=1e6 * t_fft,
+            ctf_and_phase=1e6 * t_transfer,
+            noise=1e6 * t_noise,
+        ),
         simulate_bound_flop_roofline_images_per_second=peak / flops["total"],
         simulate_bound_xla_primitives_images_per_second=1.0 / simulate_primitives,
         value_and_grad_bound_xla_primitives_images_per_second=1.0 / grad_primitives,
@@ -333,23 +397,47 @@ def main(argv=None) -> dict:
             key = "simulate" if row["task"] == "simulate" else "value_and_grad"
             ours = row["images_per_second"]["cryosip"]
             if key == "simulate":
-                bounds["simulate_fraction_of_flop_roofline"] = ours / bounds["simulate_bound_flop_roofline_images_per_second"]
-                bounds["simulate_fraction_of_xla_primitive_bound"] = ours / bounds["simulate_bound_xla_primitives_images_per_second"]
+                bounds["simulate_fraction_of_flop_roofline"] = (
+                    ours / bounds["simulate_bound_flop_roofline_images_per_second"]
+                )
+                bounds["simulate_fraction_of_xla_primitive_bound"] = (
+                    ours / bounds["simulate_bound_xla_primitives_images_per_second"]
+                )
             else:
-                bounds["value_and_grad_fraction_of_xla_primitive_bound"] = ours / bounds["value_and_grad_bound_xla_primitives_images_per_second"]
-    print("bounds:", json.dumps({k: v for k, v in bounds.items() if "bound" in k or "fraction" in k or k == "peak_matmul_gflops"}, indent=1))
+                bounds["value_and_grad_fraction_of_xla_primitive_bound"] = (
+                    ours / bounds["value_and_grad_bound_xla_primitives_images_per_second"]
+                )
+    print(
+        "bounds:",
+        json.dumps(
+            {
+                k: v
+                for k, v in bounds.items()
+                if "bound" in k or "fraction" in k or k == "peak_matmul_gflops"
+            },
+            indent=1,
+        ),
+    )
     import cryojax
 
     result = dict(
         benchmark="forward",
         description="images/s of the forward model, cryosip vs cryojax (same process, interleaved, "
-                    "median of repeats after warm-up); per-image CV through the AdK PathModel",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                     cpu_count=os.cpu_count(), load_average_at_end=list(os.getloadavg()),
-                     jax_devices=[str(d) for d in jax.devices()]),
-        versions=dict(cryosip=cryosip.__version__, jax=jax.__version__, cryojax=cryojax.__version__,
-                      numpy=np.__version__),
+        "median of repeats after warm-up); per-image CV through the AdK PathModel",
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count(),
+            load_average_at_end=list(os.getloadavg()),
+            jax_devices=[str(d) for d in jax.devices()],
+        ),
+        versions=dict(
+            cryosip=cryosip.__version__,
+            jax=jax.__version__,
+            cryojax=cryojax.__version__,
+            numpy=np.__version__,
+        ),
         field_of_view_in_angstroms=FIELD_OF_VIEW_IN_ANGSTROMS,
         noise_sigma=SIGMA,
         repeats=args.repeats,

@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from cryosip import _atomic
 from cryosip.analysis.metrics import w1
@@ -46,14 +45,20 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "reconstruction.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "reconstruction.json")
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.n_images, a.model = 1000, "adk-ca"
     model = load_model(a.model)
     truth = make_distribution("bimodal", model.lower, model.upper)
-    op = CryoEMOperator(model, ImageModel.for_atoms(a.box, a.pixel_size, model.atoms), 1.0,
-                        NuisancePrior(shift_sd_in_angstroms=2.0))
+    op = CryoEMOperator(
+        model,
+        ImageModel.for_atoms(a.box, a.pixel_size, model.atoms),
+        1.0,
+        NuisancePrior(shift_sd_in_angstroms=2.0),
+    )
     rows = []
     for snr in a.snrs:
         key = jax.random.key(a.seed)
@@ -61,23 +66,68 @@ def main(argv=None):
         sim = simulate_dataset(key, op, truth, a.n_images, snr=snr)
         t_sim = time.perf_counter() - t0
         problem = prepare(sim.stack, model, sigma=sim.sigma, progress=False)
-        row = {"snr": snr, "n_images": a.n_images, "simulate_seconds": t_sim, "tabulate_seconds": problem.setup_seconds,
-               "methods": {}}
-        for i, (m, obj) in enumerate([("wgf", "kl"), ("wgf", "mmd"), ("wgf", "kl+mmd"), ("em-grid", "kl"), ("per-image", "kl")]):
-            r = run_method(problem, m, obj, key=jax.random.fold_in(key, 100 + i), n_steps=a.steps, progress=False)
-            row["methods"][r.label] = {"w1": w1(r.positions[:, 0], sim.theta[:, 0], r.weights), "seconds": r.seconds}
-            print(f"SNR {snr:g} {r.label:<12} W1 {row['methods'][r.label]['w1']:.4f}  {r.seconds:.1f} s", flush=True)
+        row = {
+            "snr": snr,
+            "n_images": a.n_images,
+            "simulate_seconds": t_sim,
+            "tabulate_seconds": problem.setup_seconds,
+            "methods": {},
+        }
+        for i, (m, obj) in enumerate(
+            [
+                ("wgf", "kl"),
+                ("wgf", "mmd"),
+                ("wgf", "kl+mmd"),
+                ("em-grid", "kl"),
+                ("per-image", "kl"),
+            ]
+        ):
+            r = run_method(
+                problem,
+                m,
+                obj,
+                key=jax.random.fold_in(key, 100 + i),
+                n_steps=a.steps,
+                progress=False,
+            )
+            row["methods"][r.label] = {
+                "w1": w1(r.positions[:, 0], sim.theta[:, 0], r.weights),
+                "seconds": r.seconds,
+            }
+            print(
+                f"SNR {snr:g} {r.label:<12} W1 {row['methods'][r.label]['w1']:.4f}  {r.seconds:.1f} s",
+                flush=True,
+            )
         for lab, bound in TARGETS.get(f"{snr:g}", {}).items():
-            row.setdefault("targets", {})[lab] = {"bound": bound, "met": row["methods"][lab]["w1"] <= bound}
+            row.setdefault("targets", {})[lab] = {
+                "bound": bound,
+                "met": row["methods"][lab]["w1"] <= bound,
+            }
         if f"{snr:g}" == "0.01":
             row.setdefault("targets", {})["kl+mmd<=kl"] = {
-                "met": row["methods"]["wgf-kl+mmd"]["w1"] <= row["methods"]["wgf-kl"]["w1"] + 1e-3}
+                "met": row["methods"]["wgf-kl+mmd"]["w1"] <= row["methods"]["wgf-kl"]["w1"] + 1e-3
+            }
         rows.append(row)
-    out = {"benchmark": "reconstruction", "model": a.model, "box": a.box, "pixel_size": a.pixel_size,
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
-           "jax": jax.__version__, "python": sys.version.split()[0], "rows": rows}
+    out = {
+        "benchmark": "reconstruction",
+        "model": a.model,
+        "box": a.box,
+        "pixel_size": a.pixel_size,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
+        "jax": jax.__version__,
+        "python": sys.version.split()[0],
+        "rows": rows,
+    }
     _atomic.write_json(a.out, out)
-    print(json.dumps({f"{r['snr']:g}": {k: round(v['w1'], 4) for k, v in r['methods'].items()} for r in rows}, indent=1))
+    print(
+        json.dumps(
+            {
+                f"{r['snr']:g}": {k: round(v["w1"], 4) for k, v in r["methods"].items()}
+                for r in rows
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

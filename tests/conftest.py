@@ -2,7 +2,6 @@ import jax
 import pytest
 
 
-
 @pytest.fixture
 def getkey():
     counter = iter(range(10**6))
@@ -22,6 +21,10 @@ def x64():
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
-for _d in sorted(p for p in pathlib.Path(__file__).parent.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+for _d in sorted(
+    p
+    for p in pathlib.Path(__file__).parent.iterdir()
+    if p.is_dir() and not p.name.startswith((".", "_"))
+):
     if str(_d) not in sys.path:
         sys.path.insert(0, str(_d))

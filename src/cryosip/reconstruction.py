@@ -17,7 +17,15 @@ from .cryoem.image_model import ImageModel
 from .cryoem.operator import CryoEMOperator
 from .data.particles import ParticleStack
 from .sip import dto
-from .sip.discrepancies import KL, MMD, Composite, GaussianKernel, PairedMMD, balance_weights, median_distance
+from .sip.discrepancies import (
+    KL,
+    MMD,
+    Composite,
+    GaussianKernel,
+    PairedMMD,
+    balance_weights,
+    median_distance,
+)
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.operator import Observations
@@ -74,7 +82,9 @@ class MethodResult:
         return self.method if self.method != "wgf" else f"wgf-{self.objective}"
 
 
-def estimate_sigma(images: np.ndarray, radius_fraction: float = 0.45, max_images: int = 2000) -> float:
+def estimate_sigma(
+    images: np.ndarray, radius_fraction: float = 0.45, max_images: int = 2000
+) -> float:
     """Noise sd from the pixels outside a centred disc (the particle background)."""
     x = np.asarray(images[:max_images], np.float64)
     D = x.shape[-1]
@@ -89,7 +99,9 @@ def contrast_scale_estimate(op: CryoEMOperator, obs, n: int = 128) -> float:
     nuisance, both mean-centred): positive when the data have the model's contrast (protein dark),
     negative for inverted data (RELION extracts with white protein by default)."""
     lo, hi = (np.asarray(b, np.float64) for b in op.domain)
-    theta = jnp.asarray(np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), 0.0), jnp.float32)[None, :]
+    theta = jnp.asarray(
+        np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), 0.0), jnp.float32
+    )[None, :]
     sub = obs.take(jnp.arange(min(n, len(obs))))
     m = np.asarray(op.paired_means(theta, sub))[:, 0].reshape(len(sub), -1)
     y = np.asarray(sub.values).reshape(len(sub), -1)
@@ -122,22 +134,32 @@ def prepare(
     if contrast == "auto":
         a = contrast_scale_estimate(op, obs)
         if a < 0:
-            logger.warning("the images correlate negatively with the model (pooled scale %.3g): the data have "
-                           "inverted contrast (white protein); inverting them (use --contrast as-is to keep)", a)
+            logger.warning(
+                "the images correlate negatively with the model (pooled scale %.3g): the data have "
+                "inverted contrast (white protein); inverting them (use --contrast as-is to keep)",
+                a,
+            )
             contrast = "invert"
     if contrast == "invert":
         obs = Observations(-obs.values, obs.nuisance, obs.index, obs.weight)
     lower, upper = (np.asarray(b, np.float64) for b in op.domain)
     if use_table is None:
-        use_table = conformation.dim == 1 and np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+        use_table = (
+            conformation.dim == 1 and np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+        )
     table = fine_grid = fine_ll = None
     if use_table:
         bar = TqdmProgress("tabulate") if progress else None
         if bar is not None:
             bar.start(len(stack))
         try:
-            table = TabulatedOperator.build(op, obs, n_nodes, batch_size=batch_size,
-                                            progress=(lambda n: bar.update(n, float("nan"))) if bar else None)
+            table = TabulatedOperator.build(
+                op,
+                obs,
+                n_nodes,
+                batch_size=batch_size,
+                progress=(lambda n: bar.update(n, float("nan"))) if bar else None,
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -147,7 +169,9 @@ def prepare(
     return Problem(op, obs, table, lower, upper, fine_grid, fine_ll, bw, time.perf_counter() - t0)
 
 
-def make_discrepancy(problem: Problem, objective: str, *, key, init: ParticleMeasure, batch: int = 256):
+def make_discrepancy(
+    problem: Problem, objective: str, *, key, init: ParticleMeasure, batch: int = 256
+):
     if objective == "kl":
         return KL()
     kernel = GaussianKernel(problem.bandwidth)
@@ -179,7 +203,9 @@ def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto")
     raise ValueError(f"unknown init {init!r}")
 
 
-def _auto_flow(problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.003):
+def _auto_flow(
+    problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.003
+):
     """Step size from the initial velocities: the median particle moves ``step_fraction`` of the domain per step."""
     op, obs = problem.engine_operator, problem.engine_observations
     sub = obs if batch_size is None else obs.take(jnp.arange(min(batch_size, len(obs))))
@@ -187,9 +213,16 @@ def _auto_flow(problem, disc, init, key, n_steps, batch_size, entropy, fisher_ra
     v = init.n_particles * np.linalg.norm(np.asarray(g), axis=-1)
     width = float(np.max(problem.upper - problem.lower))
     med = float(np.median(v[v > 0])) if np.any(v > 0) else 1.0
-    return WassersteinGradientFlow(step_size=step_fraction * width / med, n_steps=n_steps, batch_size=batch_size,
-                                   entropy=entropy, max_displacement=0.02 * width, fisher_rao=fisher_rao,
-                                   schedule="cosine", chunk_size=25)
+    return WassersteinGradientFlow(
+        step_size=step_fraction * width / med,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        entropy=entropy,
+        max_displacement=0.02 * width,
+        fisher_rao=fisher_rao,
+        schedule="cosine",
+        chunk_size=25,
+    )
 
 
 def run_method(
@@ -229,21 +262,48 @@ def run_method(
         if heldout_fraction > 0:
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 7), len(obs)))
             n_held = max(1, int(round(heldout_fraction * len(obs))))
-            held, obs = obs.take(jnp.asarray(np.sort(perm[:n_held]))), obs.take(jnp.asarray(np.sort(perm[n_held:])))
+            held, obs = (
+                obs.take(jnp.asarray(np.sort(perm[:n_held]))),
+                obs.take(jnp.asarray(np.sort(perm[n_held:]))),
+            )
         flow = _auto_flow(problem, disc, m0, k_flow, n_steps, batch_size, entropy, fisher_rao)
         if held is not None:
             flow = dataclasses.replace(flow, heldout_every=flow.chunk_size)
-        res = flow.run(disc, op, obs, m0, key=k_flow, progress=TqdmProgress(f"wgf {objective}") if progress else None,
-                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, heldout=held)
-        out = MethodResult("wgf", objective, np.asarray(res.measure.positions), np.asarray(res.measure.weights),
-                           0.0, np.asarray(res.losses), np.asarray(res.trajectory), flow=res)
+        res = flow.run(
+            disc,
+            op,
+            obs,
+            m0,
+            key=k_flow,
+            progress=TqdmProgress(f"wgf {objective}") if progress else None,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            heldout=held,
+        )
+        out = MethodResult(
+            "wgf",
+            objective,
+            np.asarray(res.measure.positions),
+            np.asarray(res.measure.weights),
+            0.0,
+            np.asarray(res.losses),
+            np.asarray(res.trajectory),
+            flow=res,
+        )
         if n_bootstrap:
             boot_flow = dataclasses.replace(flow, n_steps=max(50, n_steps // 3))
             for b in range(n_bootstrap):
                 kb = jax.random.fold_in(k_boot, b)
-                counts = np.bincount(np.asarray(jax.random.randint(kb, (len(obs),), 0, len(obs))), minlength=len(obs))
-                r = boot_flow.run(disc, op, obs.with_weight(jnp.asarray(counts, jnp.float32)), res.measure, key=kb)
-                out.replicates.append((np.asarray(r.measure.positions), np.asarray(r.measure.weights)))
+                counts = np.bincount(
+                    np.asarray(jax.random.randint(kb, (len(obs),), 0, len(obs))), minlength=len(obs)
+                )
+                r = boot_flow.run(
+                    disc, op, obs.with_weight(jnp.asarray(counts, jnp.float32)), res.measure, key=kb
+                )
+                out.replicates.append(
+                    (np.asarray(r.measure.positions), np.asarray(r.measure.weights))
+                )
     elif method in ("em-grid", "per-image"):
         if problem.fine_loglik is None:
             raise ValueError(f"{method} needs a 1-D CV (the tabulated path)")
@@ -254,7 +314,10 @@ def run_method(
             out = MethodResult("em-grid", "kl", nodes[:, None], w, 0.0)
             for b in range(n_bootstrap):
                 kb = jax.random.fold_in(key, b)
-                counts = np.bincount(np.asarray(jax.random.randint(kb, (L.shape[0],), 0, L.shape[0])), minlength=L.shape[0])
+                counts = np.bincount(
+                    np.asarray(jax.random.randint(kb, (L.shape[0],), 0, L.shape[0])),
+                    minlength=L.shape[0],
+                )
                 wb, _ = dto.em_weights(L, obs_weight=counts)
                 out.replicates.append((nodes[:, None], wb))
         else:
@@ -266,7 +329,9 @@ def run_method(
                 out.replicates.append((mb[:, None], np.full(m.size, 1.0 / m.size)))
     elif method == "map-classes":
         meas = dto.map_classes(op, obs, n_particles, key=key)
-        out = MethodResult("map-classes", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0)
+        out = MethodResult(
+            "map-classes", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0
+        )
     elif method == "gmm":
         meas = dto.gmm(op, obs, n_components, key=key, grid=problem.fine_grid)
         meas = meas[0] if isinstance(meas, tuple) else meas
@@ -287,6 +352,7 @@ def posterior_cv(problem: Problem, result: MethodResult) -> tuple[np.ndarray, np
     op, obs = problem.engine_operator, problem.engine_observations
     pos = jnp.asarray(result.positions, jnp.float32)
     logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
+
     def f(o):
         return _llm_weighted(op, pos, logw, o)
 
@@ -356,28 +422,46 @@ def run_streamed(
     if sigma is None:
         sigma = estimate_sigma(stack.images)
         logger.info("noise sigma estimated from the particle background: %.4g", sigma)
-    pilot_idx = np.sort(np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False)))
+    pilot_idx = np.sort(
+        np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
+    )
     pilot_stack = stack.take(pilot_idx)
     invert = contrast == "invert"
     if contrast == "auto":
         image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
-        a = contrast_scale_estimate(CryoEMOperator(conformation, image_model, sigma), pilot_stack.observations())
+        a = contrast_scale_estimate(
+            CryoEMOperator(conformation, image_model, sigma), pilot_stack.observations()
+        )
         if a < 0:
-            logger.warning("the images correlate negatively with the model (pooled scale %.3g): the data have "
-                           "inverted contrast (white protein); inverting them (use --contrast as-is to keep)", a)
+            logger.warning(
+                "the images correlate negatively with the model (pooled scale %.3g): the data have "
+                "inverted contrast (white protein); inverting them (use --contrast as-is to keep)",
+                a,
+            )
             invert = True
-    pilot = prepare(pilot_stack, conformation, sigma=sigma, contrast="invert" if invert else "as-is",
-                    fit_scale=fit_scale, n_nodes=n_nodes, progress=False)
+    pilot = prepare(
+        pilot_stack,
+        conformation,
+        sigma=sigma,
+        contrast="invert" if invert else "as-is",
+        fit_scale=fit_scale,
+        n_nodes=n_nodes,
+        progress=False,
+    )
     if fisher_rao is None:
         fisher_rao = 0.3 if objective == "kl" else 0.0  # as run_method: see the comment there
     m0 = initial_measure(pilot, n_particles, k_init)
     disc = make_discrepancy(pilot, objective, key=k_flow, init=m0)
-    flow = _auto_flow(pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_stack)), entropy, fisher_rao)
+    flow = _auto_flow(
+        pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_stack)), entropy, fisher_rao
+    )
     op = pilot.operator
     shard = None
     if n_dev > 1:
         if n_dev > len(jax.devices()):
-            raise ValueError(f"{n_dev} devices asked for, {len(jax.devices())} available: {jax.devices()}")
+            raise ValueError(
+                f"{n_dev} devices asked for, {len(jax.devices())} available: {jax.devices()}"
+            )
         mesh = sharding.make_mesh(jax.devices()[:n_dev])
         op = sharding.DataParallelOperator(op, mesh)
         m0 = sharding.replicate(m0, mesh)
@@ -386,11 +470,35 @@ def run_streamed(
     pilot = dataclasses.replace(pilot, setup_seconds=setup)
     t1 = time.perf_counter()
     with MinibatchStream(stack, batch_size, k_stream, prefetch=prefetch, sharding=shard) as stream:
-        batches = (Observations(-b.values, b.nuisance, b.index, b.weight) for b in stream) if invert else stream
-        res = run_streaming(flow, disc, op, batches, m0, key=k_flow,
-                            progress=TqdmProgress(f"wgf {objective} (streamed)") if progress else None)
-        logger.info("streamed %d minibatches of %d images: reader busy %.1f s, flow waited %.1f s for data",
-                    stream.n_batches, batch_size, stream.read_seconds, stream.wait_seconds)
-    out = MethodResult("wgf", objective, np.asarray(res.measure.positions), np.asarray(res.measure.weights),
-                       time.perf_counter() - t1, np.asarray(res.losses), np.asarray(res.trajectory), flow=res)
+        batches = (
+            (Observations(-b.values, b.nuisance, b.index, b.weight) for b in stream)
+            if invert
+            else stream
+        )
+        res = run_streaming(
+            flow,
+            disc,
+            op,
+            batches,
+            m0,
+            key=k_flow,
+            progress=TqdmProgress(f"wgf {objective} (streamed)") if progress else None,
+        )
+        logger.info(
+            "streamed %d minibatches of %d images: reader busy %.1f s, flow waited %.1f s for data",
+            stream.n_batches,
+            batch_size,
+            stream.read_seconds,
+            stream.wait_seconds,
+        )
+    out = MethodResult(
+        "wgf",
+        objective,
+        np.asarray(res.measure.positions),
+        np.asarray(res.measure.weights),
+        time.perf_counter() - t1,
+        np.asarray(res.losses),
+        np.asarray(res.trajectory),
+        flow=res,
+    )
     return pilot, out

@@ -6,26 +6,73 @@ import pytest
 
 from cryosip.cli.main import main
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 
 def console_messages(html_path, tmp_path, screenshot=None) -> list[str]:
     """Open a page in headless Chromium (Debian's, installed by `make test`) and return its console lines."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is missing: `make test` installs Debian's chromium (see Makefile: sysdeps)"
-    extra = [f"--screenshot={screenshot}", "--window-size=1100,2400"] if screenshot else ["--dump-dom"]
-    proc = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *extra,
-                           f"file://{html_path}"], capture_output=True, text=True, timeout=120)
+    assert exe, (
+        "chromium is missing: `make test` installs Debian's chromium (see Makefile: sysdeps)"
+    )
+    extra = (
+        [f"--screenshot={screenshot}", "--window-size=1100,2400"] if screenshot else ["--dump-dom"]
+    )
+    proc = subprocess.run(
+        [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            *extra,
+            f"file://{html_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return [line for line in (proc.stderr + proc.stdout).splitlines() if ":CONSOLE" in line]
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--quick", "--n-images", "300", "--steps", "60", "--bootstrap", "1", "--box", "32",
-                 "--pixel-size", "4.0", "--snr", "0.05", "--n-particles", "32", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--n-images",
+                "300",
+                "--steps",
+                "60",
+                "--bootstrap",
+                "1",
+                "--box",
+                "32",
+                "--pixel-size",
+                "4.0",
+                "--snr",
+                "0.05",
+                "--n-particles",
+                "32",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 

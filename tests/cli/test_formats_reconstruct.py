@@ -8,8 +8,31 @@ from cryosip.cli.main import main
 
 def test_reconstruction_is_the_same_from_every_format(tmp_path):
     sim = tmp_path / "sim"
-    assert main(["simulate", "--dataset", "adk-ca", "--distribution", "bimodal", "--n-images", "150", "--box", "32",
-                 "--pixel-size", "3.0", "--snr", "0.05", "--seed", "3", "--out", str(sim), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--dataset",
+                "adk-ca",
+                "--distribution",
+                "bimodal",
+                "--n-images",
+                "150",
+                "--box",
+                "32",
+                "--pixel-size",
+                "3.0",
+                "--snr",
+                "0.05",
+                "--seed",
+                "3",
+                "--out",
+                str(sim),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     star31 = sim / "particles.star"
     star30 = sim / "particles_v30.star"
     cs = sim / "particles.cs"
@@ -20,9 +43,34 @@ def test_reconstruction_is_the_same_from_every_format(tmp_path):
     for name, path in [("star31", star31), ("star30", star30), ("cs", cs)]:
         for method in ["em-grid", "wgf"]:
             out = tmp_path / f"rec_{name}_{method}"
-            assert main(["reconstruct", str(path), "--datadir", str(sim), "--model", "adk-ca", "--method", method,
-                         "--n-particles", "16", "--steps", "50", "--bootstrap", "0", "--nodes", "17", "--seed", "0",
-                         "--out", str(out), "--no-progress"]) == 0
+            assert (
+                main(
+                    [
+                        "reconstruct",
+                        str(path),
+                        "--datadir",
+                        str(sim),
+                        "--model",
+                        "adk-ca",
+                        "--method",
+                        method,
+                        "--n-particles",
+                        "16",
+                        "--steps",
+                        "50",
+                        "--bootstrap",
+                        "0",
+                        "--nodes",
+                        "17",
+                        "--seed",
+                        "0",
+                        "--out",
+                        str(out),
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
             results[name, method] = pd.read_csv(out / "particles.csv")
     for method in ["em-grid", "wgf"]:
         ref = results["star31", method]

@@ -10,13 +10,71 @@ from cryosip.cli.main import main
 
 def test_simulate_reconstruct_evaluate(tmp_path, capsys):
     sim, rec = tmp_path / "sim", tmp_path / "rec"
-    assert main(["simulate", "--dataset", "adk-ca", "--distribution", "bimodal", "--n-images", "300", "--box", "32",
-                 "--pixel-size", "3.0", "--snr", "0.1", "--seed", "0", "--out", str(sim), "--no-progress"]) == 0
-    assert main(["reconstruct", str(sim / "particles.star"), "--model", "adk-ca", "--objective", "kl",
-                 "--n-particles", "32", "--steps", "100", "--bootstrap", "2", "--nodes", "25", "--seed", "0",
-                 "--heldout", "0.1", "--out", str(rec), "--no-progress"]) == 0
-    for f in ["particles.csv", "distribution.csv", "free_energy.csv", "history.csv", "summary.json",
-              "density.png", "objective.png", "trajectories.png", "particles_cv.star", "config.json"]:
+    assert (
+        main(
+            [
+                "simulate",
+                "--dataset",
+                "adk-ca",
+                "--distribution",
+                "bimodal",
+                "--n-images",
+                "300",
+                "--box",
+                "32",
+                "--pixel-size",
+                "3.0",
+                "--snr",
+                "0.1",
+                "--seed",
+                "0",
+                "--out",
+                str(sim),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(sim / "particles.star"),
+                "--model",
+                "adk-ca",
+                "--objective",
+                "kl",
+                "--n-particles",
+                "32",
+                "--steps",
+                "100",
+                "--bootstrap",
+                "2",
+                "--nodes",
+                "25",
+                "--seed",
+                "0",
+                "--heldout",
+                "0.1",
+                "--out",
+                str(rec),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    for f in [
+        "particles.csv",
+        "distribution.csv",
+        "free_energy.csv",
+        "history.csv",
+        "summary.json",
+        "density.png",
+        "objective.png",
+        "trajectories.png",
+        "particles_cv.star",
+        "config.json",
+    ]:
         assert (rec / f).exists(), f
     dist = pd.read_csv(rec / "distribution.csv")
     np.testing.assert_allclose(np.trapezoid(dist["density"], dist["s"]), 1.0, rtol=1e-3)
@@ -51,8 +109,15 @@ def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
     from cryosip.reconstruction import contrast_scale_estimate, prepare, run_method
 
     model = adk_model(ca_only=True)
-    op = CryoEMOperator(model, ImageModel.for_atoms(32, 3.0, model.atoms), 1.0, NuisancePrior(shift_sd_in_angstroms=1.0))
-    sim = simulate_dataset(jax.random.key(2), op, make_distribution("bimodal", model.lower, model.upper), 200, snr=0.1)
+    op = CryoEMOperator(
+        model,
+        ImageModel.for_atoms(32, 3.0, model.atoms),
+        1.0,
+        NuisancePrior(shift_sd_in_angstroms=1.0),
+    )
+    sim = simulate_dataset(
+        jax.random.key(2), op, make_distribution("bimodal", model.lower, model.upper), 200, snr=0.1
+    )
     a = contrast_scale_estimate(op.with_sigma(sim.sigma), sim.stack.observations())
     assert 0.5 < a < 1.5, a
     sim.stack.images = -sim.stack.images  # RELION-style white protein

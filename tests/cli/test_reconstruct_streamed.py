@@ -17,25 +17,80 @@ STEPS = "60"
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "sim"
-    assert main(["simulate", "--dataset", "adk-ca", "--distribution", "bimodal", "--n-images", "400", "--box", "32",
-                 "--pixel-size", "3.0", "--snr", "0.1", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--dataset",
+                "adk-ca",
+                "--distribution",
+                "bimodal",
+                "--n-images",
+                "400",
+                "--box",
+                "32",
+                "--pixel-size",
+                "3.0",
+                "--snr",
+                "0.1",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def _reconstruct(sim, rec, *extra):
-    return ["reconstruct", str(sim / "particles.star"), "--model", "adk-ca", "--objective", "kl", "--stream",
-            "--batch-size", "64", "--n-particles", "16", "--steps", STEPS, "--pilot-images", "128",
-            "--nodes", "17", "--seed", "0", "--out", str(rec), "--no-progress", *extra]
+    return [
+        "reconstruct",
+        str(sim / "particles.star"),
+        "--model",
+        "adk-ca",
+        "--objective",
+        "kl",
+        "--stream",
+        "--batch-size",
+        "64",
+        "--n-particles",
+        "16",
+        "--steps",
+        STEPS,
+        "--pilot-images",
+        "128",
+        "--nodes",
+        "17",
+        "--seed",
+        "0",
+        "--out",
+        str(rec),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_streamed_reconstruction_recovers_the_truth(sim, tmp_path, capsys):
     rec = tmp_path / "rec"
     assert main(_reconstruct(sim, rec)) == 0
-    for f in ["particles.csv", "distribution.csv", "free_energy.csv", "history.csv", "summary.json",
-              "density.png", "objective.png", "trajectories.png"]:
+    for f in [
+        "particles.csv",
+        "distribution.csv",
+        "free_energy.csv",
+        "history.csv",
+        "summary.json",
+        "density.png",
+        "objective.png",
+        "trajectories.png",
+    ]:
         assert (rec / f).stat().st_size > 0, f
     summary = json.loads((rec / "summary.json").read_text())
-    assert summary["streamed"] is True and summary["n_images"] == 400 and summary["batch_size"] == 64
+    assert (
+        summary["streamed"] is True and summary["n_images"] == 400 and summary["batch_size"] == 64
+    )
     hist = pd.read_csv(rec / "history.csv")["objective"].to_numpy()
     assert hist.size == int(STEPS) and np.isfinite(hist).all()  # one record per streamed minibatch
     capsys.readouterr()
@@ -58,11 +113,18 @@ def test_stream_refuses_baselines_and_devices_without_stream(sim, tmp_path, caps
 @pytest.mark.parametrize("n_dev", [2])
 def test_two_devices_give_the_same_particles(sim, tmp_path, n_dev):
     one, two = tmp_path / "one", tmp_path / "two"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu"
+    )
     code = "import sys; from cryosip.cli.main import main; sys.exit(main(sys.argv[1:]))"
     for rec, dev in ((one, "1"), (two, str(n_dev))):
-        r = subprocess.run([sys.executable, "-c", code, *_reconstruct(sim, rec, "--devices", dev)],
-                           env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", code, *_reconstruct(sim, rec, "--devices", dev)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((two / "summary.json").read_text())["devices"] == n_dev
     a, b = (pd.read_csv(d / "particles.csv") for d in (one, two))

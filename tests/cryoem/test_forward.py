@@ -55,9 +55,13 @@ def _toy(rng, n=24, spread=6.0):
     return rng.normal(0.0, spread, (n, 3)), AtomParameters.from_elements(list(elements))
 
 
-def _nuisance(rot=(30.0, 60.0, -20.0), shift=(1.3, -2.1), dfu=12000.0, dfv=11000.0, ang=25.0, dtype=np.float32):
+def _nuisance(
+    rot=(30.0, 60.0, -20.0), shift=(1.3, -2.1), dfu=12000.0, dfv=11000.0, ang=25.0, dtype=np.float32
+):
     ctf = jax.tree.map(lambda a: jnp.asarray(a, dtype), CTFParams.make(dfu, dfv, ang))
-    return CryoNuisance(euler_to_matrix(*[jnp.asarray(a, dtype) for a in rot]), jnp.asarray(shift, dtype), ctf)
+    return CryoNuisance(
+        euler_to_matrix(*[jnp.asarray(a, dtype) for a in rot]), jnp.asarray(shift, dtype), ctf
+    )
 
 
 def _rel(a, b):
@@ -65,7 +69,14 @@ def _rel(a, b):
 
 
 def _to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if isinstance(a, jax.Array) and a.dtype == jnp.float32 else a, tree)
+    return jax.tree.map(
+        lambda a: (
+            jnp.asarray(a, jnp.float64)
+            if isinstance(a, jax.Array) and a.dtype == jnp.float32
+            else a
+        ),
+        tree,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,7 +157,9 @@ def test_integer_shift_equals_roll(adk):
     scale = float(np.abs(base).max())
     for dx, dy in [(3, -2), (-5, 7)]:
         moved = _render(im, coords, model.atoms, _nuisance(shift=(dx * 2.0, dy * 2.0)))
-        np.testing.assert_allclose(np.asarray(moved), np.roll(base, (dy, dx), axis=(0, 1)), rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(
+            np.asarray(moved), np.roll(base, (dy, dx), axis=(0, 1)), rtol=0, atol=1e-5 * scale
+        )
 
 
 def test_projection_of_atoms_moved_by_whole_pixels_is_rolled(adk):
@@ -155,8 +168,12 @@ def test_projection_of_atoms_moved_by_whole_pixels_is_rolled(adk):
     xy = coords[:, :2]
     p0 = _project(xy, a.amplitudes, a.variances, 64, 2.0, 1)
     p1 = _project(xy + jnp.array([2 * 4.0, 2 * -3.0]), a.amplitudes, a.variances, 64, 2.0, 1)
-    np.testing.assert_allclose(np.asarray(p1), np.roll(np.asarray(p0), (-3, 4), axis=(0, 1)), rtol=0,
-                               atol=1e-5 * float(p0.max()))
+    np.testing.assert_allclose(
+        np.asarray(p1),
+        np.roll(np.asarray(p0), (-3, 4), axis=(0, 1)),
+        rtol=0,
+        atol=1e-5 * float(p0.max()),
+    )
 
 
 @pytest.mark.parametrize("pixel_size", [1.0, 1.5, 2.0])
@@ -186,10 +203,14 @@ def test_vmap_matches_single_images_with_a_partial_last_chunk(adk):
     a = model.atoms
     rots = sample_uniform_rotations(jax.random.key(3), 2 * chunk_size(a.n_atoms, 1) + 1)
     xys = jnp.einsum("nj,bij->bni", coords, rots[:, :2])
-    batch = jax.jit(jax.vmap(lambda x: project_gaussians(x, a.amplitudes, a.variances, 64, 2.0, 1)))(xys)
+    batch = jax.jit(
+        jax.vmap(lambda x: project_gaussians(x, a.amplitudes, a.variances, 64, 2.0, 1))
+    )(xys)
     for i in (0, xys.shape[0] - 1):
         single = _project(xys[i], a.amplitudes, a.variances, 64, 2.0, 1)
-        np.testing.assert_allclose(np.asarray(batch[i]), np.asarray(single), rtol=0, atol=1e-6 * float(single.max()))
+        np.testing.assert_allclose(
+            np.asarray(batch[i]), np.asarray(single), rtol=0, atol=1e-6 * float(single.max())
+        )
     # per-image atom parameters (batched amplitudes) take the same path
     amps = jnp.stack([a.amplitudes, 2.0 * a.amplitudes])
     two = jax.jit(jax.vmap(lambda am: project_gaussians(xys[0], am, a.variances, 64, 2.0, 1)))(amps)
@@ -210,7 +231,9 @@ def test_euler_round_trip():
     tilt = rng.uniform(0.5, 179.5, 200)
     psi = rng.uniform(-180, 180, 200)
     R = np.asarray(_euler_to_matrix(rot, tilt, psi), np.float64)
-    np.testing.assert_allclose(R @ np.swapaxes(R, -1, -2), np.broadcast_to(np.eye(3), R.shape), atol=1e-5)
+    np.testing.assert_allclose(
+        R @ np.swapaxes(R, -1, -2), np.broadcast_to(np.eye(3), R.shape), atol=1e-5
+    )
     np.testing.assert_allclose(np.linalg.det(R), 1.0, rtol=1e-5)
     r2, t2, p2 = matrix_to_euler(R)
     np.testing.assert_allclose(t2, tilt, atol=2e-3)
@@ -218,10 +241,15 @@ def test_euler_round_trip():
     np.testing.assert_allclose(wrap(r2 - rot), 0.0, atol=2e-2)
     np.testing.assert_allclose(wrap(p2 - psi), 0.0, atol=2e-2)
     # gimbal lock: the angles are ambiguous, the matrix is not
-    M = np.asarray(_euler_to_matrix(np.array([40.0, 40.0]), np.array([0.0, 180.0]), np.array([15.0, 15.0])), np.float64)
+    M = np.asarray(
+        _euler_to_matrix(np.array([40.0, 40.0]), np.array([0.0, 180.0]), np.array([15.0, 15.0])),
+        np.float64,
+    )
     np.testing.assert_allclose(np.asarray(_euler_to_matrix(*matrix_to_euler(M))), M, atol=1e-5)
     # RELION's A for rot = 90: the reference x axis goes to the particle's -y axis ... (z-rot)
-    np.testing.assert_allclose(np.asarray(_euler_to_matrix(90.0, 0.0, 0.0)), [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(_euler_to_matrix(90.0, 0.0, 0.0)), [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-6
+    )
 
 
 def test_quaternion_and_axis_angle_round_trips():
@@ -243,7 +271,9 @@ def test_quaternion_and_axis_angle_round_trips():
 
 
 def test_uniform_rotations_are_haar():
-    R = np.asarray(jax.jit(sample_uniform_rotations, static_argnums=1)(jax.random.key(11), 20000), np.float64)
+    R = np.asarray(
+        jax.jit(sample_uniform_rotations, static_argnums=1)(jax.random.key(11), 20000), np.float64
+    )
     np.testing.assert_allclose(np.linalg.det(R), 1.0, rtol=1e-5)
     np.testing.assert_allclose(R.mean(axis=0), np.zeros((3, 3)), atol=0.02)
     np.testing.assert_allclose((R**2).mean(axis=0), np.full((3, 3), 1 / 3), atol=0.02)

@@ -16,8 +16,15 @@ from cryosip.sip.table import TabulatedOperator
 
 def test_table_matches_direct_on_adk():
     model = adk_model(ca_only=True)
-    op = CryoEMOperator(model, ImageModel.for_atoms(32, 3.0, model.atoms), 1.0, NuisancePrior(shift_sd_in_angstroms=2.0))
-    sim = simulate_dataset(jax.random.key(0), op, make_distribution("bimodal", model.lower, model.upper), 24, snr=0.05)
+    op = CryoEMOperator(
+        model,
+        ImageModel.for_atoms(32, 3.0, model.atoms),
+        1.0,
+        NuisancePrior(shift_sd_in_angstroms=2.0),
+    )
+    sim = simulate_dataset(
+        jax.random.key(0), op, make_distribution("bimodal", model.lower, model.upper), 24, snr=0.05
+    )
     op = op.with_sigma(sim.sigma)
     obs = sim.stack.observations()
     tab = TabulatedOperator.build(op, obs, n_nodes=33)
@@ -39,20 +46,52 @@ def test_flat_pair_batches_equal_per_pair_rendering():
     """pair_means / log_likelihood_matrix / paired_sq_distances render all (image, particle)
     pairs as one flat batch, in chunks: they must equal rendering each pair on its own."""
     model = adk_model(ca_only=True)
-    op = CryoEMOperator(model, ImageModel.for_atoms(32, 3.0, model.atoms), 0.05, NuisancePrior(shift_sd_in_angstroms=2.0))
+    op = CryoEMOperator(
+        model,
+        ImageModel.for_atoms(32, 3.0, model.atoms),
+        0.05,
+        NuisancePrior(shift_sd_in_angstroms=2.0),
+    )
     nu = op.sample_nuisance(jax.random.key(2), 5)
     theta = jnp.array([[0.1], [0.45], [0.9]])
     y = op.sample(jax.random.key(3), jnp.full((5, 1), 0.5), nu)
     from cryosip.sip.operator import Observations
 
     obs = Observations(y, nu)
-    ref = np.stack([[np.asarray(op.mean(theta[i], jax.tree_util.tree_map(lambda a: a[n], nu))) for i in range(3)] for n in range(5)])
-    np.testing.assert_allclose(np.asarray(op.pair_means(theta, nu)), ref, rtol=0, atol=2e-5 * np.abs(ref).max())  # float32, other summation order
-    ll_ref = np.array([[float(op.noise.log_likelihood(y[n], jnp.asarray(ref[n, i]))) for i in range(3)] for n in range(5)])
+    ref = np.stack(
+        [
+            [
+                np.asarray(op.mean(theta[i], jax.tree_util.tree_map(lambda a: a[n], nu)))
+                for i in range(3)
+            ]
+            for n in range(5)
+        ]
+    )
+    np.testing.assert_allclose(
+        np.asarray(op.pair_means(theta, nu)), ref, rtol=0, atol=2e-5 * np.abs(ref).max()
+    )  # float32, other summation order
+    ll_ref = np.array(
+        [
+            [float(op.noise.log_likelihood(y[n], jnp.asarray(ref[n, i]))) for i in range(3)]
+            for n in range(5)
+        ]
+    )
     for bs in (None, 2):  # one chunk, and chunks of 2 (last one padded)
-        np.testing.assert_allclose(np.asarray(op.log_likelihood_matrix(theta, obs, batch_size=bs)), ll_ref, rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(op.paired_means(theta, obs, batch_size=bs)), ref, atol=2e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(
+            np.asarray(op.log_likelihood_matrix(theta, obs, batch_size=bs)), ll_ref, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(op.paired_means(theta, obs, batch_size=bs)),
+            ref,
+            atol=2e-5 * np.abs(ref).max(),
+        )
         dy, dmm = op.paired_sq_distances(theta, obs, batch_size=bs)
-        np.testing.assert_allclose(np.asarray(dy), ((ref - np.asarray(y)[:, None]) ** 2).sum((-1, -2)), rtol=1e-4)
-        np.testing.assert_allclose(np.asarray(dmm), ((ref[:, :, None] - ref[:, None]) ** 2).sum((-1, -2)),
-                                   rtol=1e-3, atol=1e-6 * (ref**2).sum((-1, -2)).max())
+        np.testing.assert_allclose(
+            np.asarray(dy), ((ref - np.asarray(y)[:, None]) ** 2).sum((-1, -2)), rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(dmm),
+            ((ref[:, :, None] - ref[:, None]) ** 2).sum((-1, -2)),
+            rtol=1e-3,
+            atol=1e-6 * (ref**2).sum((-1, -2)).max(),
+        )

@@ -50,8 +50,11 @@ _render = eqx.filter_jit(lambda im, coords, atoms, nu: im.render(coords, atoms, 
 
 def _ours(coords, atoms, box, pixel, shift=SHIFT, kv=300.0):
     im = ImageModel.for_atoms(box, pixel, atoms)
-    nu = CryoNuisance(euler_to_matrix(ROT, TILT, PSI), jnp.asarray(shift, jnp.float32),
-                      CTFParams.make(DFU, DFV, DFANG, voltage_in_kilovolts=kv))
+    nu = CryoNuisance(
+        euler_to_matrix(ROT, TILT, PSI),
+        jnp.asarray(shift, jnp.float32),
+        CTFParams.make(DFU, DFV, DFANG, voltage_in_kilovolts=kv),
+    )
     return _render(im, coords, atoms, nu)
 
 
@@ -59,11 +62,17 @@ def _cryojax_model(coords, atoms, box, pixel, offset, euler, azimuth, kv, integr
     volume = cxs.GaussianMixtureVolume(coords, atoms.amplitudes, atoms.variances)
     config = cxs.BasicImageConfig((box, box), pixel, voltage_in_kilovolts=kv)
     pose = cxs.EulerAnglePose(offset[0], offset[1], euler[0], euler[1], euler[2])
-    ctf = cxs.AstigmaticCTF(defocus_in_angstroms=0.5 * (DFU + DFV), astigmatism_in_angstroms=DFU - DFV,
-                            astigmatism_angle=azimuth, spherical_aberration_in_mm=2.7)
+    ctf = cxs.AstigmaticCTF(
+        defocus_in_angstroms=0.5 * (DFU + DFV),
+        astigmatism_in_angstroms=DFU - DFV,
+        astigmatism_angle=azimuth,
+        spherical_aberration_in_mm=2.7,
+    )
     transfer = cxs.ContrastTransferTheory(ctf, amplitude_contrast_ratio=0.1)
     integrator = cxs.GaussianMixtureProjection() if integrator is None else integrator
-    return cxs.make_image_model(volume, config, pose, transfer, integrator, quantity_mode="contrast")
+    return cxs.make_image_model(
+        volume, config, pose, transfer, integrator, quantity_mode="contrast"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -71,9 +80,21 @@ def _cryojax_image(coords, atoms, box, pixel, offset, euler, azimuth, kv):
     return _cryojax_model(coords, atoms, box, pixel, offset, euler, azimuth, kv).simulate()
 
 
-def _theirs(coords, atoms, box, pixel, *, offset=SHIFT, euler=(-ROT, -TILT, -PSI), azimuth=90.0 - DFANG, kv=300.0):
+def _theirs(
+    coords,
+    atoms,
+    box,
+    pixel,
+    *,
+    offset=SHIFT,
+    euler=(-ROT, -TILT, -PSI),
+    azimuth=90.0 - DFANG,
+    kv=300.0,
+):
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return _cryojax_image(jnp.asarray(coords), atoms, box, pixel, f32(offset), f32(euler), f32(azimuth), f32(kv))
+    return _cryojax_image(
+        jnp.asarray(coords), atoms, box, pixel, f32(offset), f32(euler), f32(azimuth), f32(kv)
+    )
 
 
 def _rel(a, b):
@@ -108,9 +129,15 @@ def test_ctf_arrays_agree_with_mapped_azimuth():
     lam = float(cxc.wavelength_from_kilovolts(300.0))
 
     def theirs(azimuth):
-        c = cxs.AstigmaticCTF(defocus_in_angstroms=0.5 * (DFU + DFV), astigmatism_in_angstroms=DFU - DFV,
-                              astigmatism_angle=azimuth, spherical_aberration_in_mm=2.7)
-        return np.asarray(c(grid, wavelength_in_angstroms=lam, amplitude_contrast_ratio=0.1, phase_shift=20.0))
+        c = cxs.AstigmaticCTF(
+            defocus_in_angstroms=0.5 * (DFU + DFV),
+            astigmatism_in_angstroms=DFU - DFV,
+            astigmatism_angle=azimuth,
+            spherical_aberration_in_mm=2.7,
+        )
+        return np.asarray(
+            c(grid, wavelength_in_angstroms=lam, amplitude_contrast_ratio=0.1, phase_shift=20.0)
+        )
 
     np.testing.assert_allclose(ours, theirs(90.0 - DFANG), atol=2e-4)
     np.testing.assert_allclose(ours[0, 0], -np.sin(np.deg2rad(20.0) + np.arcsin(0.1)), atol=1e-6)
@@ -121,7 +148,9 @@ def test_euler_mapping_is_negated_angles():
     rng = np.random.default_rng(0)
     for rot, tilt, psi in rng.uniform([-180, 0, -180], [180, 180, 180], (10, 3)):
         theirs = cxs.EulerAnglePose(0.0, 0.0, -rot, -tilt, -psi).rotation.as_matrix()
-        np.testing.assert_allclose(np.asarray(theirs), np.asarray(euler_to_matrix(rot, tilt, psi)), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(theirs), np.asarray(euler_to_matrix(rot, tilt, psi)), atol=1e-5
+        )
 
 
 def test_shift_and_pose_signs_are_pinned(adk):
@@ -137,9 +166,15 @@ def test_coordinate_gradients_agree(adk):
     coords, atoms = adk
     w = jnp.asarray(np.random.default_rng(1).normal(size=(64, 64)), jnp.float32)
     im = ImageModel.for_atoms(64, 2.0, atoms)
-    nu = CryoNuisance(euler_to_matrix(ROT, TILT, PSI), jnp.asarray(SHIFT, jnp.float32), CTFParams.make(DFU, DFV, DFANG))
+    nu = CryoNuisance(
+        euler_to_matrix(ROT, TILT, PSI),
+        jnp.asarray(SHIFT, jnp.float32),
+        CTFParams.make(DFU, DFV, DFANG),
+    )
     g_ours = jax.jit(jax.grad(lambda x: jnp.sum(w * im.render(x, atoms, nu))))(jnp.asarray(coords))
-    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(w * _theirs(x, atoms, 64, 2.0))))(jnp.asarray(coords))
+    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(w * _theirs(x, atoms, 64, 2.0))))(
+        jnp.asarray(coords)
+    )
     a, b = np.asarray(g_ours).ravel(), np.asarray(g_ref).ravel()
     assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.9999
     assert _rel(a, b) < 1e-2

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from cryosip.sip.discrepancies import KL, MMD, EnergyKernel, GaussianKernel, InverseMultiquadricKernel, PairedMMD, kl, mmd
+from cryosip.sip.discrepancies import (
+    KL,
+    MMD,
+    EnergyKernel,
+    GaussianKernel,
+    InverseMultiquadricKernel,
+    PairedMMD,
+    kl,
+    mmd,
+)
 from cryosip.sip.examples import DecayOperator
 from cryosip.sip.flow import WassersteinGradientFlow
 from cryosip.sip.measure import ParticleMeasure
@@ -35,14 +44,22 @@ def test_kl_matches_bruteforce_marginal_likelihood():
     w = jnp.array([0.2, 0.5, 0.3])
     m = ParticleMeasure(pos, jnp.log(w))
     got = float(KL()(None, op, m, obs))
-    y, nu, s = np.asarray(obs.values, np.float64), np.asarray(obs.nuisance, np.float64), float(op.noise.sigma)
+    y, nu, s = (
+        np.asarray(obs.values, np.float64),
+        np.asarray(obs.nuisance, np.float64),
+        float(op.noise.sigma),
+    )
     t = np.asarray(op.times, np.float64)
     total = 0.0
     for n in range(7):
         p = 0.0
         for i in range(3):
             mean = nu[n] * np.exp(-float(pos[i, 0]) * t)
-            p += float(w[i]) * np.exp(-0.5 * np.sum((y[n] - mean) ** 2) / s**2) / (2 * np.pi * s**2) ** (t.size / 2)
+            p += (
+                float(w[i])
+                * np.exp(-0.5 * np.sum((y[n] - mean) ** 2) / s**2)
+                / (2 * np.pi * s**2) ** (t.size / 2)
+            )
         total += np.log(p)
     np.testing.assert_allclose(got, -total / 7, rtol=1e-5)
 
@@ -62,10 +79,14 @@ def test_velocity_is_minus_P_grad_and_matches_finite_differences(x64):
     # one explicit Euler step of the flow moves particle i by tau * (-P * dJ/dtheta_i)
     flow = WassersteinGradientFlow(step_size=1e-3, n_steps=1, schedule="constant", chunk_size=1)
     res = flow.run(KL(), op, obs, ParticleMeasure(pos), key=jax.random.key(0))
-    np.testing.assert_allclose(np.asarray(res.measure.positions), np.asarray(pos - 1e-3 * 8 * g), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(res.measure.positions), np.asarray(pos - 1e-3 * 8 * g), rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("kernel", [GaussianKernel(1.3), InverseMultiquadricKernel(1.0), EnergyKernel()])
+@pytest.mark.parametrize(
+    "kernel", [GaussianKernel(1.3), InverseMultiquadricKernel(1.0), EnergyKernel()]
+)
 def test_mmd_invariants_and_naive_double_loop(kernel):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(30, 5)), jnp.float32)
@@ -92,23 +113,31 @@ def test_mmd_chunked_equals_unchunked():
     x = jnp.asarray(rng.normal(size=(70, 3)), jnp.float32)
     w = jnp.full((70,), 1 / 70, jnp.float32)
     k = GaussianKernel(1.0)
-    np.testing.assert_allclose(float(_kernel_mean(x, x, k, w, w, True, chunk=16)),
-                               float(_kernel_mean(x, x, k, w, w, True, chunk=1024)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(_kernel_mean(x, x, k, w, w, True, chunk=16)),
+        float(_kernel_mean(x, x, k, w, w, True, chunk=1024)),
+        rtol=1e-5,
+    )
 
 
 def test_paired_score_is_minimised_by_the_truth_in_expectation():
     op, th, obs = make_data(n=2000, sigma=0.1, seed=4)
     key = jax.random.key(7)
     # candidate measures: the truth (a large sample of it), a shifted truth, a uniform one
-    cand = {"truth": bimodal(jax.random.key(11), 128), "shifted": bimodal(jax.random.key(11), 128) + 0.25,
-            "uniform": jnp.linspace(0.1, 3.0, 128)[:, None]}
+    cand = {
+        "truth": bimodal(jax.random.key(11), 128),
+        "shifted": bimodal(jax.random.key(11), 128) + 0.25,
+        "uniform": jnp.linspace(0.1, 3.0, 128)[:, None],
+    }
     disc = PairedMMD(GaussianKernel(0.5))
     scores = {k: float(disc(key, op, ParticleMeasure(v), obs)) for k, v in cand.items()}
     assert scores["truth"] < scores["shifted"] and scores["truth"] < scores["uniform"], scores
     # the Monte Carlo (fresh noise) estimator agrees with the closed-form noise average
     mc = PairedMMD(GaussianKernel(0.5), noise_average=False)
     sub = obs.take(jnp.arange(400))
-    vals = [float(mc(jax.random.key(i), op, ParticleMeasure(cand["truth"][:64]), sub)) for i in range(4)]
+    vals = [
+        float(mc(jax.random.key(i), op, ParticleMeasure(cand["truth"][:64]), sub)) for i in range(4)
+    ]
     exact = float(disc(key, op, ParticleMeasure(cand["truth"][:64]), sub))
     np.testing.assert_allclose(np.mean(vals), exact, rtol=0.05)
 
@@ -123,7 +152,9 @@ def test_table_matches_direct_simulation():
     np.testing.assert_allclose(tabbed, direct, atol=0.02 * spread)
     dy_d, dmm_d = op.paired_sq_distances(pos, obs)
     dy_t, dmm_t = tab.paired_sq_distances(pos, tab.observations())
-    np.testing.assert_allclose(np.asarray(dmm_t), np.asarray(dmm_d), atol=0.02 * float(jnp.max(dmm_d)))
+    np.testing.assert_allclose(
+        np.asarray(dmm_t), np.asarray(dmm_d), atol=0.02 * float(jnp.max(dmm_d))
+    )
     np.testing.assert_allclose(np.asarray(dy_t), np.asarray(dy_d), rtol=0.02)
 
 
@@ -140,12 +171,18 @@ def test_flows_recover_a_bimodal_distribution(objective):
         o, ob, disc, steps, bound = op, obs, PairedMMD(GaussianKernel(0.4)), 200, 0.15
     else:
         o, ob, disc, steps, bound = op, obs, MMD(GaussianKernel(0.4), n_samples=256), 200, 0.2
-    flow = WassersteinGradientFlow(step_size=3e-3 if objective == "kl" else 0.5, n_steps=steps,
-                                   batch_size=None if objective == "kl" else 200, max_displacement=0.05,
-                                   fisher_rao=0.3 if objective == "kl" else 0.0)
+    flow = WassersteinGradientFlow(
+        step_size=3e-3 if objective == "kl" else 0.5,
+        n_steps=steps,
+        batch_size=None if objective == "kl" else 200,
+        max_displacement=0.05,
+        fisher_rao=0.3 if objective == "kl" else 0.0,
+    )
     w0 = scipy.stats.wasserstein_distance(np.asarray(init.positions[:, 0]), truth)
     res = flow.run(disc, o, ob, init, key=jax.random.key(1))
-    w = scipy.stats.wasserstein_distance(np.asarray(res.measure.positions[:, 0]), truth, np.asarray(res.measure.weights))
+    w = scipy.stats.wasserstein_distance(
+        np.asarray(res.measure.positions[:, 0]), truth, np.asarray(res.measure.weights)
+    )
     losses = np.asarray(res.losses)
     assert w < bound, (w0, w)
     assert np.mean(losses[-20:]) < np.mean(losses[:5])
@@ -154,13 +191,33 @@ def test_flows_recover_a_bimodal_distribution(objective):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     op, th, obs = make_data(n=300)
     init = ParticleMeasure(jnp.linspace(0.3, 2.7, 16)[:, None])
-    flow = WassersteinGradientFlow(step_size=2e-3, n_steps=60, batch_size=100, entropy=1e-4, chunk_size=10, max_displacement=0.05)
+    flow = WassersteinGradientFlow(
+        step_size=2e-3,
+        n_steps=60,
+        batch_size=100,
+        entropy=1e-4,
+        chunk_size=10,
+        max_displacement=0.05,
+    )
     full = flow.run(KL(), op, obs, init, key=jax.random.key(5))
     ck = tmp_path / "ck.npz"
-    part = flow.run(KL(), op, obs, init, key=jax.random.key(5), checkpoint=ck, checkpoint_every=20, stop=lambda s: s >= 40)
+    part = flow.run(
+        KL(),
+        op,
+        obs,
+        init,
+        key=jax.random.key(5),
+        checkpoint=ck,
+        checkpoint_every=20,
+        stop=lambda s: s >= 40,
+    )
     assert part.n_steps_taken < 60
-    resumed = flow.run(KL(), op, obs, init, key=jax.random.key(5), checkpoint=ck, checkpoint_every=20, resume=True)
-    np.testing.assert_allclose(np.asarray(resumed.measure.positions), np.asarray(full.measure.positions), rtol=1e-6)
+    resumed = flow.run(
+        KL(), op, obs, init, key=jax.random.key(5), checkpoint=ck, checkpoint_every=20, resume=True
+    )
+    np.testing.assert_allclose(
+        np.asarray(resumed.measure.positions), np.asarray(full.measure.positions), rtol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(resumed.losses), np.asarray(full.losses), rtol=1e-6)
 
 
@@ -168,9 +225,13 @@ def test_guard_backs_off_on_nonfinite_steps():
     op, th, obs = make_data(n=50)
     bad = Observations(obs.values.at[0, 0].set(jnp.nan), obs.nuisance)
     flow = WassersteinGradientFlow(step_size=1e-3, n_steps=10, chunk_size=10)
-    res = flow.run(KL(), op, bad, ParticleMeasure(jnp.linspace(0.3, 2.7, 8)[:, None]), key=jax.random.key(0))
+    res = flow.run(
+        KL(), op, bad, ParticleMeasure(jnp.linspace(0.3, 2.7, 8)[:, None]), key=jax.random.key(0)
+    )
     assert res.n_backoffs == 10
-    np.testing.assert_allclose(np.asarray(res.measure.positions[:, 0]), np.linspace(0.3, 2.7, 8), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(res.measure.positions[:, 0]), np.linspace(0.3, 2.7, 8), rtol=1e-6
+    )
 
 
 def test_kl_pure_function_weighting():

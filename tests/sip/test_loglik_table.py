@@ -55,16 +55,28 @@ def test_rows_follow_the_observation_index(decay):
     op, obs, tab = decay
     idx = jnp.array([5, 3, 41])
     sub = tab.observations().take(idx)
-    np.testing.assert_allclose(np.asarray(tab.log_likelihood_matrix(tab.nodes[[7, 70], None], sub)),
-                               np.asarray(op.log_likelihood_matrix(tab.nodes[[7, 70], None], obs.take(idx))),
-                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(tab.log_likelihood_matrix(tab.nodes[[7, 70], None], sub)),
+        np.asarray(op.log_likelihood_matrix(tab.nodes[[7, 70], None], obs.take(idx))),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 def test_kl_and_its_gradient_match_the_direct_operator(decay):
     op, obs, tab = decay
-    m = ParticleMeasure(jnp.array([[0.55], [0.83], [1.31], [1.95], [2.4]]), jnp.log(jnp.array([0.3, 0.3, 0.1, 0.2, 0.1])))
-    f_tab = jax.jit(jax.value_and_grad(lambda p: KL()(None, tab, ParticleMeasure(p, m.log_weights), tab.observations())))
-    f_dir = jax.jit(jax.value_and_grad(lambda p: KL()(None, op, ParticleMeasure(p, m.log_weights), obs)))
+    m = ParticleMeasure(
+        jnp.array([[0.55], [0.83], [1.31], [1.95], [2.4]]),
+        jnp.log(jnp.array([0.3, 0.3, 0.1, 0.2, 0.1])),
+    )
+    f_tab = jax.jit(
+        jax.value_and_grad(
+            lambda p: KL()(None, tab, ParticleMeasure(p, m.log_weights), tab.observations())
+        )
+    )
+    f_dir = jax.jit(
+        jax.value_and_grad(lambda p: KL()(None, op, ParticleMeasure(p, m.log_weights), obs))
+    )
     (v_tab, g_tab), (v_dir, g_dir) = f_tab(m.positions), f_dir(m.positions)
     np.testing.assert_allclose(float(v_tab), float(v_dir), rtol=0, atol=1e-3)
     g_tab, g_dir = np.asarray(g_tab), np.asarray(g_dir)
@@ -76,7 +88,9 @@ def test_kl_and_its_gradient_match_the_direct_operator(decay):
 def test_gradient_matches_finite_differences(decay, x64):
     _, obs, tab32 = decay
     tab = LogLikTableOperator(np.asarray(tab32.table, np.float64), tab32.lower, tab32.upper)
-    tab = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if isinstance(a, jax.Array) else a, tab)
+    tab = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64) if isinstance(a, jax.Array) else a, tab
+    )
     pos = jnp.array([[0.61], [1.27], [2.05]], jnp.float64)
     lw = jnp.log(jnp.array([0.5, 0.2, 0.3], jnp.float64))
     f = jax.jit(lambda p: KL()(None, tab, ParticleMeasure(p, lw), tab.observations()))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def kde(x, w, grid, bandwidth: float | None = None, lower: float | None = None, upper: float | None = None) -> np.ndarray:
+def kde(
+    x,
+    w,
+    grid,
+    bandwidth: float | None = None,
+    lower: float | None = None,
+    upper: float | None = None,
+) -> np.ndarray:
     """Weighted Gaussian KDE on a 1-D grid, reflected at the domain bounds; integrates to 1 over the grid."""
     x = np.asarray(x, np.float64).reshape(-1)
     w = np.full(x.size, 1.0 / x.size) if w is None else np.asarray(w, np.float64) / np.sum(w)

@@ -23,29 +23,75 @@ def density_table(result, lower: float, upper: float, n_grid: int = 201):
     return out
 
 
-def write_reconstruction(out_dir, problem, result, cv_names, settings: dict, summary_extra: dict | None = None) -> dict:
+def write_reconstruction(
+    out_dir, problem, result, cv_names, settings: dict, summary_extra: dict | None = None
+) -> dict:
     """particles.csv, distribution.csv, free_energy.csv, history.csv, density/objective/trajectory PNGs, summary.json."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
     pos = result.positions
     cols = {name: pos[:, i] for i, name in enumerate(cv_names)}
-    _atomic.write_csv(os.path.join(out_dir, "particles.csv"), pd.DataFrame({**cols, "weight": result.weights}))
-    summary = {"method": result.method, "objective": result.objective, "label": result.label,
-               "n_particles": int(pos.shape[0]), "seconds": round(result.seconds, 3),
-               "setup_seconds": round(problem.setup_seconds, 3), "settings": settings,
-               "noise_sigma": float(problem.operator.noise.sigma), "n_images": len(problem.observations)}
+    _atomic.write_csv(
+        os.path.join(out_dir, "particles.csv"), pd.DataFrame({**cols, "weight": result.weights})
+    )
+    summary = {
+        "method": result.method,
+        "objective": result.objective,
+        "label": result.label,
+        "n_particles": int(pos.shape[0]),
+        "seconds": round(result.seconds, 3),
+        "setup_seconds": round(problem.setup_seconds, 3),
+        "settings": settings,
+        "noise_sigma": float(problem.operator.noise.sigma),
+        "n_images": len(problem.observations),
+    }
     if pos.shape[1] == 1:
         dens = density_table(result, float(problem.lower[0]), float(problem.upper[0]))
-        _atomic.write_csv(os.path.join(out_dir, "distribution.csv"), pd.DataFrame(
-            {cv_names[0]: dens["grid"], "density": dens["density"],
-             **({"density_lo": dens["density_lo"], "density_hi": dens["density_hi"]} if "density_lo" in dens else {})}))
-        _atomic.write_csv(os.path.join(out_dir, "free_energy.csv"), pd.DataFrame(
-            {cv_names[0]: dens["grid"], "free_energy_kT": dens["free_energy"],
-             **({"free_energy_lo": dens["free_energy_lo"], "free_energy_hi": dens["free_energy_hi"]} if "free_energy_lo" in dens else {})}))
-        b = {result.label: (dens["density_lo"], dens["density_hi"])} if "density_lo" in dens else None
-        plots.plot_densities(os.path.join(out_dir, "density.png"), dens["grid"], {result.label: dens["density"]},
-                             xlabel=cv_names[0], bands=b, title=f"recovered distribution ({result.label})")
+        _atomic.write_csv(
+            os.path.join(out_dir, "distribution.csv"),
+            pd.DataFrame(
+                {
+                    cv_names[0]: dens["grid"],
+                    "density": dens["density"],
+                    **(
+                        {"density_lo": dens["density_lo"], "density_hi": dens["density_hi"]}
+                        if "density_lo" in dens
+                        else {}
+                    ),
+                }
+            ),
+        )
+        _atomic.write_csv(
+            os.path.join(out_dir, "free_energy.csv"),
+            pd.DataFrame(
+                {
+                    cv_names[0]: dens["grid"],
+                    "free_energy_kT": dens["free_energy"],
+                    **(
+                        {
+                            "free_energy_lo": dens["free_energy_lo"],
+                            "free_energy_hi": dens["free_energy_hi"],
+                        }
+                        if "free_energy_lo" in dens
+                        else {}
+                    ),
+                }
+            ),
+        )
+        b = (
+            {result.label: (dens["density_lo"], dens["density_hi"])}
+            if "density_lo" in dens
+            else None
+        )
+        plots.plot_densities(
+            os.path.join(out_dir, "density.png"),
+            dens["grid"],
+            {result.label: dens["density"]},
+            xlabel=cv_names[0],
+            bands=b,
+            title=f"recovered distribution ({result.label})",
+        )
         summary["n_bootstrap"] = len(result.replicates)
     if result.losses is not None:
         h = np.asarray(result.losses)
@@ -57,9 +103,13 @@ def write_reconstruction(out_dir, problem, result, cv_names, settings: dict, sum
         finite = h[np.isfinite(h)]
         summary["final_objective"] = float(finite[-1]) if finite.size else None
         summary["converged"] = bool(result.flow.converged) if result.flow is not None else None
-        summary["n_steps_taken"] = int(result.flow.n_steps_taken) if result.flow is not None else None
+        summary["n_steps_taken"] = (
+            int(result.flow.n_steps_taken) if result.flow is not None else None
+        )
     if result.trajectory is not None:
-        plots.plot_trajectories(os.path.join(out_dir, "trajectories.png"), result.trajectory, xlabel=cv_names[0])
+        plots.plot_trajectories(
+            os.path.join(out_dir, "trajectories.png"), result.trajectory, xlabel=cv_names[0]
+        )
     if summary_extra:
         summary.update(summary_extra)
     _atomic.write_json(os.path.join(out_dir, "summary.json"), summary)

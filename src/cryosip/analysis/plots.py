@@ -10,11 +10,22 @@ import numpy as np  # noqa: E402
 
 from .._atomic import savefig  # noqa: E402
 
-COLORS = {"truth": "k", "wgf-kl": "C0", "wgf-mmd": "C1", "wgf-kl+mmd": "C2", "em-grid": "C3", "per-image": "C7",
-          "map-classes": "C4", "gmm": "C5", "wgf-mmd-unconditional": "C6"}
+COLORS = {
+    "truth": "k",
+    "wgf-kl": "C0",
+    "wgf-mmd": "C1",
+    "wgf-kl+mmd": "C2",
+    "em-grid": "C3",
+    "per-image": "C7",
+    "map-classes": "C4",
+    "gmm": "C5",
+    "wgf-mmd-unconditional": "C6",
+}
 
 
-def plot_densities(path, grid, curves: dict, truth_pdf=None, truth_hist=None, xlabel="CV", title=None, bands=None):
+def plot_densities(
+    path, grid, curves: dict, truth_pdf=None, truth_hist=None, xlabel="CV", title=None, bands=None
+):
     """curves: label -> density on grid; bands: label -> (lo, hi)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     if truth_hist is not None:
@@ -56,7 +67,9 @@ def plot_free_energy(path, grid, curves: dict, bands=None, truth=None, xlabel="C
 
 
 def plot_objectives(path, histories: dict):
-    fig, axes = plt.subplots(1, max(1, len(histories)), figsize=(4 * max(1, len(histories)), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(histories)), figsize=(4 * max(1, len(histories)), 3.2), squeeze=False
+    )
     for ax, (lab, h) in zip(axes[0], histories.items()):
         h = np.asarray(h)
         ok = np.isfinite(h)

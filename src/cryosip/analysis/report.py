@@ -39,8 +39,10 @@ code{background:#f4f4f4;padding:1px 4px}"""
 
 def write_report(path, title: str, sections: list[tuple[str, list]]) -> None:
     """sections: (heading, items) where an item is ("text", html), ("img", png_path, caption) or ("table", rows, columns)."""
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     for heading, items in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for it in items:

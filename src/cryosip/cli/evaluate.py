@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pandas as pd
 
 from ..data.errors import CryosipInputError
 
 
 def add_args(p):
-    p.add_argument("reconstruction", help="a folder written by `cryosip reconstruct` (its particles.csv)")
-    p.add_argument("--truth", required=True, help="CSV with the true CV of every particle (truth.csv from `cryosip simulate`)")
+    p.add_argument(
+        "reconstruction", help="a folder written by `cryosip reconstruct` (its particles.csv)"
+    )
+    p.add_argument(
+        "--truth",
+        required=True,
+        help="CSV with the true CV of every particle (truth.csv from `cryosip simulate`)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -38,10 +43,19 @@ def main(args) -> int:
     if missing:
         raise CryosipInputError(args.truth, f"missing CV column(s) {missing}")
     x = parts[cvs].to_numpy()
-    met = all_metrics(x if x.shape[1] > 1 else x[:, 0], truth[cvs].to_numpy() if len(cvs) > 1 else truth[cvs[0]].to_numpy(),
-                      parts["weight"].to_numpy())
-    met = {"w1": met["w1"], "w2": met["w2"], "energy_distance": met["energy"], "n_particles": int(len(parts)),
-           "n_truth": int(len(truth)), "cv": cvs}
+    met = all_metrics(
+        x if x.shape[1] > 1 else x[:, 0],
+        truth[cvs].to_numpy() if len(cvs) > 1 else truth[cvs[0]].to_numpy(),
+        parts["weight"].to_numpy(),
+    )
+    met = {
+        "w1": met["w1"],
+        "w2": met["w2"],
+        "energy_distance": met["energy"],
+        "n_particles": int(len(parts)),
+        "n_truth": int(len(truth)),
+        "cv": cvs,
+    }
     _atomic.write_json(os.path.join(args.reconstruction, "evaluation.json"), met)
     print(json.dumps(met, indent=None if args.json else 2))  # noqa: T201
     return 0

@@ -35,36 +35,90 @@ logger = logging.getLogger(__name__)
 
 def add_args(p):
     p.add_argument("particles", help="particles: .star, .cs, or a cryoDRGN pickle")
-    p.add_argument("--model", required=True, help="adk, adk-ca, dumbbell, hinge, square, or a multi-model PDB/mmCIF/trajectory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="adk, adk-ca, dumbbell, hinge, square, or a multi-model PDB/mmCIF/trajectory",
+    )
     p.add_argument("--datadir", default=None, help="folder that stack paths are relative to")
-    p.add_argument("--method", default="wgf", choices=["wgf", "em-grid", "per-image", "map-classes", "gmm"])
-    p.add_argument("--objective", default="kl", choices=["kl", "mmd", "kl+mmd", "mmd-unconditional"])
+    p.add_argument(
+        "--method", default="wgf", choices=["wgf", "em-grid", "per-image", "map-classes", "gmm"]
+    )
+    p.add_argument(
+        "--objective", default="kl", choices=["kl", "mmd", "kl+mmd", "mmd-unconditional"]
+    )
     p.add_argument("--n-particles", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=None, help="observations per step (default: all for kl)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="observations per step (default: all for kl)"
+    )
     p.add_argument("--entropy", type=float, default=0.0, help="entropy weight (Euler-Maruyama)")
-    p.add_argument("--fisher-rao", type=float, default=None,
-                   help="Wasserstein-Fisher-Rao weight step per flow step (default: 0.3 for kl, 0 otherwise); 0 gives "
-                        "the pure Wasserstein flow with equal weights, which measured biased at high SNR")
+    p.add_argument(
+        "--fisher-rao",
+        type=float,
+        default=None,
+        help="Wasserstein-Fisher-Rao weight step per flow step (default: 0.3 for kl, 0 otherwise); 0 gives "
+        "the pure Wasserstein flow with equal weights, which measured biased at high SNR",
+    )
     p.add_argument("--bootstrap", type=int, default=8, help="bootstrap replicates for the bands")
-    p.add_argument("--heldout", type=float, default=0.0, help="fraction of images held out to track the objective on unseen data")
-    p.add_argument("--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)")
-    p.add_argument("--sigma", type=float, default=None, help="noise sd (default: estimated from the particle background)")
-    p.add_argument("--contrast", default="auto", choices=["auto", "as-is", "invert"],
-                   help="image contrast: auto detects inverted (white-protein) data and flips it")
-    p.add_argument("--fit-scale", action="store_true", help="profile a per-image contrast scale and offset")
+    p.add_argument(
+        "--heldout",
+        type=float,
+        default=0.0,
+        help="fraction of images held out to track the objective on unseen data",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)"
+    )
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise sd (default: estimated from the particle background)",
+    )
+    p.add_argument(
+        "--contrast",
+        default="auto",
+        choices=["auto", "as-is", "invert"],
+        help="image contrast: auto detects inverted (white-protein) data and flips it",
+    )
+    p.add_argument(
+        "--fit-scale", action="store_true", help="profile a per-image contrast scale and offset"
+    )
     p.add_argument("--box", type=int, default=None, help="Fourier-crop to this working box")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (multiple of 25)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (multiple of 25)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.npz")
-    p.add_argument("--stream", action="store_true",
-                   help="stream minibatches from disk (memory flat in the number of images); wgf only")
-    p.add_argument("--devices", type=_devices, default=None,
-                   help="with --stream: split each minibatch over N devices ('all': every device)")
-    p.add_argument("--pilot-images", type=int, default=512,
-                   help="with --stream: images tabulated to choose contrast, start, bandwidth and step size")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream minibatches from disk (memory flat in the number of images); wgf only",
+    )
+    p.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        help="with --stream: split each minibatch over N devices ('all': every device)",
+    )
+    p.add_argument(
+        "--pilot-images",
+        type=int,
+        default=512,
+        help="with --stream: images tabulated to choose contrast, start, bandwidth and step size",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _print_result(res, out: str) -> None:
+    """The one line the command prints: the method, its particles and the mean CV."""
+    mean_cv = float(np.average(res.positions[:, 0], weights=res.weights))
+    line = (
+        f"{res.label}: {res.positions.shape[0]} particles, mean CV {mean_cv:.4f}; outputs in {out}"
+    )
+    print(line)  # noqa: T201
 
 
 def _devices(text: str):
@@ -73,7 +127,9 @@ def _devices(text: str):
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--devices takes a positive integer or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--devices takes a positive integer or 'all', got {text!r}"
+        ) from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"--devices must be >= 1, got {n}")
     return n
@@ -85,28 +141,55 @@ def _main_streamed(args, stack, model, settings) -> int:
     from ..reconstruction import run_streamed
 
     if args.method != "wgf":
-        raise CryosipInputError(args.particles, f"--stream runs the particle flow (wgf), not {args.method}")
+        raise CryosipInputError(
+            args.particles, f"--stream runs the particle flow (wgf), not {args.method}"
+        )
     if args.resume or args.checkpoint_every:
-        raise CryosipInputError(args.particles, "--stream does not checkpoint (a stream's position is not saved)")
+        raise CryosipInputError(
+            args.particles, "--stream does not checkpoint (a stream's position is not saved)"
+        )
     devices = len(jax.devices()) if args.devices == "all" else args.devices
     batch = args.batch_size or 256
     try:
-        problem, res = run_streamed(stack, model, args.objective, key=jax.random.key(args.seed),
-                                    n_particles=args.n_particles, n_steps=args.steps, batch_size=batch,
-                                    devices=devices, sigma=args.sigma, contrast=args.contrast,
-                                    fit_scale=args.fit_scale, n_nodes=args.nodes, pilot_images=args.pilot_images,
-                                    entropy=args.entropy, fisher_rao=args.fisher_rao,
-                                    progress=not args.no_progress)
+        problem, res = run_streamed(
+            stack,
+            model,
+            args.objective,
+            key=jax.random.key(args.seed),
+            n_particles=args.n_particles,
+            n_steps=args.steps,
+            batch_size=batch,
+            devices=devices,
+            sigma=args.sigma,
+            contrast=args.contrast,
+            fit_scale=args.fit_scale,
+            n_nodes=args.nodes,
+            pilot_images=args.pilot_images,
+            entropy=args.entropy,
+            fisher_rao=args.fisher_rao,
+            progress=not args.no_progress,
+        )
     except CryosipInputError:
         raise
     except ValueError as e:
         raise CryosipInputError(args.particles, str(e)) from None
-    extra = {"n_images": len(stack), "streamed": True, "devices": devices or 1, "batch_size": batch,
-             "pilot_images": min(args.pilot_images, len(stack))}
-    summary = write_reconstruction(args.out, problem, res, model.cv_names, settings, summary_extra=extra)
-    logger.info("done: %s (streamed) in %.1f s (final objective %s)", res.label, res.seconds, summary.get("final_objective"))
-    print(f"{res.label}: {res.positions.shape[0]} particles, mean CV {float(np.average(res.positions[:, 0], weights=res.weights)):.4f}; "  # noqa: T201
-          f"outputs in {args.out}")
+    extra = {
+        "n_images": len(stack),
+        "streamed": True,
+        "devices": devices or 1,
+        "batch_size": batch,
+        "pilot_images": min(args.pilot_images, len(stack)),
+    }
+    summary = write_reconstruction(
+        args.out, problem, res, model.cv_names, settings, summary_extra=extra
+    )
+    logger.info(
+        "done: %s (streamed) in %.1f s (final objective %s)",
+        res.label,
+        res.seconds,
+        summary.get("final_objective"),
+    )
+    _print_result(res, args.out)
     return 0
 
 
@@ -127,22 +210,52 @@ def main(args) -> int:
     if args.devices not in (None, 1):
         from ..data.errors import CryosipInputError
 
-        raise CryosipInputError(args.particles, "--devices needs --stream (the tabulated path runs on one device)")
+        raise CryosipInputError(
+            args.particles, "--devices needs --stream (the tabulated path runs on one device)"
+        )
     progress = not args.no_progress
-    problem = prepare(stack, model, sigma=args.sigma, fit_scale=args.fit_scale, contrast=args.contrast, n_nodes=args.nodes, progress=progress)
-    ck = os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
-    res = run_method(problem, args.method, args.objective, key=jax.random.key(args.seed), n_particles=args.n_particles,
-                     n_steps=args.steps, batch_size=args.batch_size, entropy=args.entropy, fisher_rao=args.fisher_rao,
-                     n_bootstrap=args.bootstrap, progress=progress, checkpoint=ck,
-                     checkpoint_every=args.checkpoint_every, resume=args.resume,
-                     heldout_fraction=args.heldout)
+    problem = prepare(
+        stack,
+        model,
+        sigma=args.sigma,
+        fit_scale=args.fit_scale,
+        contrast=args.contrast,
+        n_nodes=args.nodes,
+        progress=progress,
+    )
+    ck = (
+        os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
+    )
+    res = run_method(
+        problem,
+        args.method,
+        args.objective,
+        key=jax.random.key(args.seed),
+        n_particles=args.n_particles,
+        n_steps=args.steps,
+        batch_size=args.batch_size,
+        entropy=args.entropy,
+        fisher_rao=args.fisher_rao,
+        n_bootstrap=args.bootstrap,
+        progress=progress,
+        checkpoint=ck,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        heldout_fraction=args.heldout,
+    )
     summary = write_reconstruction(args.out, problem, res, model.cv_names, settings)
     if problem.table is not None and str(args.particles).endswith(".star"):
         from ..data.outputs import write_particles_cv_star
 
         mean, sd = posterior_cv(problem, res)
-        write_particles_cv_star(os.path.join(args.out, "particles_cv.star"), stack, mean, sd, model.cv_names)
-    logger.info("done: %s in %.1f s (final objective %s)", res.label, res.seconds, summary.get("final_objective"))
-    print(f"{res.label}: {res.positions.shape[0]} particles, mean CV {float(np.average(res.positions[:, 0], weights=res.weights)):.4f}; "  # noqa: T201
-          f"outputs in {args.out}")
+        write_particles_cv_star(
+            os.path.join(args.out, "particles_cv.star"), stack, mean, sd, model.cv_names
+        )
+    logger.info(
+        "done: %s in %.1f s (final objective %s)",
+        res.label,
+        res.seconds,
+        summary.get("final_objective"),
+    )
+    _print_result(res, args.out)
     return 0

@@ -17,7 +17,9 @@ from ..cryoem.atoms import AtomParameters
 from .base import AbstractConformationModel
 
 
-def kabsch_superpose(mobile: np.ndarray, target: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
+def kabsch_superpose(
+    mobile: np.ndarray, target: np.ndarray, select: np.ndarray | None = None
+) -> np.ndarray:
     """Rigidly superpose ``mobile`` (n, 3) on ``target`` using the atoms in ``select``."""
     sel = slice(None) if select is None else select
     mc, tc = mobile[sel].mean(0), target[sel].mean(0)
@@ -33,8 +35,15 @@ class PathModel(AbstractConformationModel):
     coeffs: Float[Array, "4 n_seg n_atoms 3"]
     n_frames: int = eqx.field(static=True)
 
-    def __init__(self, frames: np.ndarray, atoms: AtomParameters, *, superpose_on: np.ndarray | None = None,
-                 center: bool = True, n_knots: int | None = None):
+    def __init__(
+        self,
+        frames: np.ndarray,
+        atoms: AtomParameters,
+        *,
+        superpose_on: np.ndarray | None = None,
+        center: bool = True,
+        n_knots: int | None = None,
+    ):
         """``frames``: (F, n_atoms, 3); superposed on frame 0 using the atoms in ``superpose_on``
         (a boolean mask or index array; default all atoms) and centred on frame 0's centroid.
 
@@ -46,7 +55,9 @@ class PathModel(AbstractConformationModel):
         if frames.ndim != 3 or frames.shape[0] < 2 or frames.shape[2] != 3:
             raise ValueError(f"frames must be (n_frames >= 2, n_atoms, 3), got {frames.shape}")
         if frames.shape[1] != atoms.n_atoms:
-            raise ValueError(f"frames have {frames.shape[1]} atoms but the atom parameters {atoms.n_atoms}")
+            raise ValueError(
+                f"frames have {frames.shape[1]} atoms but the atom parameters {atoms.n_atoms}"
+            )
         ref = frames[0]
         frames = np.stack([kabsch_superpose(f, ref, superpose_on) for f in frames])
         if n_knots is not None and frames.shape[0] > 4:
@@ -89,4 +100,9 @@ class PathModel(AbstractConformationModel):
 
     def frames(self) -> np.ndarray:
         """The (superposed, centred) frames the spline passes through."""
-        return np.stack([np.asarray(self.coordinates(jnp.array([i / (self.n_frames - 1)]))) for i in range(self.n_frames)])
+        return np.stack(
+            [
+                np.asarray(self.coordinates(jnp.array([i / (self.n_frames - 1)])))
+                for i in range(self.n_frames)
+            ]
+        )

@@ -32,7 +32,9 @@ def wavelength_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Flo
 _ELECTRON_REST_ENERGY_IN_EV = 510998.95
 
 
-def interaction_constant_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Float[Array, "*batch"]:
+def interaction_constant_in_angstroms(
+    voltage_in_kilovolts: Float[Array, "*batch"],
+) -> Float[Array, "*batch"]:
     """Electron interaction constant ``sigma_e = lambda * gamma`` (relativistic wavelength times
     the Lorentz factor), in the convention where the potential of an atom is the sum of its
     Peng Gaussians with amplitudes in Angstrom (cryojax's
@@ -105,7 +107,13 @@ def sin_cos(x: Float[Array, "*shape"]) -> tuple[Float[Array, "*shape"], Float[Ar
     r = ((x - n * 1.5703125) - n * 4.837512969970703125e-4) - n * 7.54978995489188216e-8
     r2 = r * r
     s = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
-    c = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    c = (
+        1.0
+        - 0.5 * r2
+        + r2
+        * r2
+        * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    )
     q = n.astype(jnp.int32) & 3
     sin = jnp.where(q == 0, s, jnp.where(q == 1, c, jnp.where(q == 2, -s, -c)))
     cos = jnp.where(q == 0, c, jnp.where(q == 1, -s, jnp.where(q == 2, -c, s)))

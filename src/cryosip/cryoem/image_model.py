@@ -28,7 +28,13 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .atoms import AtomParameters
-from .ctf import CTFParams, compute_ctf, interaction_constant_in_angstroms, rfft_frequencies, sin_cos
+from .ctf import (
+    CTFParams,
+    compute_ctf,
+    interaction_constant_in_angstroms,
+    rfft_frequencies,
+    sin_cos,
+)
 from .projection import project_gaussians, window_half_width
 
 
@@ -70,7 +76,9 @@ class ImageModel(eqx.Module):
         if not pixel_size > 0:
             raise ValueError(f"pixel_size must be positive, got {pixel_size}")
         if not max_variance_in_angstroms2 > 0:
-            raise ValueError(f"max_variance_in_angstroms2 must be positive, got {max_variance_in_angstroms2}")
+            raise ValueError(
+                f"max_variance_in_angstroms2 must be positive, got {max_variance_in_angstroms2}"
+            )
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
         self.half_width = window_half_width(max_variance_in_angstroms2, pixel_size)
@@ -79,7 +87,9 @@ class ImageModel(eqx.Module):
     @classmethod
     def for_atoms(cls, box_size: int, pixel_size: float, atoms: AtomParameters, **kw) -> ImageModel:
         """An image model whose projection window fits the widest Gaussian of ``atoms``."""
-        return cls(box_size, pixel_size, max_variance_in_angstroms2=float(jnp.max(atoms.variances)), **kw)
+        return cls(
+            box_size, pixel_size, max_variance_in_angstroms2=float(jnp.max(atoms.variances)), **kw
+        )
 
     def frequencies(self) -> tuple[np.ndarray, np.ndarray]:
         return rfft_frequencies(self.box_size, self.pixel_size)
@@ -90,13 +100,20 @@ class ImageModel(eqx.Module):
         mask[D // 2, 0] = mask[0, D // 2] = mask[D // 2, D // 2] = 0.0
         return mask
 
-    def project(self, coords: Float[Array, "n_atoms 3"], atoms: AtomParameters, rotation) -> Float[Array, "y_dim x_dim"]:
+    def project(
+        self, coords: Float[Array, "n_atoms 3"], atoms: AtomParameters, rotation
+    ) -> Float[Array, "y_dim x_dim"]:
         """Pixel-averaged projection of the rotated atoms (no CTF, no shift, no contrast scale)."""
         r = rotation
         x, y, z = coords[:, 0], coords[:, 1], coords[:, 2]
         # (A r)[:2], unrolled: XLA:CPU runs a (n, 3) x (3, 2) dot far slower than 6 FMAs per atom
-        xy = jnp.stack([r[0, 0] * x + r[0, 1] * y + r[0, 2] * z, r[1, 0] * x + r[1, 1] * y + r[1, 2] * z], axis=-1)
-        return project_gaussians(xy, atoms.amplitudes, atoms.variances, self.box_size, self.pixel_size, self.half_width)
+        xy = jnp.stack(
+            [r[0, 0] * x + r[0, 1] * y + r[0, 2] * z, r[1, 0] * x + r[1, 1] * y + r[1, 2] * z],
+            axis=-1,
+        )
+        return project_gaussians(
+            xy, atoms.amplitudes, atoms.variances, self.box_size, self.pixel_size, self.half_width
+        )
 
     def transfer(self, nuisance: CryoNuisance) -> Array:
         """The complex Fourier multiplier (D, D//2+1): contrast scale * CTF * mask * shift phase."""
@@ -115,12 +132,16 @@ class ImageModel(eqx.Module):
         ctf = compute_ctf(nuisance.ctf, ky, kx) * (scale * self._selfconjugate_mask())
         return ctf * phase
 
-    def apply_optics(self, projection: Float[Array, "y_dim x_dim"], nuisance: CryoNuisance) -> Float[Array, "y_dim x_dim"]:
+    def apply_optics(
+        self, projection: Float[Array, "y_dim x_dim"], nuisance: CryoNuisance
+    ) -> Float[Array, "y_dim x_dim"]:
         """Contrast scale, CTF, shift and the self-conjugate mask applied in Fourier space."""
         f = jnp.fft.rfft2(projection) * self.transfer(nuisance)
         return jnp.fft.irfft2(f, s=(self.box_size, self.box_size))
 
-    def render(self, coords: Float[Array, "n_atoms 3"], atoms: AtomParameters, nuisance: CryoNuisance) -> Float[Array, "y_dim x_dim"]:
+    def render(
+        self, coords: Float[Array, "n_atoms 3"], atoms: AtomParameters, nuisance: CryoNuisance
+    ) -> Float[Array, "y_dim x_dim"]:
         """The noise-free image of one structure under one nuisance draw."""
         return self.apply_optics(self.project(coords, atoms, nuisance.rotation), nuisance)
 

@@ -20,14 +20,20 @@ class CryoEMOperator(AbstractRandomOperator):
     prior: NuisancePrior
     fit_scale: bool
 
-    def __init__(self, conformation, image_model, noise_sigma=1.0, prior=None, fit_scale: bool = False):
+    def __init__(
+        self, conformation, image_model, noise_sigma=1.0, prior=None, fit_scale: bool = False
+    ):
         self.conformation = conformation
         self.image_model = image_model
-        self.noise = noise_sigma if isinstance(noise_sigma, GaussianNoise) else GaussianNoise(noise_sigma)
+        self.noise = (
+            noise_sigma if isinstance(noise_sigma, GaussianNoise) else GaussianNoise(noise_sigma)
+        )
         self.prior = NuisancePrior() if prior is None else prior
         self.fit_scale = bool(fit_scale)
 
-    def mean(self, theta: Float[Array, " dim"], nuisance: CryoNuisance) -> Float[Array, "y_dim x_dim"]:
+    def mean(
+        self, theta: Float[Array, " dim"], nuisance: CryoNuisance
+    ) -> Float[Array, "y_dim x_dim"]:
         coords = self.conformation(theta)
         return self.image_model.render(coords, self.conformation.atoms, nuisance)
 
@@ -43,4 +49,10 @@ class CryoEMOperator(AbstractRandomOperator):
         return self.image_model.box_size**2 - int(self.fit_scale)
 
     def with_sigma(self, sigma) -> CryoEMOperator:
-        return CryoEMOperator(self.conformation, self.image_model, GaussianNoise(jnp.asarray(sigma)), self.prior, self.fit_scale)
+        return CryoEMOperator(
+            self.conformation,
+            self.image_model,
+            GaussianNoise(jnp.asarray(sigma)),
+            self.prior,
+            self.fit_scale,
+        )

@@ -20,7 +20,9 @@ def euler_to_matrix(
     psi_in_degrees: Float[Array, "*batch"],
 ) -> Float[Array, "*batch 3 3"]:
     """RELION ZYZ Euler angles (degrees) to the rotation matrix ``A``."""
-    a, b, g = (jnp.deg2rad(jnp.asarray(x)) for x in (rot_in_degrees, tilt_in_degrees, psi_in_degrees))
+    a, b, g = (
+        jnp.deg2rad(jnp.asarray(x)) for x in (rot_in_degrees, tilt_in_degrees, psi_in_degrees)
+    )
     ca, sa, cb, sb, cg, sg = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(g), jnp.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
     row0 = jnp.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], axis=-1)
@@ -29,7 +31,9 @@ def euler_to_matrix(
     return jnp.stack([row0, row1, row2], axis=-2)
 
 
-def matrix_to_euler(matrix: Float[np.ndarray, "*batch 3 3"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def matrix_to_euler(
+    matrix: Float[np.ndarray, "*batch 3 3"],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rotation matrix to RELION (rot, tilt, psi) in degrees (RELION's ``Euler_matrix2angles``).
 
     Returns tilt in [0, 180] and rot, psi in (-180, 180]. NumPy (used by the I/O layer).
@@ -48,7 +52,9 @@ def matrix_to_euler(matrix: Float[np.ndarray, "*batch 3 3"]) -> tuple[np.ndarray
     beta = np.arctan2(sign_sb * abs_sb, A[..., 2, 2])
     # gimbal lock: tilt = 0 or 180
     up = A[..., 2, 2] > 0
-    gamma_d = np.where(up, np.arctan2(-A[..., 1, 0], A[..., 0, 0]), np.arctan2(A[..., 1, 0], -A[..., 0, 0]))
+    gamma_d = np.where(
+        up, np.arctan2(-A[..., 1, 0], A[..., 0, 0]), np.arctan2(A[..., 1, 0], -A[..., 0, 0])
+    )
     alpha = np.where(regular, alpha, 0.0)
     beta = np.where(regular, beta, np.where(up, 0.0, np.pi))
     gamma = np.where(regular, gamma, gamma_d)
@@ -78,7 +84,12 @@ def matrix_to_quaternion(matrix: Float[np.ndarray, "*batch 3 3"]) -> np.ndarray:
         t = np.trace(M)
         if t > 0:
             s = 2.0 * np.sqrt(1.0 + t)
-            out[n] = [0.25 * s, (M[2, 1] - M[1, 2]) / s, (M[0, 2] - M[2, 0]) / s, (M[1, 0] - M[0, 1]) / s]
+            out[n] = [
+                0.25 * s,
+                (M[2, 1] - M[1, 2]) / s,
+                (M[0, 2] - M[2, 0]) / s,
+                (M[1, 0] - M[0, 1]) / s,
+            ]
         else:
             i = int(np.argmax(np.diag(M)))
             j, k = (i + 1) % 3, (i + 2) % 3

@@ -33,7 +33,6 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float
 
@@ -181,8 +180,13 @@ def _forward_chunk(geo: _Geometry, xyT: Array, amp: Array, var: Array) -> Array:
     foot = [[sum(ay[i][k] * dx[j][k] for k in range(K)) for j in range(w)] for i in range(w)]
     foot = jnp.stack([jnp.stack(row, axis=-1) for row in foot], axis=-2).reshape(c * n, w, w)
     canvas = jax.lax.scatter_add(
-        jnp.zeros((c * P, P), foot.dtype), ed.index, foot, _SCATTER_DNUMS,
-        indices_are_sorted=False, unique_indices=False, mode="promise_in_bounds",
+        jnp.zeros((c * P, P), foot.dtype),
+        ed.index,
+        foot,
+        _SCATTER_DNUMS,
+        indices_are_sorted=False,
+        unique_indices=False,
+        mode="promise_in_bounds",
     )
     return canvas.reshape(c, P, P)[:, pad : pad + D, pad : pad + D]
 
@@ -208,27 +212,45 @@ def _backward_chunk(geo: _Geometry, need_amp: bool, need_var: bool, xyT, amp, va
     # d loss / d c^x_e = sum_i a Delta^y_i (G_{i,e} - G_{i,e+1}); likewise for y with i <-> j
     dGx = [[G[:, :, i, e] - G[:, :, i, e + 1] for e in range(2 * h)] for i in range(w)]
     dGy = [[G[:, :, e, j] - G[:, :, e + 1, j] for e in range(2 * h)] for j in range(w)]
-    dx = sum(dGx[i][e] * sum(q[e][:, 0, k] * py[i][k] for k in range(K)) for i in range(w) for e in range(2 * h))
-    dy = sum(dGy[j][e] * sum(q[e][:, 1, k] * pxx[j][k] for k in range(K)) for j in range(w) for e in range(2 * h))
+    dx = sum(
+        dGx[i][e] * sum(q[e][:, 0, k] * py[i][k] for k in range(K))
+        for i in range(w)
+        for e in range(2 * h)
+    )
+    dy = sum(
+        dGy[j][e] * sum(q[e][:, 1, k] * pxx[j][k] for k in range(K))
+        for j in range(w)
+        for e in range(2 * h)
+    )
     dxyT = jnp.stack([dx, dy], axis=1)
     damp = dvar = None
     if need_amp:
         scale = 0.25 / (px * px)
-        damp = jnp.stack([
-            scale * sum(py[i][k] * sum(G[:, :, i, j] * pxx[j][k] for j in range(w)) for i in range(w))
-            for k in range(K)
-        ], axis=1)
+        damp = jnp.stack(
+            [
+                scale
+                * sum(py[i][k] * sum(G[:, :, i, j] * pxx[j][k] for j in range(w)) for i in range(w))
+                for k in range(K)
+            ],
+            axis=1,
+        )
     if need_var:
         # a * d c_e / d var = a * erf'(z_e) * t_e * (-s^3) = q_e * t_e * s^2
         s2 = s * s
-        dvar = jnp.stack([
-            (s2[:, k] if s2.ndim == 3 else s2[k]) * sum(
-                q[e][:, 0, k] * ed.t[e][:, 0, 0] * sum(dGx[i][e] * py[i][k] for i in range(w))
-                + q[e][:, 1, k] * ed.t[e][:, 1, 0] * sum(dGy[j][e] * pxx[j][k] for j in range(w))
-                for e in range(2 * h)
-            )
-            for k in range(K)
-        ], axis=1)
+        dvar = jnp.stack(
+            [
+                (s2[:, k] if s2.ndim == 3 else s2[k])
+                * sum(
+                    q[e][:, 0, k] * ed.t[e][:, 0, 0] * sum(dGx[i][e] * py[i][k] for i in range(w))
+                    + q[e][:, 1, k]
+                    * ed.t[e][:, 1, 0]
+                    * sum(dGy[j][e] * pxx[j][k] for j in range(w))
+                    for e in range(2 * h)
+                )
+                for k in range(K)
+            ],
+            axis=1,
+        )
     return dxyT, damp, dvar
 
 
@@ -264,7 +286,7 @@ def _atom_minor(a: Array) -> Array:
     return jnp.swapaxes(a, -1, -2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make_projector(box_size: int, pixel_size: float, half_width: int):
     geo = _Geometry(box_size, pixel_size, half_width)
 
@@ -286,9 +308,14 @@ def _make_projector(box_size: int, pixel_size: float, half_width: int):
 
     def make_bwd_kernel(need_amp: bool, need_var: bool):
         def backward(xy, amp, var, g):  # -> dxy (c, n, 2), damp / dvar (c, n, K) or None
-            dxyT, da, dv = _backward_chunk(geo, need_amp, need_var, jnp.swapaxes(xy, 1, 2), amp, var, g)
-            return (jnp.swapaxes(dxyT, 1, 2), None if da is None else _atom_minor(da),
-                    None if dv is None else _atom_minor(dv))
+            dxyT, da, dv = _backward_chunk(
+                geo, need_amp, need_var, jnp.swapaxes(xy, 1, 2), amp, var, g
+            )
+            return (
+                jnp.swapaxes(dxyT, 1, 2),
+                None if da is None else _atom_minor(da),
+                None if dv is None else _atom_minor(dv),
+            )
 
         @custom_vmap
         def bwd_kernel(xy, amp, var, g):

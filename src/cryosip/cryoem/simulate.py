@@ -21,7 +21,9 @@ def render_batch_fn(operator: CryoEMOperator) -> Callable:
     return jax.jit(jax.vmap(operator.mean))
 
 
-def render_clean(operator: CryoEMOperator, theta: np.ndarray, nuisance: CryoNuisance, batch_size: int = 256) -> np.ndarray:
+def render_clean(
+    operator: CryoEMOperator, theta: np.ndarray, nuisance: CryoNuisance, batch_size: int = 256
+) -> np.ndarray:
     """Noise-free images for paired rows of theta and nuisance, in batches (NumPy out)."""
     f = render_batch_fn(operator)
     n = theta.shape[0]
@@ -42,12 +44,16 @@ def sigma_for_snr(clean: np.ndarray, snr: float) -> float:
     return float(np.sqrt(np.mean(np.var(clean.reshape(clean.shape[0], -1), axis=1)) / snr))
 
 
-def add_noise(key: PRNGKeyArray, clean: np.ndarray, sigma: float, batch_size: int = 1024) -> np.ndarray:
+def add_noise(
+    key: PRNGKeyArray, clean: np.ndarray, sigma: float, batch_size: int = 1024
+) -> np.ndarray:
     """clean + sigma N(0, I), batch by batch with keys folded from ``key`` (reproducible from the seed)."""
     out = np.empty_like(clean)
     for b, s in enumerate(range(0, clean.shape[0], batch_size)):
         e = min(clean.shape[0], s + batch_size)
-        noise = jax.random.normal(jax.random.fold_in(key, b), (e - s,) + clean.shape[1:], jnp.float32)
+        noise = jax.random.normal(
+            jax.random.fold_in(key, b), (e - s,) + clean.shape[1:], jnp.float32
+        )
         out[s:e] = clean[s:e] + sigma * np.asarray(noise)
     return out
 
@@ -127,8 +133,14 @@ def _render_range(operator, theta, nuisance, sigma, noise_key, start, stop, batc
         # pad to a full batch (repeating the last row) so that one shape is ever compiled
         idx = np.minimum(np.arange(s, s + batch_size), stop - 1)
         nu = jax.tree_util.tree_map(lambda a: jnp.asarray(a[idx]), nuisance)
-        c, y = _render_and_noise(operator, jnp.asarray(theta[idx], jnp.float32), nu,
-                                 jnp.asarray(idx, jnp.int32), sig, noise_key)
+        c, y = _render_and_noise(
+            operator,
+            jnp.asarray(theta[idx], jnp.float32),
+            nu,
+            jnp.asarray(idx, jnp.int32),
+            sig,
+            noise_key,
+        )
         clean[s - start : e - start] = np.asarray(c)[: e - s]
         noisy[s - start : e - start] = np.asarray(y)[: e - s]
     return clean, noisy
@@ -218,8 +230,16 @@ def simulate_dataset(
     Same key and arguments give the same images as the CLI with ``--seed`` (the key is
     ``jax.random.key(seed)``). Returns the noisy stack (with its nuisances), the noise-free
     images and the true CV of each particle."""
-    plan = plan_simulation(key, operator, distribution, n_images, snr=snr, sigma=sigma,
-                           pilot_size=pilot_size, batch_size=batch_size)
+    plan = plan_simulation(
+        key,
+        operator,
+        distribution,
+        n_images,
+        snr=snr,
+        sigma=sigma,
+        pilot_size=pilot_size,
+        batch_size=batch_size,
+    )
     D = operator.image_model.box_size
     images = np.empty((len(plan), D, D), np.float32)
     clean = np.empty_like(images)

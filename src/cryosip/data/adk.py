@@ -42,7 +42,13 @@ def _prepare() -> dict[str, np.ndarray]:
     elements = np.array([_NAME_TO_ELEMENT[n[0]] for n in names])
     resnames = np.asarray(u.atoms.resnames).astype(str)
     resids = np.asarray(u.atoms.resids)
-    return {"frames": frames, "names": names, "elements": elements, "resnames": resnames, "resids": resids}
+    return {
+        "frames": frames,
+        "names": names,
+        "elements": elements,
+        "resnames": resnames,
+        "resids": resids,
+    }
 
 
 @functools.cache
@@ -63,7 +69,9 @@ def load_adk_arrays() -> dict[str, np.ndarray]:
 N_KNOTS = 8
 
 
-def adk_model(ca_only: bool = False, bfactor_in_angstroms2: float = 0.0, smooth: bool = True) -> PathModel:
+def adk_model(
+    ca_only: bool = False, bfactor_in_angstroms2: float = 0.0, smooth: bool = True
+) -> PathModel:
     """The AdK closed->open path as a :class:`PathModel` (all atoms, or C-alpha only).
 
     The DIMS frames jitter: consecutive frames differ by 0.31-0.45 A C-alpha RMSD although the

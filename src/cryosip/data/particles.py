@@ -52,7 +52,9 @@ class ParticleStack:
         if self.images.ndim != 3 or self.images.shape[1] != self.images.shape[2]:
             raise ValueError(f"images must be (n, D, D), got {self.images.shape}")
         if len(self.nuisance.rotation) != self.images.shape[0]:
-            raise ValueError(f"{self.images.shape[0]} images but {len(self.nuisance.rotation)} nuisance rows")
+            raise ValueError(
+                f"{self.images.shape[0]} images but {len(self.nuisance.rotation)} nuisance rows"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -66,7 +68,12 @@ class ParticleStack:
         if idx.dtype == bool:
             idx = np.nonzero(idx)[0]
         meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
-        return dataclasses.replace(self, images=np.asarray(self.images[idx]), nuisance=take_nuisance(self.nuisance, idx), metadata=meta)
+        return dataclasses.replace(
+            self,
+            images=np.asarray(self.images[idx]),
+            nuisance=take_nuisance(self.nuisance, idx),
+            metadata=meta,
+        )
 
     def take(self, idx) -> ParticleStack:
         """Like :meth:`subset` but keeps lazily read images lazy (nothing is loaded)."""
@@ -78,7 +85,12 @@ class ParticleStack:
         if not isinstance(self.images, LazyImageStack):
             return self.subset(idx)
         meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
-        return dataclasses.replace(self, images=self.images.take(idx), nuisance=take_nuisance(self.nuisance, idx), metadata=meta)
+        return dataclasses.replace(
+            self,
+            images=self.images.take(idx),
+            nuisance=take_nuisance(self.nuisance, idx),
+            metadata=meta,
+        )
 
     def observations(self, idx=None) -> Observations:
         """The engine's view (JAX arrays): images with their known nuisances."""
@@ -94,8 +106,12 @@ class ParticleStack:
         """Build a NumPy-backed CryoNuisance from arrays (CTF keywords as in :meth:`CTFParams.make`)."""
         ctf = CTFParams.make(**ctf_kwargs)
         n = np.asarray(rotation).shape[0]
-        ctf = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a, np.float32), (n,)).copy(), ctf)
-        return CryoNuisance(np.asarray(rotation, np.float32), np.asarray(shift_in_angstroms, np.float32), ctf)
+        ctf = jax.tree_util.tree_map(
+            lambda a: np.broadcast_to(np.asarray(a, np.float32), (n,)).copy(), ctf
+        )
+        return CryoNuisance(
+            np.asarray(rotation, np.float32), np.asarray(shift_in_angstroms, np.float32), ctf
+        )
 
 
 def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
@@ -116,16 +132,33 @@ def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
         raise ValueError(f"working box must be an even number >= 8, got {box_size}")
     if isinstance(stack.images, LazyImageStack):
         src = stack.images
-        images = LazyImageStack(src.files, src.file_index, src.image_index, box_size,
-                                file_boxes=src.file_boxes, check_finite=src.check_finite)
+        images = LazyImageStack(
+            src.files,
+            src.file_index,
+            src.image_index,
+            box_size,
+            file_boxes=src.file_boxes,
+            check_finite=src.check_finite,
+        )
     else:
         images = TransformedImages(stack.images, lambda x: fourier_crop(x, box_size), box_size)
-    return dataclasses.replace(stack, images=images, pixel_size=float(stack.pixel_size) * D / box_size)
+    return dataclasses.replace(
+        stack, images=images, pixel_size=float(stack.pixel_size) * D / box_size
+    )
 
 
-def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None, ctf=None, ind=None,
-                   particles=None, require_poses: bool = True,
-                   allow_unsupported_contrast: bool = False) -> ParticleStack:
+def read_particles(
+    path,
+    *,
+    datadir=None,
+    box_size: int | None = None,
+    pose=None,
+    ctf=None,
+    ind=None,
+    particles=None,
+    require_poses: bool = True,
+    allow_unsupported_contrast: bool = False,
+) -> ParticleStack:
     """Read particles from any supported input, with optional cryoDRGN overrides.
 
     ``path`` is a RELION ``.star``, a cryoSPARC ``.cs``, an ``.mrcs``/``.mrc`` stack or ``.txt``
@@ -144,13 +177,19 @@ def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".star"):
-        stack = read_star(path, datadir=datadir, box_size=box_size,
-                          allow_unsupported_contrast=allow_unsupported_contrast)
+        stack = read_star(
+            path,
+            datadir=datadir,
+            box_size=box_size,
+            allow_unsupported_contrast=allow_unsupported_contrast,
+        )
     elif name.endswith(".cs"):
         stack = read_cs(path, datadir=datadir, box_size=box_size, require_poses=require_poses)
     elif name.endswith((".mrcs", ".mrc", ".mrcs.gz", ".mrc.gz", ".txt")):
         if ctf is None:
-            raise CryosipInputError(path, "an image stack alone has no CTF or pixel metadata: pass a cryoDRGN ctf.pkl")
+            raise CryosipInputError(
+                path, "an image stack alone has no CTF or pixel metadata: pass a cryoDRGN ctf.pkl"
+            )
         stack = read_cryodrgn(ctf=ctf, pose=pose, ind=ind, particles=path, datadir=datadir)
         pose = ctf = ind = None
     elif name.endswith(".pkl"):
@@ -160,11 +199,15 @@ def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None
         elif kind == "pose":
             pose = path
         if ctf is None:
-            raise CryosipInputError(path, "cryoDRGN input needs a ctf.pkl (box and pixel size): pass --ctf")
+            raise CryosipInputError(
+                path, "cryoDRGN input needs a ctf.pkl (box and pixel size): pass --ctf"
+            )
         stack = read_cryodrgn(ctf=ctf, pose=pose, ind=ind, particles=particles, datadir=datadir)
         pose = ctf = ind = None
     else:
-        raise CryosipInputError(path, "unknown particle file type (expected .star, .cs, .mrcs, .mrc, .txt or .pkl)")
+        raise CryosipInputError(
+            path, "unknown particle file type (expected .star, .cs, .mrcs, .mrc, .txt or .pkl)"
+        )
     if pose is not None or ctf is not None or ind is not None:
         stack = apply_cryodrgn(stack, pose=pose, ctf=ctf, ind=ind)
     if box_size is not None and stack.box_size != box_size:
@@ -172,8 +215,9 @@ def read_particles(path, *, datadir=None, box_size: int | None = None, pose=None
     return stack
 
 
-def estimate_noise_sigma(images, radius_fraction: float = 0.45, *, max_images: int = 2000,
-                         chunk_size: int = 256) -> float:
+def estimate_noise_sigma(
+    images, radius_fraction: float = 0.45, *, max_images: int = 2000, chunk_size: int = 256
+) -> float:
     """Pixel noise standard deviation from the background outside a centred circular mask.
 
     Pixels farther than ``radius_fraction * D`` from the box centre (pixel ``D // 2``) are taken
@@ -193,7 +237,7 @@ def estimate_noise_sigma(images, radius_fraction: float = 0.45, *, max_images: i
     idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
     total, count = 0.0, 0
     for s in range(0, len(idx), chunk_size):
-        chunk = np.asarray(images[idx[s:s + chunk_size]], np.float64)
+        chunk = np.asarray(images[idx[s : s + chunk_size]], np.float64)
         bg = chunk[:, mask]
         bg = bg - bg.mean(axis=1, keepdims=True)
         total += float((bg * bg).sum())

@@ -28,7 +28,14 @@ class DecayOperator(AbstractRandomOperator):
     upper_bound: float = eqx.field(static=True, default=3.0)
     amplitude_range: tuple[float, float] = eqx.field(static=True, default=(0.5, 1.5))
 
-    def __init__(self, times=None, sigma: float = 0.05, lower: float = 0.1, upper: float = 3.0, amplitude_range=(0.5, 1.5)):
+    def __init__(
+        self,
+        times=None,
+        sigma: float = 0.05,
+        lower: float = 0.1,
+        upper: float = 3.0,
+        amplitude_range=(0.5, 1.5),
+    ):
         self.times = jnp.asarray(np.linspace(0.0, 3.0, 16) if times is None else times, jnp.float32)
         self.noise = GaussianNoise(sigma)
         self.fit_scale = False

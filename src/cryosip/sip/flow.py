@@ -69,7 +69,9 @@ class TqdmProgress:
     def start(self, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=self.desc, leave=self.leave, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, desc=self.desc, leave=self.leave, dynamic_ncols=True
+        )
 
     def update(self, n: int, loss: float):
         self.bar.set_postfix(objective=f"{loss:.6g}")
@@ -135,7 +137,6 @@ class WassersteinGradientFlow(eqx.Module):
         stop: Callable[[int], bool] | None = None,
     ) -> FlowResult:
         """Run the flow. ``stop(step)`` returning True ends it early (used to test resume)."""
-        n_obs = len(observations)
         lower, upper = operator.domain
         lower = jnp.asarray(lower, init.positions.dtype)
         upper = jnp.asarray(upper, init.positions.dtype)
@@ -145,13 +146,29 @@ class WassersteinGradientFlow(eqx.Module):
         held = np.full(n_rec, np.nan, np.float32)
         traj = np.full((n_rec,) + init.positions.shape, np.nan, np.float32)
         wtraj = np.full((n_rec, P), np.nan, np.float32)
-        state = _State(init.positions, init.log_weights, jnp.asarray(0), jnp.asarray(1.0, jnp.float32), jnp.asarray(0))
+        state = _State(
+            init.positions,
+            init.log_weights,
+            jnp.asarray(0),
+            jnp.asarray(1.0, jnp.float32),
+            jnp.asarray(0),
+        )
 
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             with np.load(checkpoint) as z:
-                state = _State(jnp.asarray(z["positions"]), jnp.asarray(z["log_weights"]), jnp.asarray(int(z["step"])),
-                               jnp.asarray(z["scale"]), jnp.asarray(int(z["backoffs"])))
-                losses[:], held[:], traj[:], wtraj[:] = z["losses"], z["heldout"], z["trajectory"], z["wtrajectory"]
+                state = _State(
+                    jnp.asarray(z["positions"]),
+                    jnp.asarray(z["log_weights"]),
+                    jnp.asarray(int(z["step"])),
+                    jnp.asarray(z["scale"]),
+                    jnp.asarray(int(z["backoffs"])),
+                )
+                losses[:], held[:], traj[:], wtraj[:] = (
+                    z["losses"],
+                    z["heldout"],
+                    z["trajectory"],
+                    z["wtrajectory"],
+                )
             logger.info("resumed from %s at step %d", checkpoint, int(state.step))
 
         def run_chunk(state):
@@ -159,7 +176,9 @@ class WassersteinGradientFlow(eqx.Module):
 
         held_fn = None
         if heldout is not None:
-            held_fn = eqx.filter_jit(lambda pos, logw, k: discrepancy(k, operator, _measure(pos, logw), heldout))
+            held_fn = eqx.filter_jit(
+                lambda pos, logw, k: discrepancy(k, operator, _measure(pos, logw), heldout)
+            )
 
         start = int(state.step)
         if progress is not None:
@@ -178,29 +197,62 @@ class WassersteinGradientFlow(eqx.Module):
                     if s % self.record_every == 0 and s // self.record_every < n_rec:
                         r = s // self.record_every
                         losses[r], traj[r], wtraj[r] = ls[j], ps[j], ws[j]
-                if held_fn is not None and self.heldout_every and (int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps):
+                if (
+                    held_fn is not None
+                    and self.heldout_every
+                    and (
+                        int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps
+                    )
+                ):
                     r = min((int(state.step) - 1) // self.record_every, n_rec - 1)
-                    held[r] = float(held_fn(state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1)))
+                    held[r] = float(
+                        held_fn(
+                            state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1)
+                        )
+                    )
                 b = int(state.backoffs)
                 if b > prev_backoffs:
-                    logger.warning("non-finite step: skipped %d step(s) and halved the step size (now x%.3g)",
-                                   b - prev_backoffs, float(state.scale))
+                    logger.warning(
+                        "non-finite step: skipped %d step(s) and halved the step size (now x%.3g)",
+                        b - prev_backoffs,
+                        float(state.scale),
+                    )
                     prev_backoffs = b
                 if progress is not None:
                     progress.update(n, float(ls[-1]))
-                if checkpoint is not None and checkpoint_every and int(state.step) % checkpoint_every == 0:
+                if (
+                    checkpoint is not None
+                    and checkpoint_every
+                    and int(state.step) % checkpoint_every == 0
+                ):
                     _save_checkpoint(checkpoint, state, losses, held, traj, wtraj)
                 if stop is not None and stop(int(state.step)):
                     break
         finally:
             if progress is not None:
                 progress.close()
-        return FlowResult(_measure(state.positions, state.log_weights), jnp.asarray(losses), jnp.asarray(held),
-                          jnp.asarray(traj), jnp.asarray(wtraj), self.record_every, int(state.backoffs))
+        return FlowResult(
+            _measure(state.positions, state.log_weights),
+            jnp.asarray(losses),
+            jnp.asarray(held),
+            jnp.asarray(traj),
+            jnp.asarray(wtraj),
+            self.record_every,
+            int(state.backoffs),
+        )
 
 
 @eqx.filter_jit
-def _run_chunk(flow: WassersteinGradientFlow, discrepancy, operator, observations, key, lower, upper, state: _State):
+def _run_chunk(
+    flow: WassersteinGradientFlow,
+    discrepancy,
+    operator,
+    observations,
+    key,
+    lower,
+    upper,
+    state: _State,
+):
     """``flow.chunk_size`` steps in one compiled scan (steps past n_steps leave the state unchanged).
 
     A module-level jit: repeated runs with the same shapes (bootstrap replicates, resumed runs)
@@ -219,14 +271,22 @@ def _run_chunk(flow: WassersteinGradientFlow, discrepancy, operator, observation
         else:
             idx = jax.random.choice(kb, n_obs, (flow.batch_size,), replace=False)
             obs = observations.take(idx)
-        loss, (gpos, glogw) = jax.value_and_grad(objective, argnums=(0, 1))(state.positions, state.log_weights, obs, kd)
-        tau = flow.step_size * _schedule(flow.schedule, state.step, flow.n_steps, flow.schedule_decay) * state.scale
+        loss, (gpos, glogw) = jax.value_and_grad(objective, argnums=(0, 1))(
+            state.positions, state.log_weights, obs, kd
+        )
+        tau = (
+            flow.step_size
+            * _schedule(flow.schedule, state.step, flow.n_steps, flow.schedule_decay)
+            * state.scale
+        )
         disp = tau * (-P * gpos)
         if flow.max_displacement is not None:
             norm = jnp.linalg.norm(disp, axis=-1, keepdims=True)
             disp = disp * jnp.minimum(1.0, flow.max_displacement / jnp.maximum(norm, 1e-30))
         if flow.entropy > 0:
-            disp = disp + jnp.sqrt(2 * flow.entropy * tau) * jax.random.normal(kn, disp.shape, disp.dtype)
+            disp = disp + jnp.sqrt(2 * flow.entropy * tau) * jax.random.normal(
+                kn, disp.shape, disp.dtype
+            )
         new_pos = reflect_into(state.positions + disp, lower, upper)
         new_logw = state.log_weights
         if flow.fisher_rao > 0:
@@ -235,7 +295,9 @@ def _run_chunk(flow: WassersteinGradientFlow, discrepancy, operator, observation
             # a step of size fisher_rao along the Fisher-Rao gradient (independent of the transport step):
             # for KL, phi_i = -R_i / w_i (R_i: responsibility mass), so fisher_rao = 1 is an EM-like update
             # guard: at most a factor e per step, whatever the objective's scale
-            new_logw = state.log_weights - jnp.clip(flow.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0)
+            new_logw = state.log_weights - jnp.clip(
+                flow.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0
+            )
             new_logw = new_logw - jax.scipy.special.logsumexp(new_logw)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_pos)) & jnp.all(jnp.isfinite(new_logw))
         active = state.step < flow.n_steps
@@ -265,7 +327,16 @@ def _save_checkpoint(path, state: _State, losses, held, traj, wtraj):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
     os.close(fd)
-    np.savez(tmp, positions=np.asarray(state.positions), log_weights=np.asarray(state.log_weights),
-             step=int(state.step), scale=np.asarray(state.scale), backoffs=int(state.backoffs),
-             losses=losses, heldout=held, trajectory=traj, wtrajectory=wtraj)
+    np.savez(
+        tmp,
+        positions=np.asarray(state.positions),
+        log_weights=np.asarray(state.log_weights),
+        step=int(state.step),
+        scale=np.asarray(state.scale),
+        backoffs=int(state.backoffs),
+        losses=losses,
+        heldout=held,
+        trajectory=traj,
+        wtrajectory=wtraj,
+    )
     os.replace(tmp, path)

@@ -19,7 +19,9 @@ class GaussianNoise(eqx.Module):
     def sample(self, key: PRNGKeyArray, mean: Array) -> Array:
         return mean + self.sigma * jax.random.normal(key, mean.shape, mean.dtype)
 
-    def log_likelihood(self, observed: Array, mean: Array, *, fit_scale: bool = False, fit_offset: bool = False) -> Float[Array, ""]:
+    def log_likelihood(
+        self, observed: Array, mean: Array, *, fit_scale: bool = False, fit_offset: bool = False
+    ) -> Float[Array, ""]:
         """log N(observed; mean, sigma^2 I), optionally profiled over a contrast scale/offset.
 
         With ``fit_scale`` the mean is replaced by ``a * mean (+ b)`` with the least-squares

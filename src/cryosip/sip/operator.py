@@ -35,19 +35,28 @@ class Observations(eqx.Module):
         n = jax.tree_util.tree_leaves(values)[0].shape[0]
         self.values = values
         self.nuisance = nuisance
-        self.index = jnp.arange(n, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
-        self.weight = jnp.ones((n,), jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+        self.index = (
+            jnp.arange(n, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+        )
+        self.weight = (
+            jnp.ones((n,), jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+        )
 
     def __len__(self) -> int:
         return self.index.shape[0]
 
     def take(self, idx) -> Observations:
         """A sub-batch (``idx``: integer array, traced or not)."""
+
         def t(x):
             return jax.tree_util.tree_map(lambda a: a[idx], x)
 
-        return Observations(t(self.values), None if self.nuisance is None else t(self.nuisance),
-                            self.index[idx], self.weight[idx])
+        return Observations(
+            t(self.values),
+            None if self.nuisance is None else t(self.nuisance),
+            self.index[idx],
+            self.weight[idx],
+        )
 
     def with_weight(self, weight) -> Observations:
         return Observations(self.values, self.nuisance, self.index, weight)
@@ -106,7 +115,9 @@ class AbstractRandomOperator(eqx.Module):
         """F0 for paired rows of theta and nuisance."""
         return jax.vmap(self.mean)(theta, nuisance)
 
-    def sample(self, key: PRNGKeyArray, theta: Float[Array, "n dim"], nuisance: PyTree | None = None) -> Array:
+    def sample(
+        self, key: PRNGKeyArray, theta: Float[Array, "n dim"], nuisance: PyTree | None = None
+    ) -> Array:
         """Fresh observations y_j = F(theta_j, xi_j) (nuisances drawn when not given)."""
         kn, ke = jax.random.split(key)
         if nuisance is None:
@@ -127,10 +138,17 @@ class AbstractRandomOperator(eqx.Module):
         m = jax.vmap(self.mean)(th, nu)
         return m.reshape((n, p) + m.shape[1:])
 
-    def paired_means(self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None) -> Array:
+    def paired_means(
+        self,
+        theta: Float[Array, "n_particles dim"],
+        obs: Observations,
+        batch_size: int | None = None,
+    ) -> Array:
         """F0(theta_i, xi_n) for every observation n (its own nuisance) and particle i: (B, P, ...)."""
         if obs.nuisance is None:
-            raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
+            raise ValueError(
+                "paired quantities need the nuisances of the observations (known poses/CTF)"
+            )
         return _map_chunks(lambda nu: self.pair_means(theta, nu), obs.nuisance, batch_size)
 
     def log_likelihood_matrix(
@@ -148,8 +166,11 @@ class AbstractRandomOperator(eqx.Module):
         Unknown nuisances (``obs.nuisance is None``): a Monte Carlo average over ``n_nuisance``
         draws, log-mean-exp in log space.
         """
-        ll = lambda y, m: self.noise.log_likelihood(y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale)  # noqa: E731
+        ll = lambda y, m: self.noise.log_likelihood(
+            y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale
+        )  # noqa: E731
         if obs.nuisance is not None:
+
             def chunk(args):
                 ys, nus = args
                 ms = self.pair_means(theta, nus)  # (b, P, ...)
@@ -168,11 +189,16 @@ class AbstractRandomOperator(eqx.Module):
         return _map_rows(row_mc, obs.values, batch_size)
 
     def paired_sq_distances(
-        self, theta: Float[Array, "n_particles dim"], obs: Observations, batch_size: int | None = None
+        self,
+        theta: Float[Array, "n_particles dim"],
+        obs: Observations,
+        batch_size: int | None = None,
     ) -> tuple[Float[Array, "n_obs n_particles"], Float[Array, "n_obs n_particles n_particles"]]:
         """(||F0(theta_i, xi_n) - y_n||^2, ||F0(theta_i, xi_n) - F0(theta_j, xi_n)||^2)."""
         if obs.nuisance is None:
-            raise ValueError("paired quantities need the nuisances of the observations (known poses/CTF)")
+            raise ValueError(
+                "paired quantities need the nuisances of the observations (known poses/CTF)"
+            )
         p = theta.shape[0]
 
         def chunk(args):

@@ -34,8 +34,15 @@ def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_
     k = jnp.clip(jnp.floor(x), 0, n_nodes - 2).astype(jnp.int32)
     t = x - k
     t2, t3 = t * t, t * t * t
-    w = jnp.stack([0.5 * (-t + 2 * t2 - t3), 0.5 * (2 - 5 * t2 + 3 * t3),
-                   0.5 * (t + 4 * t2 - 3 * t3), 0.5 * (-t2 + t3)], axis=-1)  # (n, 4)
+    w = jnp.stack(
+        [
+            0.5 * (-t + 2 * t2 - t3),
+            0.5 * (2 - 5 * t2 + 3 * t3),
+            0.5 * (t + 4 * t2 - 3 * t3),
+            0.5 * (-t2 + t3),
+        ],
+        axis=-1,
+    )  # (n, 4)
     idx = jnp.clip(k[:, None] + jnp.arange(-1, 3), 0, n_nodes - 1)  # (n, 4), clamped ends
     return idx, w
 
@@ -49,7 +56,7 @@ def natural_spline_transform(n_nodes: int, h: float) -> np.ndarray:
         A = np.diag(np.full(G - 2, 4.0)) + np.diag(np.ones(G - 3), 1) + np.diag(np.ones(G - 3), -1)
         R = np.zeros((G - 2, G))
         for i in range(G - 2):
-            R[i, i:i + 3] = np.array([1.0, -2.0, 1.0]) * 6.0 / h**2
+            R[i, i : i + 3] = np.array([1.0, -2.0, 1.0]) * 6.0 / h**2
         T[G + 1 : 2 * G - 1] = np.linalg.solve(A, R)
     return T
 
@@ -68,7 +75,9 @@ def natural_spline_sparse(theta: Float[Array, " n"], lower: float, upper: float,
     return idx, w
 
 
-def catmull_rom_basis(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int) -> Float[Array, "n n_nodes"]:
+def catmull_rom_basis(
+    theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int
+) -> Float[Array, "n n_nodes"]:
     """Dense Catmull-Rom weights (n, n_nodes) of each theta."""
     idx, w = catmull_rom_sparse(theta, lower, upper, n_nodes)
     onehot = jax.nn.one_hot(idx, n_nodes, dtype=theta.dtype)  # (n, 4, G)
@@ -119,7 +128,9 @@ class TabulatedOperator(AbstractRandomOperator):
         """One simulation per (observation, node); ``progress(n_done)`` is called after each batch."""
         lower, upper = (np.asarray(b, np.float64) for b in base.domain)
         if lower.shape != (1,) or not (np.isfinite(lower).all() and np.isfinite(upper).all()):
-            raise ValueError("the tabulated path needs a 1-D theta with a bounded domain; use the direct path")
+            raise ValueError(
+                "the tabulated path needs a 1-D theta with a bounded domain; use the direct path"
+            )
         nodes = jnp.linspace(float(lower[0]), float(upper[0]), n_nodes)[:, None]
         center = base.fit_scale
 
@@ -128,20 +139,42 @@ class TabulatedOperator(AbstractRandomOperator):
         for s in range(0, n, batch_size):
             idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1))  # one compiled shape
             sub = obs.take(idx)
-            parts.append([np.asarray(a)[: min(batch_size, n - s)] for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)])
+            parts.append(
+                [
+                    np.asarray(a)[: min(batch_size, n - s)]
+                    for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)
+                ]
+            )
             if progress is not None:
                 progress(min(batch_size, n - s))
         gram, cross, ysq = (jnp.asarray(np.concatenate(c)) for c in zip(*parts))
         d = int(np.prod(jax.tree_util.tree_leaves(obs.values)[0].shape[1:]))
-        return cls(base.noise, base.fit_scale, float(lower[0]), float(upper[0]), n_nodes, d - int(center), gram, cross, ysq)
+        return cls(
+            base.noise,
+            base.fit_scale,
+            float(lower[0]),
+            float(upper[0]),
+            n_nodes,
+            d - int(center),
+            gram,
+            cross,
+            ysq,
+        )
 
     def __init__(self, noise, fit_scale, lower, upper, n_nodes, n_obs_entries, gram, cross, ysq):
         self.noise, self.fit_scale = noise, bool(fit_scale)
-        self.lower, self.upper, self.n_nodes, self.n_obs_entries = lower, upper, n_nodes, n_obs_entries
+        self.lower, self.upper, self.n_nodes, self.n_obs_entries = (
+            lower,
+            upper,
+            n_nodes,
+            n_obs_entries,
+        )
         self.gram, self.cross, self.ysq = gram, cross, ysq
         # natural cubic spline in theta: segment k touches [m_k, m_k+1, m''_k, m''_k+1], linear in the node outputs
         T = natural_spline_transform(n_nodes, (upper - lower) / (n_nodes - 1))
-        seg = np.arange(n_nodes - 1)[:, None] + np.array([0, 1, n_nodes, n_nodes + 1])[None, :]  # (G-1, 4)
+        seg = (
+            np.arange(n_nodes - 1)[:, None] + np.array([0, 1, n_nodes, n_nodes + 1])[None, :]
+        )  # (G-1, 4)
         Tb = jnp.asarray(T[seg], gram.dtype)  # (G-1, 4, G)
         self.transform = jnp.asarray(T, gram.dtype)
         self.gram_blocks = jnp.einsum("sag,ngh,sbh->nsab", Tb, gram, Tb)
@@ -165,10 +198,14 @@ class TabulatedOperator(AbstractRandomOperator):
         return Observations(idx, None, idx)
 
     def mean(self, theta, nuisance):
-        raise NotImplementedError("a tabulated operator has no images; use the base operator to simulate")
+        raise NotImplementedError(
+            "a tabulated operator has no images; use the base operator to simulate"
+        )
 
     def sample_nuisance(self, key: PRNGKeyArray, n: int):
-        raise NotImplementedError("a tabulated operator is tied to its observations' known nuisances")
+        raise NotImplementedError(
+            "a tabulated operator is tied to its observations' known nuisances"
+        )
 
     def _basis(self, theta):
         """Dense spline weights (P, G) on the node outputs."""

@@ -14,7 +14,11 @@ class AbstractDiscrepancy(eqx.Module):
 
     @abc.abstractmethod
     def __call__(
-        self, key: PRNGKeyArray, operator: AbstractRandomOperator, measure: ParticleMeasure, obs: Observations
+        self,
+        key: PRNGKeyArray,
+        operator: AbstractRandomOperator,
+        measure: ParticleMeasure,
+        obs: Observations,
     ) -> Float[Array, ""]:
         """A (stochastic where it simulates) estimate of the objective on a batch of observations."""
 

@@ -20,7 +20,9 @@ class Composite(AbstractDiscrepancy):
 
     def __call__(self, key, operator, measure, obs):
         keys = jax.random.split(key, len(self.terms))
-        return sum(w * d(k, operator, measure, obs) for w, d, k in zip(self.weights, self.terms, keys))
+        return sum(
+            w * d(k, operator, measure, obs) for w, d, k in zip(self.weights, self.terms, keys)
+        )
 
     @property
     def name(self) -> str:
@@ -32,6 +34,8 @@ def balance_weights(terms, key, operator, measure, obs) -> tuple[float, ...]:
     (the first term keeps weight 1): the terms' natural scales differ by orders of magnitude."""
     norms = []
     for t in terms:
-        g = jax.grad(lambda pos, t=t: t(key, operator, type(measure)(pos, measure.log_weights), obs))(measure.positions)
+        g = jax.grad(
+            lambda pos, t=t: t(key, operator, type(measure)(pos, measure.log_weights), obs)
+        )(measure.positions)
         norms.append(float(jnp.linalg.norm(g)))
     return tuple(norms[0] / max(n, 1e-30) for n in norms)

@@ -24,7 +24,9 @@ from .base import AbstractDiscrepancy
 from .kernels import AbstractKernel, GaussianKernel, sq_distances
 
 
-def _kernel_mean(kx, ky, kernel: AbstractKernel, wx, wy, exclude_diagonal: bool = False, chunk: int = 1024):
+def _kernel_mean(
+    kx, ky, kernel: AbstractKernel, wx, wy, exclude_diagonal: bool = False, chunk: int = 1024
+):
     """sum_ab wx_a wy_b k(x_a, y_b), in row chunks (bounded memory)."""
     n = kx.shape[0]
     if n <= chunk:
@@ -70,7 +72,9 @@ def mmd(
     return 0.5 * (kxx + kyy) - _kernel_mean(x, y, kernel, wx, wy)
 
 
-def mmd_random_features(key, x, y, bandwidth: float, n_features: int = 1024, wx=None, wy=None) -> Float[Array, ""]:
+def mmd_random_features(
+    key, x, y, bandwidth: float, n_features: int = 1024, wx=None, wy=None
+) -> Float[Array, ""]:
     """1/2 MMD^2 for a Gaussian kernel by random Fourier features: O((n+m) d F) instead of O((n+m)^2 d)."""
     x = x.reshape(x.shape[0], -1)
     y = y.reshape(y.shape[0], -1)
@@ -105,7 +109,9 @@ class MMD(AbstractDiscrepancy):
         if self.estimator == "rff":
             if not isinstance(self.kernel, GaussianKernel) or len(self.kernel.bandwidth) != 1:
                 raise ValueError("random features need a single-bandwidth GaussianKernel")
-            return mmd_random_features(k2, x, y, self.kernel.bandwidth[0], self.n_features, wx, obs.weight)
+            return mmd_random_features(
+                k2, x, y, self.kernel.bandwidth[0], self.n_features, wx, obs.weight
+            )
         return mmd(x, y, self.kernel, wx, obs.weight, self.unbiased)
 
     @property
@@ -149,11 +155,24 @@ class PairedMMD(AbstractDiscrepancy):
     def __call__(self, key, operator, measure, obs):
         if self.noise_average:
             if not isinstance(self.kernel, GaussianKernel):
-                raise ValueError("noise_average=True needs a GaussianKernel; use noise_average=False for others")
-            dy, dmm = operator.paired_sq_distances(measure.positions, obs, batch_size=self.batch_size)
-            return paired_kernel_score(dy, dmm, measure.log_weights, operator.noise.sigma, operator.obs_size,
-                                       self.kernel.bandwidth, obs.weight)
-        ms = operator.paired_means(measure.positions, obs, batch_size=self.batch_size)  # (B, P, ...)
+                raise ValueError(
+                    "noise_average=True needs a GaussianKernel; use noise_average=False for others"
+                )
+            dy, dmm = operator.paired_sq_distances(
+                measure.positions, obs, batch_size=self.batch_size
+            )
+            return paired_kernel_score(
+                dy,
+                dmm,
+                measure.log_weights,
+                operator.noise.sigma,
+                operator.obs_size,
+                self.kernel.bandwidth,
+                obs.weight,
+            )
+        ms = operator.paired_means(
+            measure.positions, obs, batch_size=self.batch_size
+        )  # (B, P, ...)
         B, P = ms.shape[:2]
         x = operator.noise.sample(key, ms).reshape(B, P, -1)
         y = jnp.reshape(obs.values, (B, -1))
