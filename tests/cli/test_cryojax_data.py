@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import simulate_adk
 
 from cryosip.cli.main import main
 from cryosip.cryoem.image_model import ImageModel
@@ -139,34 +140,13 @@ def cryojax_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cryosip_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("cryosip") / "sim"
-    assert (
-        main(
-            [
-                "simulate",
-                "--dataset",
-                "adk-ca",
-                "--distribution",
-                "bimodal",
-                "--n-images",
-                str(N_IMAGES),
-                "--box",
-                str(BOX),
-                "--pixel-size",
-                str(PIXEL),
-                "--snr",
-                str(SNR),
-                "--shift-sd",
-                str(SHIFT_SD),
-                "--astigmatism-sd",
-                str(ASTIG_SD),
-                "--seed",
-                "0",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
+    simulate_adk(
+        out,
+        N_IMAGES,
+        box=BOX,
+        pixel_size=PIXEL,
+        snr=SNR,
+        extra=["--shift-sd", SHIFT_SD, "--astigmatism-sd", ASTIG_SD],
     )
     return out
 

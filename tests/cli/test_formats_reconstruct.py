@@ -2,37 +2,14 @@
 
 import numpy as np
 import pandas as pd
+from cli_helpers import simulate_adk
 
 from cryosip.cli.main import main
 
 
 def test_reconstruction_is_the_same_from_every_format(tmp_path):
     sim = tmp_path / "sim"
-    assert (
-        main(
-            [
-                "simulate",
-                "--dataset",
-                "adk-ca",
-                "--distribution",
-                "bimodal",
-                "--n-images",
-                "150",
-                "--box",
-                "32",
-                "--pixel-size",
-                "3.0",
-                "--snr",
-                "0.05",
-                "--seed",
-                "3",
-                "--out",
-                str(sim),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    simulate_adk(sim, 150, snr=0.05, seed=3)
     star31 = sim / "particles.star"
     star30 = sim / "particles_v30.star"
     cs = sim / "particles.cs"

@@ -4,37 +4,14 @@ import json
 
 import numpy as np
 import pandas as pd
+from cli_helpers import simulate_adk
 
 from cryosip.cli.main import main
 
 
 def test_simulate_reconstruct_evaluate(tmp_path, capsys):
     sim, rec = tmp_path / "sim", tmp_path / "rec"
-    assert (
-        main(
-            [
-                "simulate",
-                "--dataset",
-                "adk-ca",
-                "--distribution",
-                "bimodal",
-                "--n-images",
-                "300",
-                "--box",
-                "32",
-                "--pixel-size",
-                "3.0",
-                "--snr",
-                "0.1",
-                "--seed",
-                "0",
-                "--out",
-                str(sim),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    simulate_adk(sim, 300)
     assert (
         main(
             [

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import simulate_adk
 
 from cryosip.cli.main import main
 
@@ -17,31 +18,7 @@ STEPS = "60"
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "sim"
-    assert (
-        main(
-            [
-                "simulate",
-                "--dataset",
-                "adk-ca",
-                "--distribution",
-                "bimodal",
-                "--n-images",
-                "400",
-                "--box",
-                "32",
-                "--pixel-size",
-                "3.0",
-                "--snr",
-                "0.1",
-                "--seed",
-                "0",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    simulate_adk(out, 400)
     return out
 
 
