@@ -195,20 +195,23 @@ def run_2d(seed: int, cfg: dict, truth_name: str = "bimodal") -> tuple[list[dict
     problem = prepare(sim.stack, model, sigma=sim.sigma, use_table=False, progress=False)
     t_setup = time.perf_counter() - t0
     width = float(np.mean(hi - lo))
-    rows = [
-        dict(
+
+    def row(method, pos, weights=None, seconds=0.0, **extra):
+        return dict(
             toy="two-hinge",
             truth=truth_name,
             seed=seed,
             dim=2,
             unit="deg",
-            method="oracle",
-            w1=w1(sim.theta, ref),
-            w2=w2(sim.theta, ref),
-            seconds=0.0,
+            method=method,
+            w1=w1(pos, ref, weights),
+            w2=w2(pos, ref, weights),
+            seconds=seconds,
             setup_seconds=t_setup,
+            **extra,
         )
-    ]
+
+    rows = [row("oracle", sim.theta)]
     shown = {"theta": sim.theta, "truth": truth, "lo": lo, "hi": hi}
     # the flow on the direct operator
     kw = {} if cfg["fisher_rao"] is None else {"fisher_rao": float(cfg["fisher_rao"])}
@@ -226,21 +229,7 @@ def run_2d(seed: int, cfg: dict, truth_name: str = "bimodal") -> tuple[list[dict
     )
     pos, wts = np.asarray(r.positions, np.float64), np.asarray(r.weights, np.float64)
     start = np.asarray(r.trajectory[0], np.float64)
-    rows.append(
-        dict(
-            toy="two-hinge",
-            truth=truth_name,
-            seed=seed,
-            dim=2,
-            unit="deg",
-            method="wgf-kl (direct)",
-            w1=w1(pos, ref, wts),
-            w2=w2(pos, ref, wts),
-            seconds=r.seconds,
-            setup_seconds=t_setup,
-            w2_start=w2(start, ref),
-        )
-    )
+    rows.append(row("wgf-kl (direct)", pos, wts, r.seconds, w2_start=w2(start, ref)))
     shown["wgf-kl"] = (pos, wts, start)
     logger.info(
         "two-hinge seed %d wgf-kl: W2 %.2f deg (start %.2f) in %.0f s",
@@ -257,36 +246,10 @@ def run_2d(seed: int, cfg: dict, truth_name: str = "bimodal") -> tuple[list[dict
     L = dto.loglik_on_nodes(problem.operator, problem.observations, nodes, batch_size=32)
     t_ll = time.perf_counter() - t0
     wg, _ = dto.em_weights(L, n_iter=1000)
-    rows.append(
-        dict(
-            toy="two-hinge",
-            truth=truth_name,
-            seed=seed,
-            dim=2,
-            unit="deg",
-            method=f"em-grid ({g}x{g})",
-            w1=w1(nodes, ref, wg),
-            w2=w2(nodes, ref, wg),
-            seconds=time.perf_counter() - t0,
-            setup_seconds=t_setup,
-        )
-    )
+    rows.append(row(f"em-grid ({g}x{g})", nodes, wg, time.perf_counter() - t0))
     shown["em-grid"] = (nodes, wg)
     pim = nodes[np.argmax(L, axis=1)]
-    rows.append(
-        dict(
-            toy="two-hinge",
-            truth=truth_name,
-            seed=seed,
-            dim=2,
-            unit="deg",
-            method=f"per-image ({g}x{g})",
-            w1=w1(pim, ref),
-            w2=w2(pim, ref),
-            seconds=t_ll,
-            setup_seconds=t_setup,
-        )
-    )
+    rows.append(row(f"per-image ({g}x{g})", pim, None, t_ll))
     logger.info(
         "two-hinge seed %d: em-grid W2 %.2f, per-image W2 %.2f deg",
         seed,
