@@ -91,6 +91,14 @@ def common_parser(prog: str, description: str | None) -> argparse.ArgumentParser
     return p
 
 
+def resolve(defaults: dict, **given) -> dict:
+    """Every setting of ``defaults``, replaced by the given value where one is given (not None)."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}; known: {sorted(defaults)}")
+    return {k: (v if given.get(k) is None else given[k]) for k, v in defaults.items()}
+
+
 def seeds_from(args: argparse.Namespace) -> tuple[int, ...] | None:
     """The seeds chosen by ``--seed``/``--seeds`` (None: the experiment's default)."""
     if getattr(args, "seeds", None) is not None:

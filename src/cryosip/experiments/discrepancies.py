@@ -43,7 +43,7 @@ import pandas as pd
 
 from .. import _atomic
 from ..reconstruction import Problem, run_method
-from . import common_parser, seeds_from
+from . import common_parser, resolve, seeds_from
 from .robustness import (
     add_fisher_rao,
     draw_dataset,
@@ -96,18 +96,15 @@ def run(
     unconditional_batch: int = 256,
 ) -> pd.DataFrame:
     t_start = time.perf_counter()
-    base = QUICK if quick else DEFAULTS
-    cfg = {
-        k: (base[k] if v is None else v)
-        for k, v in dict(
-            seeds=seeds,
-            snrs=snrs,
-            n_images=n_images,
-            n_particles=n_particles,
-            n_steps=n_steps,
-            n_nodes=n_nodes,
-        ).items()
-    }
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
+        seeds=seeds,
+        snrs=snrs,
+        n_images=n_images,
+        n_particles=n_particles,
+        n_steps=n_steps,
+        n_nodes=n_nodes,
+    )
     cfg["snrs"] = tuple(sorted((float(s) for s in cfg["snrs"]), reverse=True))
     unknown = set(objectives) - set(OBJECTIVES)
     if unknown:

@@ -56,7 +56,7 @@ from ..sip.flow import WassersteinGradientFlow
 from ..sip.measure import ParticleMeasure
 from ..sip.operator import Observations
 from ..sip.table import TabulatedOperator
-from . import common_parser, parse_ints, seeds_from
+from . import common_parser, parse_ints, resolve, seeds_from
 
 logger = logging.getLogger(__name__)
 
@@ -436,11 +436,6 @@ class StudyResult:
     seconds: float
 
 
-def _resolve(quick: bool, **given):
-    base = QUICK if quick else DEFAULTS
-    return {k: (base[k] if v is None else v) for k, v in given.items()}
-
-
 def run(
     out_dir,
     *,
@@ -469,8 +464,8 @@ def run(
     and/or ``mismatch`` (``mismatch_truth``, no K sweep).
     """
     t_start = time.perf_counter()
-    cfg = _resolve(
-        quick,
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
         seeds=seeds,
         ks=ks,
         n_images=n_images,

@@ -49,7 +49,7 @@ from ..sip.examples import DecayOperator
 from ..sip.flow import WassersteinGradientFlow
 from ..sip.measure import ParticleMeasure, uniform_measure
 from ..sip.operator import Observations
-from . import common_parser, seeds_from
+from . import common_parser, resolve, seeds_from
 from .robustness import parse_floats, parse_methods, summarise, write_config
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ def run(
     quick: bool = False,
 ) -> pd.DataFrame:
     t_start = time.perf_counter()
-    base = QUICK if quick else DEFAULTS
-    given = dict(
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
         seeds=seeds,
         sigmas=sigmas,
         n_curves=n_curves,
@@ -180,7 +180,6 @@ def run(
         n_steps=n_steps,
         fisher_rao=fisher_rao,
     )
-    cfg = {k: (given[k] if given[k] is not None else v) for k, v in base.items()}
     cfg["sigmas"] = tuple(sorted(float(s) for s in cfg["sigmas"]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ from ..cryoem.pose_marginal import PoseMarginalOperator, perturb_nuisance, sampl
 from ..reconstruction import Problem
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
-from . import common_parser, seeds_from
+from . import common_parser, resolve, seeds_from
 from .robustness import (
     add_fisher_rao,
     draw_dataset,
@@ -218,22 +218,19 @@ def run(
     fisher_rao=None,
 ) -> pd.DataFrame:
     t_start = time.perf_counter()
-    base = QUICK if quick else DEFAULTS
-    cfg = {
-        k: (base[k] if v is None else v)
-        for k, v in dict(
-            seeds=seeds,
-            rot_errors=rot_errors,
-            shift_errors=shift_errors,
-            n_images=n_images,
-            snr=snr,
-            n_draws=n_draws,
-            n_particles=n_particles,
-            n_steps=n_steps,
-            n_nodes=n_nodes,
-            marginal=marginal,
-        ).items()
-    }
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
+        seeds=seeds,
+        rot_errors=rot_errors,
+        shift_errors=shift_errors,
+        n_images=n_images,
+        snr=snr,
+        n_draws=n_draws,
+        n_particles=n_particles,
+        n_steps=n_steps,
+        n_nodes=n_nodes,
+        marginal=marginal,
+    )
     rots = tuple(sorted(float(r) for r in cfg["rot_errors"]))
     shifts = tuple(sorted(float(s) for s in cfg["shift_errors"]))
     with_marginal = marginal_conditions(rots, shifts, cfg["marginal"])

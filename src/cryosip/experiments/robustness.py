@@ -59,7 +59,7 @@ from ..sip.discrepancies import median_distance
 from ..sip.noise import GaussianNoise
 from ..sip.operator import Observations
 from ..sip.table import TabulatedOperator
-from . import common_parser, parse_ints, seeds_from
+from . import common_parser, parse_ints, resolve, seeds_from
 
 logger = logging.getLogger(__name__)
 
@@ -431,20 +431,17 @@ def run(
 ) -> pd.DataFrame:
     """Run the sweep and write its CSVs, figures and config into ``out_dir``; returns the per-run table."""
     t_start = time.perf_counter()
-    base = QUICK if quick else DEFAULTS
-    cfg = {
-        k: (base[k] if v is None else v)
-        for k, v in dict(
-            seeds=seeds,
-            snrs=snrs,
-            n_images=n_images,
-            n_particles=n_particles,
-            n_steps=n_steps,
-            n_nodes=n_nodes,
-            box=box,
-            pixel_size=pixel_size,
-        ).items()
-    }
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
+        seeds=seeds,
+        snrs=snrs,
+        n_images=n_images,
+        n_particles=n_particles,
+        n_steps=n_steps,
+        n_nodes=n_nodes,
+        box=box,
+        pixel_size=pixel_size,
+    )
     cfg["n_images"] = tuple(sorted(int(n) for n in cfg["n_images"]))
     cfg["snrs"] = tuple(sorted((float(s) for s in cfg["snrs"]), reverse=True))
     unknown = set(methods) - {"wgf-kl", "wgf-mmd", "wgf-kl+mmd", "em-grid", "per-image"}

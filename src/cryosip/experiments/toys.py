@@ -53,7 +53,7 @@ from ..cryoem.simulate import simulate_dataset
 from ..data.distributions import make_distribution
 from ..reconstruction import prepare, run_method
 from ..sip import dto
-from . import common_parser, seeds_from
+from . import common_parser, resolve, seeds_from
 from .robustness import (
     add_fisher_rao,
     parse_methods,
@@ -278,8 +278,8 @@ def run(
     **sizes,
 ) -> pd.DataFrame:
     t_start = time.perf_counter()
-    base = QUICK if quick else DEFAULTS
-    given = dict(
+    cfg = resolve(
+        QUICK if quick else DEFAULTS,
         seeds=seeds,
         toys=toys,
         truths=truths,
@@ -289,7 +289,6 @@ def run(
         n_steps=n_steps,
         **sizes,
     )
-    cfg = {k: (given.get(k) if given.get(k) is not None else v) for k, v in base.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_config(
