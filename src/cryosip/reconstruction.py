@@ -50,6 +50,7 @@ class Problem:
     fine_loglik: np.ndarray | None
     bandwidth: float
     setup_seconds: float
+    inverted: bool = False  # the observations are the input images with their contrast flipped
 
     @property
     def engine_operator(self):
@@ -166,7 +167,18 @@ def prepare(
         fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
         fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
     bw = median_distance(np.asarray(stack.images[:1000]).reshape(min(len(stack), 1000), -1))
-    return Problem(op, obs, table, lower, upper, fine_grid, fine_ll, bw, time.perf_counter() - t0)
+    return Problem(
+        op,
+        obs,
+        table,
+        lower,
+        upper,
+        fine_grid,
+        fine_ll,
+        bw,
+        time.perf_counter() - t0,
+        inverted=contrast == "invert",
+    )
 
 
 def make_discrepancy(
@@ -225,6 +237,13 @@ def _auto_flow(
     )
 
 
+def default_fisher_rao(objective: str) -> float:
+    """Fisher-Rao weights by default for KL only: its first variation -R_i/w_i has a natural
+    scale (0.3 is a damped EM step); for MMD terms the scale is arbitrary and minibatch noise in
+    it makes weights random-walk, so those flows keep equal weights."""
+    return 0.3 if objective == "kl" else 0.0
+
+
 def run_method(
     problem: Problem,
     method: str = "wgf",
@@ -249,10 +268,7 @@ def run_method(
     op, obs = problem.engine_operator, problem.engine_observations
     if method == "wgf":
         if fisher_rao is None:
-            # Fisher-Rao weights by default for KL only: its first variation -R_i/w_i has a natural
-            # scale (0.3 is a damped EM step); for MMD terms the scale is arbitrary and minibatch
-            # noise in it makes weights random-walk, so those flows keep equal weights
-            fisher_rao = 0.3 if objective == "kl" else 0.0
+            fisher_rao = default_fisher_rao(objective)
         k_init, k_flow, k_boot = jax.random.split(key, 3)
         m0 = initial_measure(problem, n_particles, k_init, init)
         if objective in ("mmd", "kl+mmd") and batch_size is None:
@@ -395,9 +411,9 @@ def run_streamed(
     with the number of images, ``benchmarks/scaling.py``). Every step renders and differentiates
     ``batch_size x n_particles`` images (:class:`~cryosip.cryoem.operator.CryoEMOperator`), so
     this path works for any CV dimension. A *pilot* subset of ``pilot_images`` random images is
-    tabulated first (1-D CVs) to choose what the in-memory pipeline chooses from all images:
-    the contrast sign, the initial particles (per-image-MAP quantiles), the kernel bandwidth and
-    the step size. ``devices`` > 1 splits each minibatch over that many devices
+    prepared first (:func:`prepare`; tabulated for 1-D CVs) to choose what the in-memory pipeline
+    chooses from all images: the contrast sign, the initial particles (per-image-MAP quantiles),
+    the kernel bandwidth and the step size. ``devices`` > 1 splits each minibatch over that many devices
     (:mod:`cryosip.sip.sharding`; particles replicated): ``batch_size`` must be a multiple of it.
 
     Returns the pilot :class:`Problem` (its operator is the direct one) and the flow's result.
@@ -410,8 +426,6 @@ def run_streamed(
 
     if objective not in ("kl", "mmd", "kl+mmd"):
         raise ValueError(f"streamed reconstruction supports kl, mmd and kl+mmd, not {objective!r}")
-    if contrast not in ("auto", "as-is", "invert"):
-        raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
     t0 = time.perf_counter()
     n = len(stack)
     batch_size = int(min(batch_size, n))
@@ -425,35 +439,21 @@ def run_streamed(
     pilot_idx = np.sort(
         np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
     )
-    pilot_stack = stack.take(pilot_idx)
-    invert = contrast == "invert"
-    if contrast == "auto":
-        image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
-        a = contrast_scale_estimate(
-            CryoEMOperator(conformation, image_model, sigma), pilot_stack.observations()
-        )
-        if a < 0:
-            logger.warning(
-                "the images correlate negatively with the model (pooled scale %.3g): the data have "
-                "inverted contrast (white protein); inverting them (use --contrast as-is to keep)",
-                a,
-            )
-            invert = True
     pilot = prepare(
-        pilot_stack,
+        stack.take(pilot_idx),
         conformation,
         sigma=sigma,
-        contrast="invert" if invert else "as-is",
+        contrast=contrast,
         fit_scale=fit_scale,
         n_nodes=n_nodes,
         progress=False,
     )
     if fisher_rao is None:
-        fisher_rao = 0.3 if objective == "kl" else 0.0  # as run_method: see the comment there
+        fisher_rao = default_fisher_rao(objective)
     m0 = initial_measure(pilot, n_particles, k_init)
     disc = make_discrepancy(pilot, objective, key=k_flow, init=m0)
     flow = _auto_flow(
-        pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_stack)), entropy, fisher_rao
+        pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_idx)), entropy, fisher_rao
     )
     op = pilot.operator
     shard = None
@@ -472,7 +472,7 @@ def run_streamed(
     with MinibatchStream(stack, batch_size, k_stream, prefetch=prefetch, sharding=shard) as stream:
         batches = (
             (Observations(-b.values, b.nuisance, b.index, b.weight) for b in stream)
-            if invert
+            if pilot.inverted
             else stream
         )
         res = run_streaming(

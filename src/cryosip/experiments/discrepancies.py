@@ -45,6 +45,7 @@ from .. import _atomic
 from ..reconstruction import Problem, run_method
 from . import common_parser, resolve, seeds_from
 from .robustness import (
+    add_adk_flow_options,
     add_fisher_rao,
     draw_dataset,
     make_scene,
@@ -290,16 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         default=OBJECTIVES,
         help=f"objectives (default {','.join(OBJECTIVES)})",
     )
-    p.add_argument(
-        "--all-atom",
-        action="store_true",
-        help="all 3,341 AdK atoms instead of the 214 C-alphas (slower)",
-    )
-    p.add_argument("--n-particles", type=int, default=None, help="WGF particles (default 64)")
-    p.add_argument(
-        "--n-steps", type=int, default=None, help=f"WGF steps (default {DEFAULTS['n_steps']})"
-    )
-    p.add_argument("--n-nodes", type=int, default=None, help="table nodes on the CV (default 33)")
+    add_adk_flow_options(p, DEFAULTS)
     p.add_argument(
         "--unconditional-batch",
         type=int,

@@ -55,6 +55,7 @@ from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
 from . import common_parser, resolve, seeds_from
 from .robustness import (
+    add_adk_flow_options,
     add_fisher_rao,
     draw_dataset,
     make_scene,
@@ -277,13 +278,12 @@ def run(
                 common = dict(
                     seed=seed, rot_error_deg=rot, shift_error_A=shift, snr=cfg["snr"], n_images=N
                 )
-                for i, method in enumerate(GIVEN_METHODS):
-                    if method not in methods:
-                        continue
+
+                def run_one(prob, variant, method, key_offset, table_seconds):
                     r = reconstruct(
-                        problem,
+                        prob,
                         method,
-                        key=jax.random.fold_in(key, 100 + i),
+                        key=jax.random.fold_in(key, key_offset),
                         n_particles=cfg["n_particles"],
                         n_steps=cfg["n_steps"],
                         fisher_rao=fisher_rao,
@@ -291,21 +291,26 @@ def run(
                     rows.append(
                         dict(
                             common,
-                            variant="given",
+                            variant=variant,
                             method=method,
                             **score(r.positions, r.weights, ref),
                             seconds=r.seconds,
-                            table_seconds=t_tab,
+                            table_seconds=table_seconds,
                         )
                     )
                     logger.info(
-                        "seed %d rot %g shift %g given %s: W1 %.4f",
+                        "seed %d rot %g shift %g %s %s: W1 %.4f",
                         seed,
                         rot,
                         shift,
+                        variant,
                         method,
                         rows[-1]["w1"],
                     )
+
+                for i, method in enumerate(GIVEN_METHODS):
+                    if method in methods:
+                        run_one(problem, "given", method, 100 + i, t_tab)
                 if (rot, shift) not in with_marginal:
                     continue
                 t0 = time.perf_counter()
@@ -332,35 +337,8 @@ def run(
                     )
                     these = MARGINAL_METHODS if variant == "marginal" else ("em-grid", "per-image")
                     for i, method in enumerate(these):
-                        if method not in methods:
-                            continue
-                        r = reconstruct(
-                            mp,
-                            method,
-                            key=jax.random.fold_in(key, 200 + i),
-                            n_particles=cfg["n_particles"],
-                            n_steps=cfg["n_steps"],
-                            fisher_rao=fisher_rao,
-                        )
-                        rows.append(
-                            dict(
-                                common,
-                                variant=variant,
-                                method=method,
-                                **score(r.positions, r.weights, ref),
-                                seconds=r.seconds,
-                                table_seconds=t_marg,
-                            )
-                        )
-                        logger.info(
-                            "seed %d rot %g shift %g %s %s: W1 %.4f",
-                            seed,
-                            rot,
-                            shift,
-                            variant,
-                            method,
-                            rows[-1]["w1"],
-                        )
+                        if method in methods:
+                            run_one(mp, variant, method, 200 + i, t_marg)
                 _atomic.write_csv(out / "pose_errors.csv", pd.DataFrame(rows))
         rows.append(
             dict(
@@ -478,16 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         help="conditions that get the marginal likelihood: one error type at a time + the worst (axes, "
         "default), all, or none",
     )
-    p.add_argument(
-        "--all-atom",
-        action="store_true",
-        help="all 3,341 AdK atoms instead of the 214 C-alphas (slower)",
-    )
-    p.add_argument("--n-particles", type=int, default=None, help="WGF particles (default 64)")
-    p.add_argument(
-        "--n-steps", type=int, default=None, help=f"WGF steps (default {DEFAULTS['n_steps']})"
-    )
-    p.add_argument("--n-nodes", type=int, default=None, help="table nodes on the CV (default 33)")
+    add_adk_flow_options(p, DEFAULTS)
     p.add_argument(
         "--methods",
         type=parse_methods,

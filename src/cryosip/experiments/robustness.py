@@ -395,6 +395,26 @@ def summarise(df: pd.DataFrame, by: list[str], metrics=("w1", "w2", "seconds")) 
     return out
 
 
+def add_adk_flow_options(parser, defaults: dict) -> None:
+    """The options every AdK study shares: atoms, particles, flow steps and table nodes."""
+    parser.add_argument(
+        "--all-atom",
+        action="store_true",
+        help="all 3,341 AdK atoms instead of the 214 C-alphas (slower)",
+    )
+    for flag, what in (
+        ("n_particles", "WGF particles"),
+        ("n_steps", "WGF steps"),
+        ("n_nodes", "table nodes on the CV"),
+    ):
+        parser.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"{what} (default {defaults[flag]})",
+        )
+
+
 def add_fisher_rao(parser) -> None:
     parser.add_argument(
         "--fisher-rao",
@@ -594,16 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         default=METHODS,
         help=f"methods (default {','.join(METHODS)})",
     )
-    p.add_argument(
-        "--all-atom",
-        action="store_true",
-        help="all 3,341 AdK atoms instead of the 214 C-alphas (slower)",
-    )
-    p.add_argument("--n-particles", type=int, default=None, help="WGF particles (default 64)")
-    p.add_argument(
-        "--n-steps", type=int, default=None, help=f"WGF steps (default {DEFAULTS['n_steps']})"
-    )
-    p.add_argument("--n-nodes", type=int, default=None, help="table nodes on the CV (default 33)")
+    add_adk_flow_options(p, DEFAULTS)
     p.add_argument("--box", type=int, default=None, help="box size in pixels (default 64)")
     p.add_argument(
         "--pixel-size", type=float, default=None, help="pixel size in Angstrom (default 2.0)"

@@ -91,6 +91,13 @@ def _map_chunks(f, xs, batch_size: int | None):
     return jax.tree_util.tree_map(lambda y: y.reshape((total,) + y.shape[2:])[:n], out)
 
 
+def _require_nuisance(obs: Observations) -> None:
+    if obs.nuisance is None:
+        raise ValueError(
+            "paired quantities need the nuisances of the observations (known poses/CTF)"
+        )
+
+
 class AbstractRandomOperator(eqx.Module):
     """A random forward operator with additive Gaussian noise."""
 
@@ -145,10 +152,7 @@ class AbstractRandomOperator(eqx.Module):
         batch_size: int | None = None,
     ) -> Array:
         """F0(theta_i, xi_n) for every observation n (its own nuisance) and particle i: (B, P, ...)."""
-        if obs.nuisance is None:
-            raise ValueError(
-                "paired quantities need the nuisances of the observations (known poses/CTF)"
-            )
+        _require_nuisance(obs)
         return _map_chunks(lambda nu: self.pair_means(theta, nu), obs.nuisance, batch_size)
 
     def log_likelihood_matrix(
@@ -166,9 +170,12 @@ class AbstractRandomOperator(eqx.Module):
         Unknown nuisances (``obs.nuisance is None``): a Monte Carlo average over ``n_nuisance``
         draws, log-mean-exp in log space.
         """
-        ll = lambda y, m: self.noise.log_likelihood(
-            y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale
-        )  # noqa: E731
+
+        def ll(y, m):
+            return self.noise.log_likelihood(
+                y, m, fit_scale=self.fit_scale, fit_offset=self.fit_scale
+            )
+
         if obs.nuisance is not None:
 
             def chunk(args):
@@ -195,10 +202,7 @@ class AbstractRandomOperator(eqx.Module):
         batch_size: int | None = None,
     ) -> tuple[Float[Array, "n_obs n_particles"], Float[Array, "n_obs n_particles n_particles"]]:
         """(||F0(theta_i, xi_n) - y_n||^2, ||F0(theta_i, xi_n) - F0(theta_j, xi_n)||^2)."""
-        if obs.nuisance is None:
-            raise ValueError(
-                "paired quantities need the nuisances of the observations (known poses/CTF)"
-            )
+        _require_nuisance(obs)
         p = theta.shape[0]
 
         def chunk(args):
