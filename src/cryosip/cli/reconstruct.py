@@ -30,16 +30,14 @@ import os
 import jax
 import numpy as np
 
+from ._model_args import add_model_args, model_from_args
+
 logger = logging.getLogger(__name__)
 
 
 def add_args(p):
     p.add_argument("particles", help="particles: .star, .cs, or a cryoDRGN pickle")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="adk, adk-ca, dumbbell, hinge, square, or a multi-model PDB/mmCIF/trajectory",
-    )
+    add_model_args(p)
     p.add_argument("--datadir", default=None, help="folder that stack paths are relative to")
     p.add_argument(
         "--method", default="wgf", choices=["wgf", "em-grid", "per-image", "map-classes", "gmm"]
@@ -196,12 +194,12 @@ def _main_streamed(args, stack, model, settings) -> int:
 def main(args) -> int:
     from .. import _atomic
     from ..analysis.outputs import write_reconstruction
-    from ..data.models import load_model
     from ..data.particles import read_particles
     from ..reconstruction import posterior_cv, prepare, run_method
 
     stack = read_particles(args.particles, datadir=args.datadir, box_size=args.box)
-    model = load_model(args.model)
+    model, model_description = model_from_args(args)
+    logger.info("model: %s", model_description)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)

@@ -3,12 +3,19 @@
     X(theta) = mean + sum_k theta_k * modes[k],   theta in the box [lower, upper] subset R^k
 
 Built from given modes (normal modes, difference vectors, ...) or by PCA of a trajectory
-(:meth:`LinearModes.from_trajectory`). **Units of theta** with PCA: each mode is the unit
-principal direction scaled by the standard deviation of the trajectory along it, so
-``theta_k`` is measured in **standard deviations** of principal component k (theta = 1 moves
-the structure by one sd along PC k; the RMS displacement per atom of that move is
-``sd_k / sqrt(n_atoms)`` Angstrom, available as :attr:`LinearModes.rms_per_unit`). With given
-modes theta is in whatever units the modes carry.
+(:meth:`LinearModes.from_trajectory`). **Units of theta** with PCA, two choices:
+
+- ``units="sd"`` (default): each mode is the unit principal direction scaled by the standard
+  deviation of the trajectory along it, so ``theta_k`` is measured in **standard deviations**
+  of principal component k (theta = 1 moves the structure by one sd along PC k; the RMS
+  displacement per atom of that move is ``sd_k / sqrt(n_atoms)`` Angstrom, available as
+  :attr:`LinearModes.rms_per_unit`).
+- ``units="rms"``: each mode is the unit principal direction times ``sqrt(n_atoms)``, so
+  ``theta_k = 1`` moves the atoms by **1 Angstrom RMS** (root mean square over the atoms of the
+  displacement); ``rms_per_unit`` is 1 for every mode. This is what ``cryosip reconstruct
+  --modes K`` uses.
+
+With given modes theta is in whatever units the modes carry.
 
 Domain rule (as every conformation model): ``__call__`` clamps theta into the box.
 """
@@ -66,6 +73,8 @@ class LinearModes(AbstractConformationModel):
         superpose_on=None,
         superpose: bool = True,
         n_sd: float = 3.0,
+        units: str = "sd",
+        margin: float = 0.1,
     ) -> LinearModes:
         """PCA of a trajectory ``frames`` (F, n_atoms, 3).
 
@@ -74,9 +83,13 @@ class LinearModes(AbstractConformationModel):
         does (``superpose=False``: the frames are used as given, e.g. already aligned or
         synthetic). The mean is the average (superposed) frame; mode k is the k-th principal
         direction times its standard deviation, so theta is in sd units (see the module
-        docstring). The box is ``[-b_k, b_k]`` with ``b_k`` the larger of ``n_sd`` and the
-        largest |score| of any frame on mode k (every frame of the trajectory lies inside).
+        docstring). With ``units="sd"`` the box is ``[-b_k, b_k]`` with ``b_k`` the larger of
+        ``n_sd`` and the largest |score| of any frame on mode k; with ``units="rms"`` it is the
+        frames' range of scores on mode k widened by ``margin`` times that range on each side.
+        Either way every frame of the trajectory lies inside.
         """
+        if units not in ("sd", "rms"):
+            raise ValueError(f"units must be 'sd' or 'rms', got {units!r}")
         frames = np.asarray(frames, np.float64)
         if frames.ndim != 3 or frames.shape[2] != 3 or frames.shape[0] < 2:
             raise ValueError(f"frames must be (n_frames >= 2, n_atoms, 3), got {frames.shape}")
@@ -93,10 +106,19 @@ class LinearModes(AbstractConformationModel):
         # fix the sign of each direction: the last frame has a positive score (reproducible)
         signs = np.where(X[-1] @ vt[:n_modes].T < 0, -1.0, 1.0)
         unit = vt[:n_modes] * signs[:, None]
-        scores = X @ unit.T / sd  # (F, k), in sd units
-        b = np.maximum(n_sd, np.abs(scores).max(0) * (1 + 1e-6))
-        modes = (unit * sd[:, None]).reshape(n_modes, n, 3)
-        return cls(mean, modes, atoms, bounds=(-b, b))
+        if units == "rms":
+            scale = np.full(n_modes, np.sqrt(n))  # theta = 1: 1 Angstrom RMS over the n atoms
+            scores = X @ unit.T / scale
+            lo, hi = scores.min(0), scores.max(0)
+            span = hi - lo
+            bounds = (lo - margin * span - 1e-6 * span, hi + margin * span + 1e-6 * span)
+        else:
+            scale = sd
+            scores = X @ unit.T / sd  # (F, k), in sd units
+            b = np.maximum(n_sd, np.abs(scores).max(0) * (1 + 1e-6))
+            bounds = (-b, b)
+        modes = (unit * scale[:, None]).reshape(n_modes, n, 3)
+        return cls(mean, modes, atoms, bounds=bounds)
 
     @property
     def lower(self):

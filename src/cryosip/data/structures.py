@@ -22,9 +22,32 @@ from .errors import CryosipInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Structures", "read_structures", "read_end_structures", "guess_elements"]
+__all__ = [
+    "ATOM_SELECTIONS",
+    "Structures",
+    "check_same_atoms",
+    "guess_elements",
+    "read_end_structures",
+    "read_structures",
+    "select_atoms",
+]
 
 _GEMMI_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
+# coordinate-only formats: no atom names or elements without a topology
+_NEEDS_TOPOLOGY = (
+    ".dcd", ".xtc", ".trr", ".tng", ".nc", ".ncdf", ".netcdf", ".mdcrd", ".crdbox", ".trj",
+    ".inpcrd", ".restrt", ".ncrst", ".trz", ".h5md", ".dtr",
+)  # fmt: skip
+
+
+def is_structure_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PDB/mmCIF file (read by gemmi, carries its own atom names)."""
+    return os.fspath(path).lower().endswith(_GEMMI_SUFFIXES)
+
+
+def needs_topology(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a coordinate-only trajectory (DCD, XTC, ...) that needs a topology."""
+    return os.fspath(path).lower().endswith(_NEEDS_TOPOLOGY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +240,13 @@ def read_structures(
             raise CryosipInputError(p, "file not found")
         if p is not None and Path(p).stat().st_size == 0:
             raise CryosipInputError(p, "empty file")
-    if topology is None and path.name.lower().endswith(_GEMMI_SUFFIXES):
+    if topology is None and needs_topology(path):
+        raise CryosipInputError(
+            path,
+            "a coordinate-only trajectory has no atom names or elements: give its topology "
+            "with --topology (PSF, PDB, GRO, PRMTOP, TPR, ...)",
+        )
+    if topology is None and is_structure_file(path):
         s = _read_gemmi(path)
     else:
         s = _read_mdanalysis(path, topology)
@@ -235,31 +264,110 @@ def read_end_structures(
 ) -> Structures:
     """Two end structures (first frame of each) as a 2-frame :class:`Structures`.
 
-    The atom counts and names must match (same atoms in the same order).
+    The atoms must match (:func:`check_same_atoms`: same atoms in the same order).
     """
     a = read_structures(
         path_a,
-        topology=topology
-        if topology is not None and not str(path_a).lower().endswith(_GEMMI_SUFFIXES)
-        else None,
+        topology=topology if topology is not None and not is_structure_file(path_a) else None,
     )
     b = read_structures(
         path_b,
-        topology=topology
-        if topology is not None and not str(path_b).lower().endswith(_GEMMI_SUFFIXES)
-        else None,
+        topology=topology if topology is not None and not is_structure_file(path_b) else None,
     )
-    if a.n_atoms != b.n_atoms:
-        raise CryosipInputError(
-            path_b,
-            f"{b.n_atoms} atoms but {path_a} has {a.n_atoms}: the end structures must "
-            "have the same atoms",
-        )
-    if list(a.names) != list(b.names):
-        i = next(i for i, (x, y) in enumerate(zip(a.names, b.names)) if x != y)
-        raise CryosipInputError(
-            path_b,
-            f"atom {i + 1} is {b.names[i]!r} but {a.names[i]!r} in {path_a}: atoms must "
-            "be in the same order",
-        )
+    check_same_atoms(a, b)
     return dataclasses.replace(a, coords=np.stack([a.coords[0], b.coords[0]]))
+
+
+# ------------------------------------------------------------------ atom selections and checks
+
+ATOM_SELECTIONS = ("all", "heavy", "backbone", "ca")
+_BACKBONE_NAMES = frozenset(
+    # protein N-CA-C-O, and the nucleic-acid sugar-phosphate backbone
+    {"N", "CA", "C", "O", "P", "OP1", "OP2", "O1P", "O2P", "O5'", "C5'", "C4'", "C3'", "O3'"}
+)
+_HYDROGENS = frozenset({"H", "D"})
+
+
+def select_atoms(s: Structures, atoms: str = "all") -> Structures:
+    """Keep ``all`` atoms, the ``heavy`` ones (no H/D), the ``backbone`` or the C-alphas (``ca``).
+
+    ``backbone`` is protein N, CA, C, O plus the nucleic-acid sugar-phosphate atoms (P, OP1,
+    OP2, O5', C5', C4', C3', O3'); ``ca`` keeps atoms named CA that are carbon (a calcium ion
+    named CA is not a C-alpha). Hydrogens are kept only by ``all``. An empty selection raises
+    :class:`CryosipInputError`.
+    """
+    if atoms not in ATOM_SELECTIONS:
+        raise CryosipInputError(
+            s.source, f"unknown atom selection {atoms!r} (one of {', '.join(ATOM_SELECTIONS)})"
+        )
+    if atoms == "all":
+        return s
+    elements = np.asarray([e.upper() for e in s.elements], dtype=object)
+    names = np.asarray([n.strip().upper() for n in s.names], dtype=object)
+    heavy = ~np.isin(elements, list(_HYDROGENS))
+    if atoms == "heavy":
+        mask = heavy
+    elif atoms == "backbone":
+        mask = heavy & np.isin(names, list(_BACKBONE_NAMES))
+    else:
+        mask = (names == "CA") & (elements == "C")
+    if not mask.any():
+        raise CryosipInputError(
+            s.source, f"no atoms left after --atoms {atoms} (of {s.n_atoms:,} atoms in the file)"
+        )
+    return s.select(mask)
+
+
+def _atom_label(s: Structures, i: int) -> str:
+    return f"atom {i + 1} ({s.chains[i]} {s.resnames[i]} {int(s.resids[i])} {s.names[i]})"
+
+
+def check_same_atoms(ref: Structures, other: Structures, *, selection: str = "all") -> None:
+    """Raise :class:`CryosipInputError` (naming ``other``'s file) unless both list the same atoms.
+
+    Same atom count, and atom by atom the same atom name, residue name (so the same residue
+    order) and element. Different residue numbers or chain ids alone are accepted (renumbered
+    models of the same molecule), with a warning in the log.
+    """
+    where = f" ({selection})" if selection != "all" else ""
+    n = min(ref.n_atoms, other.n_atoms)
+    first = next(
+        (
+            i
+            for i in range(n)
+            if (ref.names[i], ref.resnames[i], ref.elements[i])
+            != (other.names[i], other.resnames[i], other.elements[i])
+        ),
+        None,
+    )
+    if ref.n_atoms != other.n_atoms:
+        diff = (
+            f"; first difference at {_atom_label(other, first)} vs {_atom_label(ref, first)}"
+            if first is not None
+            else ""
+        )
+        raise CryosipInputError(
+            other.source,
+            f"{other.n_atoms:,} atoms{where} but {ref.source} has {ref.n_atoms:,}{diff}; "
+            "the structures must list the same atoms (remove waters/ligands, or select "
+            "with --atoms)",
+        )
+    if first is not None:
+        i = first
+        for what, a, b in (
+            ("atom name", ref.names[i], other.names[i]),
+            ("residue", ref.resnames[i], other.resnames[i]),
+            ("element", ref.elements[i], other.elements[i]),
+        ):
+            if a != b:
+                raise CryosipInputError(
+                    other.source,
+                    f"{_atom_label(other, i)} has {what} {b!r} but {a!r} in {ref.source}: "
+                    "atoms must be the same and in the same order",
+                )
+    if not np.array_equal(ref.resids, other.resids) or ref.chains != other.chains:
+        logger.warning(
+            "%s: residue numbers or chain ids differ from %s (atoms and residues match)",
+            other.source,
+            ref.source,
+        )
