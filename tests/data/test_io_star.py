@@ -226,6 +226,14 @@ def test_handwritten_relion31_two_optics_groups(tmp_path):
     np.testing.assert_allclose(old["rlnVoltage"], [200, 300])
 
 
+def _below_nyquist(img):
+    f = np.fft.fft2(np.asarray(img, np.float64))
+    D = f.shape[-1]
+    f[D // 2, :] = 0
+    f[:, D // 2] = 0
+    return np.fft.ifft2(f).real
+
+
 def test_optics_groups_with_different_boxes(tmp_path):
     rng = np.random.default_rng(1)
     big = rng.normal(size=(2, 32, 32)).astype(np.float32)
@@ -240,16 +248,18 @@ def test_optics_groups_with_different_boxes(tmp_path):
     text = text.replace("000002@Particles/Micrographs/mic1_particles.mrcs", "000001@g1.mrcs")
     text = text.replace("000004@Particles/Micrographs/mic1_particles.mrcs", "000002@g2.mrcs")
     (tmp_path / "mixed.star").write_text(text)
-    with pytest.raises(CryosipInputError, match="different box.*--box"):
-        read_star(tmp_path / "mixed.star")
-    s = read_star(
-        tmp_path / "mixed.star", box_size=16
-    )  # 32 px x 1 A and 16 px x 2 A: same 32 A field
-    assert s.box_size == 16 and s.pixel_size == pytest.approx(2.0)
     from cryosip.data.mrc import fourier_crop
 
-    np.testing.assert_allclose(s.images[0], fourier_crop(big[0], 16), atol=1e-6)
-    np.testing.assert_allclose(s.images[1], small[1], rtol=0, atol=0)
+    # 32 px x 1 A and 16 px x 2 A: the same 32 A field; the working grid is the coarser one
+    for s in (read_star(tmp_path / "mixed.star"), read_star(tmp_path / "mixed.star", box_size=16)):
+        assert s.box_size == 16 and s.pixel_size == pytest.approx(2.0)
+        np.testing.assert_array_equal(s.group_ids(), [0, 1])
+        # band-limited resampling by an integer ratio is the Fourier crop (up to the Nyquist
+        # row/column, which the separable resampler keeps as a cosine)
+        np.testing.assert_allclose(
+            _below_nyquist(s.images[0]), _below_nyquist(fourier_crop(big[0], 16)), rtol=0, atol=2e-6
+        )
+        np.testing.assert_allclose(s.images[1], small[1], rtol=0, atol=0)
 
 
 def test_missing_poses_and_defaults(tmp_path, stack_on_disk):
@@ -344,8 +354,9 @@ def _bad(tmp_path, text, name="bad.star"):
             "missing required column.*_rlnDefocusU",
         ),
         (
-            lambda t: t.replace("_rlnVoltage #8 \n", "_rlnKiloVolts #8 \n"),
-            "missing required column.*_rlnVoltage",
+            lambda t: t.replace("_rlnDefocusU #5 \n", "_rlnDefocusUx #5 \n"),
+            "missing required column.*_rlnDefocusU; _rlnDefocusUx is not a RELION label: did you "
+            "mean _rlnDefocusU",
         ),
         (lambda t: "# version 20000\n" + t, "unknown STAR version"),
         (lambda t: t.replace("data_\n", "data_optics\n"), "data_optics but no data_particles"),
@@ -384,8 +395,10 @@ def test_bad_box_and_pixels(tmp_path):
         tmp_path,
         STAR30.replace("000003@Particles/Micrographs/mic1_particles.mrcs", "000003@other.mrcs"),
     )
-    with pytest.raises(CryosipInputError, match="different box sizes"):
-        read_star(p)
+    # 8 px and 16 px at 2.5 A/px: brought to one grid covering the smaller field (8 px)
+    s = read_star(p)
+    assert s.box_size == 8 and s.pixel_size == pytest.approx(2.5)
+    np.testing.assert_allclose(s.images[0], imgs[0][4:12, 4:12], rtol=0, atol=2e-5)
     # NaN pixels are found when the images are read
     raw = np.memmap(
         tmp_path / "Particles/Micrographs/mic1_particles.mrcs",
@@ -491,4 +504,123 @@ def test_origin_sign_matches_the_forward_model(tmp_path):
     )
     np.testing.assert_allclose(
         np.asarray(read_star(tmp_path / "one.star").nuisance.shift_in_angstroms), t, rtol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# real files as they come: RELION defaults, missing angles and typos, pixel origins, missing stacks
+
+
+def _drop_columns(text, *labels):
+    """Remove columns from the one-table STAR30 text (header and values)."""
+    lines = text.splitlines()
+    header = [i for i, ln in enumerate(lines) if ln.startswith("_rln")]
+    names = [lines[i].split()[0][1:] for i in header]
+    drop = [names.index(lb) for lb in labels]
+    out = []
+    for i, ln in enumerate(lines):
+        if i in header:
+            if names[header.index(i)] in labels:
+                continue
+            out.append(ln)
+        elif ln.startswith("Micrographs/"):
+            vals = ln.split()
+            out.append("  ".join(v for k, v in enumerate(vals) if k not in drop))
+        else:
+            out.append(ln)
+    return "\n".join(out) + "\n"
+
+
+def test_relion30_without_optional_ctf_columns_takes_relion_defaults(tmp_path, caplog):
+    _stack_file(tmp_path)
+    text = _drop_columns(STAR30, "rlnAmplitudeContrast", "rlnSphericalAberration", "rlnVoltage")
+    p = _bad(tmp_path, text, "old.star")
+    with caplog.at_level("WARNING", logger="cryosip.data.star"):
+        s = read_star(p)
+    c = s.nuisance.ctf
+    np.testing.assert_allclose(np.asarray(c.amplitude_contrast), [0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(c.spherical_aberration_in_mm), [2.7, 2.7], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(c.voltage_in_kilovolts), [300, 300], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(c.phase_shift_in_degrees), [0, 0], atol=0)
+    np.testing.assert_allclose(np.asarray(c.bfactor_in_angstroms2), [0, 0], atol=0)
+    np.testing.assert_allclose(np.asarray(c.scale), [1, 1], atol=0)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1, warnings_
+    for part in (
+        "_rlnAmplitudeContrast = 0.1",
+        "_rlnSphericalAberration = 2.7",
+        "_rlnVoltage = 300",
+        "_rlnPhaseShift = 0",
+        "_rlnCtfBfactor = 0",
+        "_rlnCtfScalefactor = 1",
+    ):
+        assert part in warnings_[0]
+    # the same in a 3.1 optics table
+    _stack_file(tmp_path)
+    t31 = STAR31.replace("_rlnAmplitudeContrast #6 \n", "")
+    t31 = t31.replace("     0.100000     2.500000", "     2.500000").replace(
+        "     0.070000     2.500000", "     2.500000"
+    )
+    t31 = t31.replace("_rlnImagePixelSize #7", "_rlnImagePixelSize #6")
+    s31 = read_star(_bad(tmp_path, t31, "new.star"))
+    np.testing.assert_allclose(
+        np.asarray(s31.nuisance.ctf.amplitude_contrast), [0.1, 0.1], rtol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(s31.nuisance.ctf.voltage_in_kilovolts), [200, 300])
+
+
+def test_no_angles_is_an_error_for_reconstruction_and_typos_are_named(tmp_path):
+    _stack_file(tmp_path)
+    p = _bad(tmp_path, _drop_columns(STAR30, "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    s = read_star(p)  # reading alone (inspect) works
+    assert not s.has_poses
+    with pytest.raises(
+        CryosipInputError, match="no poses.*_rlnAngleRot, _rlnAngleTilt, _rlnAnglePsi"
+    ) as e:
+        read_particles(p)  # what reconstruct calls
+    assert "\n" not in str(e.value)
+    typo = _bad(tmp_path, STAR30.replace("_rlnAngleRot #15", "_rlnAngelRot #15"), "typo.star")
+    with pytest.raises(
+        CryosipInputError,
+        match="lacks _rlnAngleRot .*_rlnAngelRot is not a RELION label: did you mean _rlnAngleRot",
+    ):
+        read_particles(typo)
+    assert not read_star(typo).has_poses
+
+
+def test_pixel_origins_in_a_relion31_file_are_converted(tmp_path, caplog):
+    _stack_file(tmp_path)
+    text = STAR31.replace("_rlnOriginXAngst #19", "_rlnOriginX #19").replace(
+        "_rlnOriginYAngst #20", "_rlnOriginY #20"
+    )
+    with caplog.at_level("WARNING", logger="cryosip.data.star"):
+        s = read_star(_bad(tmp_path, text))
+    # pixels x 2.5 A/px, sign: shift = -origin
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.shift_in_angstroms),
+        -2.5 * np.array([[3.0345, -6.9655], [-1.25, 7.5]]),
+        rtol=1e-6,
+    )
+    assert s.has_shifts
+    assert any("in pixels" in r.getMessage() for r in caplog.records)
+    half = STAR31.replace("_rlnOriginYAngst #20", "_rlnOriginYAngts #20")
+    with pytest.raises(
+        CryosipInputError, match="_rlnOriginXAngst without _rlnOriginYAngst.*did you mean"
+    ):
+        read_star(_bad(tmp_path, half, "half.star"))
+
+
+def test_missing_stacks_metadata_only(tmp_path):
+    _stack_file(tmp_path)
+    p = _bad(tmp_path, STAR31)
+    (tmp_path / "Particles" / "Micrographs" / "mic1_particles.mrcs").unlink()
+    with pytest.raises(CryosipInputError, match="stack file not found"):
+        read_star(p)
+    s = read_star(p, require_images=False)
+    assert len(s) == 2 and s.box_size == 16 and s.pixel_size == 2.5 and s.has_poses
+    assert s.images.missing_files == ["Particles/Micrographs/mic1_particles.mrcs"]
+    with pytest.raises(CryosipInputError, match="1 of 1 stack file.*not found"):
+        np.asarray(s.images)
+    np.testing.assert_allclose(
+        np.asarray(s.nuisance.ctf.defocus_u_in_angstroms), [10864.146484, 15021.5], rtol=1e-7
     )

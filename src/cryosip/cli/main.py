@@ -47,6 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_jax_backend_probe() -> None:
+    """Silence JAX's probe warnings (``Unable to initialize backend 'tpu'``, ``An NVIDIA GPU may
+    be present ... Falling back to cpu``): the command says itself what it runs on."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+def log_backend(logger: logging.Logger) -> str:
+    """Log once which backend JAX computes on, e.g. ``running on cpu (1 device)``."""
+    import jax
+
+    devices = jax.devices()
+    platform = devices[0].platform if devices else "unknown"
+    n = len(devices)
+    line = f"running on {platform} ({n} device{'s' if n != 1 else ''})"
+    logger.info(line)
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,11 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    quiet_jax_backend_probe()
+    logger = logging.getLogger("cryosip")
     try:
+        log_backend(logger)
         return int(args._main(args) or 0)
     except CryosipInputError as e:
         sys.stderr.write(f"cryosip {args.command}: error: {e}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"cryosip {args.command}: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -32,8 +31,14 @@ import pandas as pd
 
 from ..cryoem.pose import matrix_to_axis_angle
 from .errors import CryosipInputError
-from .particles import ParticleStack
-from .star import build_image_source, make_checked_nuisance, parse_image_names, stack_image_names
+from .particles import ParticleStack, to_working_grid
+from .star import (
+    locate_stacks,
+    make_checked_nuisance,
+    native_images,
+    parse_image_names,
+    stack_image_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +156,17 @@ def read_cs(
     datadir: str | os.PathLike | None = None,
     box_size: int | None = None,
     require_poses: bool = True,
+    require_images: bool = True,
     allow_unsupported_contrast: bool = False,
 ) -> ParticleStack:
     """Read a cryoSPARC ``.cs`` file (e.g. a refinement's ``particles.cs``) into a ParticleStack.
 
     Stacks (``blob/path``) are resolved against ``datadir``, then the ``.cs`` file's folder and
     its parents. A file without ``alignments3D/pose``/``shift`` is an error unless
-    ``require_poses=False`` (poses become identity with ``has_poses=False``).
+    ``require_poses=False`` (poses become identity with ``has_poses=False``). Particles on
+    different grids (``blob/psize_A``, ``blob/shape``) are brought onto one working grid
+    (:func:`cryosip.data.particles.to_working_grid`); ``ctf/exp_group_id`` gives the optics
+    groups. ``require_images=False`` reads the metadata when stack files are missing.
     ``allow_unsupported_contrast`` is accepted for symmetry with :func:`read_star` (cryoSPARC
     stacks are raw data).
     """
@@ -211,26 +220,16 @@ def read_cs(
     if (px <= 0).any():
         raise CryosipInputError(path, "blob/psize_A must be positive")
 
-    images, file_boxes = build_image_source(
-        path, stack_names, idx, datadir, box_size, expected_boxes=meta_box
+    stacks = locate_stacks(
+        path, stack_names, idx, datadir, expected_boxes=meta_box, require_images=require_images
     )
-    boxes = np.asarray(file_boxes)[images.file_index]
-    extents = px * boxes
-    if box_size is None:
-        combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
-        if len(combos) > 1:
-            raise CryosipInputError(
-                path,
-                f"particles have different box/pixel sizes {combos}; request a common "
-                "working box (--box)",
-            )
-        pixel_size = float(px[0])
-    else:
-        if np.ptp(extents) > 1e-3 * extents.max():
-            raise CryosipInputError(
-                path, "particles have different physical box sizes; cannot use one working box"
-            )
-        pixel_size = float(extents[0]) / int(box_size)
+    file_box = stacks.boxes[stacks.file_of]
+    boxes = np.where(file_box > 0, file_box, meta_box if meta_box is not None else 0)
+    grids = np.stack([boxes.astype(np.float64), px], -1)
+    images, _, pixel_size = native_images(os.fspath(path), stacks, grids)
+    optics_group = None
+    if "ctf/exp_group_id" in names:
+        optics_group = np.unique(np.asarray(data["ctf/exp_group_id"]), return_inverse=True)[1]
 
     dfu = _field(data, "ctf/df1_A", path)
     dfv = _field(data, "ctf/df2_A", path) if "ctf/df2_A" in names else dfu
@@ -267,7 +266,7 @@ def read_cs(
         bfactor_in_angstroms2=bfac,
         scale=scale,
     )
-    return ParticleStack(
+    stack = ParticleStack(
         images=images,
         nuisance=nuisance,
         pixel_size=pixel_size,
@@ -276,7 +275,15 @@ def read_cs(
         source=os.fspath(path),
         has_poses=has_poses,
         has_shifts=has_poses,
+        optics_group=None if optics_group is None else optics_group.astype(np.int64),
+        native_grid=grids,
     )
+    if box_size is not None and box_size != stack.box_size:
+        try:
+            stack = to_working_grid(stack, box_size=box_size)
+        except ValueError as e:
+            raise CryosipInputError(path, str(e)) from None
+    return stack
 
 
 def _cs_image_locations(
@@ -377,13 +384,8 @@ def write_cs(
     out = np.zeros(n, dtype=descr)
     for k, (v, _, _) in cols.items():
         out[k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .._atomic import atomic_path
+
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
+        np.save(f, out)
     return path

@@ -12,6 +12,8 @@ import pandas as pd
 from ..cryoem.ctf import CTFParams
 from ..cryoem.image_model import CryoNuisance
 from ..sip.operator import Observations
+from .errors import CryosipInputError
+from .mrc import AbstractImages, MissingImages, _normalise_index
 
 
 def nuisance_to_numpy(nu: CryoNuisance) -> CryoNuisance:
@@ -35,6 +37,11 @@ class ParticleStack:
     stack files on demand. ``has_poses``/``has_shifts`` say whether the rotations/shifts came
     from the input (``False``: identity/zero placeholders). ``ctf_premultiplied`` and
     ``phase_flipped`` flag images the raw-data forward model does not describe.
+
+    ``optics_group`` is each particle's optics group, 0-based (``None``: one group; see
+    :meth:`group_ids`). ``native_grid`` is each particle's ``(box size, pixel size)`` as stored
+    in its file (``None``: the stack's own grid); optics groups with different grids are brought
+    onto one working grid by :func:`to_working_grid`.
     """
 
     images: np.ndarray
@@ -47,6 +54,8 @@ class ParticleStack:
     has_shifts: bool = True
     ctf_premultiplied: bool = False
     phase_flipped: bool = False
+    optics_group: np.ndarray | None = None
+    native_grid: np.ndarray | None = None
 
     def __post_init__(self):
         if self.images.ndim != 3 or self.images.shape[1] != self.images.shape[2]:
@@ -56,8 +65,36 @@ class ParticleStack:
                 f"{self.images.shape[0]} images but {len(self.nuisance.rotation)} nuisance rows"
             )
 
+        n = self.images.shape[0]
+        for name in ("optics_group", "native_grid"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ValueError(f"{n} images but {len(v)} {name} rows")
+
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def group_ids(self) -> np.ndarray:
+        """Each particle's optics group as an integer 0..G-1 (zeros when the input has none)."""
+        if self.optics_group is None:
+            return np.zeros(len(self), np.int64)
+        return np.asarray(self.optics_group, np.int64)
+
+    def grids(self) -> np.ndarray:
+        """Each particle's native ``(box size, pixel size)`` (float64, shape (n, 2))."""
+        if self.native_grid is None:
+            return np.tile([float(self.box_size), float(self.pixel_size)], (len(self), 1))
+        return np.asarray(self.native_grid, np.float64)
+
+    def _rows(self, idx) -> dict:
+        """The per-particle fields other than images, restricted to ``idx``."""
+        meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
+        return dict(
+            nuisance=take_nuisance(self.nuisance, idx),
+            metadata=meta,
+            optics_group=None if self.optics_group is None else self.optics_group[idx],
+            native_grid=None if self.native_grid is None else self.native_grid[idx],
+        )
 
     @property
     def box_size(self) -> int:
@@ -67,13 +104,7 @@ class ParticleStack:
         idx = np.asarray(idx)
         if idx.dtype == bool:
             idx = np.nonzero(idx)[0]
-        meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
-        return dataclasses.replace(
-            self,
-            images=np.asarray(self.images[idx]),
-            nuisance=take_nuisance(self.nuisance, idx),
-            metadata=meta,
-        )
+        return dataclasses.replace(self, images=np.asarray(self.images[idx]), **self._rows(idx))
 
     def take(self, idx) -> ParticleStack:
         """Like :meth:`subset` but keeps lazily read images lazy (nothing is loaded)."""
@@ -82,15 +113,15 @@ class ParticleStack:
         idx = np.asarray(idx)
         if idx.dtype == bool:
             idx = np.nonzero(idx)[0]
-        if not isinstance(self.images, LazyImageStack):
+        if isinstance(self.images, MissingImages):
+            images = type(self.images).__new__(type(self.images))
+            images.__dict__.update(self.images.__dict__)
+            images.n = len(idx)
+        elif isinstance(self.images, (LazyImageStack, GroupedImages)):
+            images = self.images.take(idx)
+        else:
             return self.subset(idx)
-        meta = None if self.metadata is None else self.metadata.iloc[idx].reset_index(drop=True)
-        return dataclasses.replace(
-            self,
-            images=self.images.take(idx),
-            nuisance=take_nuisance(self.nuisance, idx),
-            metadata=meta,
-        )
+        return dataclasses.replace(self, images=images, **self._rows(idx))
 
     def observations(self, idx=None) -> Observations:
         """The engine's view (JAX arrays): images with their known nuisances."""
@@ -114,14 +145,270 @@ class ParticleStack:
         )
 
 
-def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
-    """Fourier-crop the images to ``box_size`` lazily (chunk by chunk as they are read).
+class MissingStackImages(MissingImages):
+    """Stand-in for the images of metadata whose stack files are not found (``inspect`` and
+    ``convert`` work without them); reading raises a one-line error naming the missing files."""
 
-    The pixel size is scaled by ``D / box_size``; shifts in Angstrom, poses and CTF are
-    unchanged (a shift of ``t`` Angstrom is the same displacement in both boxes).
+    def __init__(self, n: int, box_size: int, source, missing_files, n_files: int):
+        super().__init__(n, box_size, None if source is None else str(source))
+        self.missing_files = [str(f) for f in missing_files]
+        self.n_files = int(n_files)
+
+    def describe(self, first: int = 3) -> str:
+        names = ", ".join(self.missing_files[:first])
+        more = len(self.missing_files) - first
+        return (
+            f"{len(self.missing_files)} of {self.n_files} stack file(s) not found ({names}"
+            + (f", and {more} more" if more > 0 else "")
+            + ")"
+        )
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        raise CryosipInputError(self.source, self.describe() + "; use --datadir")
+
+
+# ----------------------------------------------------------------------------------------------
+# working grid: one box and one pixel size for every optics group
+
+
+def working_pixel_size(box_size: int, pixel_size: float, new_box_size: int) -> float:
+    """The pixel size after Fourier cropping/padding a ``box_size`` image to ``new_box_size``
+    pixels over the same field of view: ``pixel_size * box_size / new_box_size``.
+
+    The one place this rule lives (readers, :func:`downsample` and :func:`working_grid`).
+    """
+    return float(pixel_size) * int(box_size) / int(new_box_size)
+
+
+def working_grid(
+    boxes, pixel_sizes, *, box_size: int | None = None, pixel_size: float | None = None
+) -> tuple[int, float]:
+    """The common working grid ``(box, pixel size)`` for particles on the grids ``boxes`` x
+    ``pixel_sizes`` (one entry per particle or per group).
+
+    The pixel size is ``pixel_size`` if given; else the one implied by ``box_size`` over the
+    smallest field of view (``min(D * p) / box_size``, :func:`working_pixel_size`); else the
+    largest pixel size. The box is ``box_size`` if given, else the smallest even box whose field
+    of view covers the smallest group's field of view (a single grid is kept as it is).
+    """
+    boxes = np.atleast_1d(np.asarray(boxes, np.float64))
+    px = np.atleast_1d(np.asarray(pixel_sizes, np.float64))
+    if boxes.size == 0 or px.size == 0:
+        raise ValueError("no particles")
+    fov = boxes * px
+    smallest = int(np.argmin(fov))
+    grids = {(int(b), round(float(p), 6)) for b, p in zip(boxes, px)}
+    if pixel_size is not None:
+        out_px = float(pixel_size)
+    elif box_size is not None:
+        out_px = working_pixel_size(int(boxes[smallest]), float(px[smallest]), int(box_size))
+    else:
+        out_px = float(px.max())
+    if not out_px > 0:
+        raise ValueError(f"pixel size must be positive, got {out_px}")
+    if box_size is not None:
+        out_box = int(box_size)
+    elif len(grids) == 1 and abs(out_px - float(px[0])) <= 1e-9 * out_px:
+        out_box = int(boxes[0])
+    else:
+        out_box = int(2 * np.ceil(float(fov[smallest]) / out_px / 2 - 1e-6))
+    if out_box < 2:
+        raise ValueError(f"working box of {out_box} pixels")
+    return out_box, out_px
+
+
+def resampling_matrix(box_in: int, pixel_in: float, box_out: int, pixel_out: float) -> np.ndarray:
+    """``R`` (``box_out x box_in``, float64): exact band-limited 1-D resampling between grids.
+
+    Row ``j`` evaluates the trigonometric (periodic sinc) interpolant of ``box_in`` samples at
+    the physical position of output pixel ``j``; both grids have their centre at pixel
+    ``D // 2`` (as RELION), so positions are ``(j - box_out // 2) * pixel_out``. Frequencies
+    above the output Nyquist ``1 / (2 pixel_out)`` are removed first (no aliasing when the
+    pixel grows); a frequency exactly at a Nyquist limit counts once, as the cosine, so that an
+    integer Fourier crop (:func:`cryosip.data.mrc.fourier_crop`) and the identity are special
+    cases. Images are resampled as ``R @ img @ R.T``; constants are kept (``R @ 1 = 1``).
+    """
+    box_in, box_out = int(box_in), int(box_out)
+    u = (np.arange(box_out) - box_out // 2) * (float(pixel_out) / float(pixel_in)) + box_in // 2
+    d = u[:, None] - np.arange(box_in)[None, :]  # output position minus input pixel, in pixels
+    # the highest kept frequency index: the input's Nyquist or the output's, whichever is lower
+    cutoff = min(box_in / 2.0, box_in * float(pixel_in) / (2.0 * float(pixel_out)))
+    kmax = int(np.floor(cutoff + 1e-9))
+    at_limit = abs(cutoff - kmax) <= 1e-9 and kmax > 0
+    ks = np.arange(1, kmax + 1)
+    weights = np.full(ks.shape, 2.0)
+    if at_limit and ks.size:
+        weights[-1] = 1.0  # the Nyquist pair counts once, as a cosine
+    phase = 2.0 * np.pi * d[..., None] * ks / box_in
+    return (1.0 + (np.cos(phase) * weights).sum(-1)) / box_in
+
+
+class GroupedImages(AbstractImages):
+    """Particles stored on several grids (e.g. optics groups at 1.24 and 1.25 A/px), brought to
+    one working grid ``box_size`` x ``pixel_size`` as they are read, chunk by chunk.
+
+    ``sources[g]`` holds the images of grid group ``g`` in their native box ``boxes[g]`` and
+    pixel size ``pixel_sizes[g]`` (an array or a lazy accessor indexed by integer arrays);
+    particle ``i`` is image ``index_in_group[i]`` of ``sources[group[i]]``. Each image is
+    resampled by :func:`resampling_matrix` as ``R @ img @ R.T`` (nothing is done for a group
+    already on the working grid).
+    """
+
+    def __init__(
+        self,
+        sources,
+        boxes,
+        pixel_sizes,
+        group,
+        index_in_group,
+        box_size: int,
+        pixel_size: float,
+    ):
+        self.sources = list(sources)
+        self.boxes = [int(b) for b in boxes]
+        self.pixel_sizes = [float(p) for p in pixel_sizes]
+        self.group = np.asarray(group, np.int64)
+        self.index_in_group = np.asarray(index_in_group, np.int64)
+        self.box_size = int(box_size)
+        self.pixel_size = float(pixel_size)
+        self._mats = [
+            None
+            if (b == self.box_size and abs(p - self.pixel_size) <= 1e-9 * p)
+            else resampling_matrix(b, p, self.box_size, self.pixel_size)
+            for b, p in zip(self.boxes, self.pixel_sizes)
+        ]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (int(self.group.shape[0]), self.box_size, self.box_size)
+
+    def regrid(self, box_size: int, pixel_size: float) -> GroupedImages:
+        """The same particles on another working grid (always from the native images)."""
+        return GroupedImages(
+            self.sources,
+            self.boxes,
+            self.pixel_sizes,
+            self.group,
+            self.index_in_group,
+            box_size,
+            pixel_size,
+        )
+
+    def take(self, idx) -> GroupedImages:
+        idx, _ = _normalise_index(
+            idx if not isinstance(idx, (int, np.integer)) else [idx], len(self)
+        )
+        out = self.regrid(self.box_size, self.pixel_size)
+        out.group, out.index_in_group = self.group[idx], self.index_in_group[idx]
+        return out
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        D = self.box_size
+        out = np.empty((idx.shape[0], D, D), np.float32)
+        g_of = self.group[idx]
+        for g in np.unique(g_of):
+            sel = np.nonzero(g_of == g)[0]
+            chunk = np.asarray(self.sources[g][self.index_in_group[idx[sel]]], np.float32)
+            R = self._mats[g]
+            if R is not None:
+                chunk = np.einsum("ji,nik,lk->njl", R, chunk.astype(np.float64), R, optimize=True)
+            out[sel] = chunk
+        return out
+
+    def __repr__(self) -> str:
+        return f"GroupedImages(shape={self.shape}, grids={list(zip(self.boxes, self.pixel_sizes))})"
+
+
+def grouped_images(sources_by_particle, grids, box_size: int, pixel_size: float) -> GroupedImages:
+    """A :class:`GroupedImages` from per-particle native ``grids`` ((n, 2): box, pixel size) and
+    a function ``sources_by_particle(indices) -> images source`` for the particles of one grid."""
+    grids = np.asarray(grids, np.float64)
+    keys = [(int(b), round(float(p), 6)) for b, p in grids]
+    uniq = sorted(set(keys))
+    group = np.array([uniq.index(k) for k in keys], np.int64)
+    index_in_group = np.empty(len(keys), np.int64)
+    sources, boxes, pxs = [], [], []
+    for g, (b, _) in enumerate(uniq):
+        members = np.nonzero(group == g)[0]
+        index_in_group[members] = np.arange(len(members))
+        sources.append(sources_by_particle(members))
+        boxes.append(b)
+        pxs.append(float(grids[members[0], 1]))
+    return GroupedImages(sources, boxes, pxs, group, index_in_group, box_size, pixel_size)
+
+
+def to_working_grid(
+    stack: ParticleStack, box_size: int | None = None, pixel_size: float | None = None
+) -> ParticleStack:
+    """Bring every particle of ``stack`` onto one working grid, lazily (chunk by chunk).
+
+    The target is :func:`working_grid` of the particles' native grids (``stack.grids()``):
+    by default the largest pixel size and a box covering the smallest field of view. Each
+    native grid is resampled exactly in the band-limited sense (:func:`resampling_matrix`);
+    a single grid cropped by an integer ratio is Fourier-cropped as it is read. Shifts stay in
+    Angstrom, poses and per-particle CTFs are unchanged; ``optics_group`` is kept.
     """
     from .mrc import LazyImageStack, TransformedImages, fourier_crop
 
+    grids = stack.grids()
+    if box_size is not None and (int(box_size) < 8 or int(box_size) % 2):
+        raise ValueError(f"working box must be an even number >= 8, got {box_size}")
+    box, px = working_grid(grids[:, 0], grids[:, 1], box_size=box_size, pixel_size=pixel_size)
+    finest = float(grids[:, 1].min())
+    if px < finest * (1 - 1e-6):
+        raise ValueError(
+            f"working pixel size {px:.4g} A is finer than the finest data ({finest:.4g} A/px): "
+            "choose a smaller --box"
+        )
+    same = np.allclose(grids[:, 0], box) and np.allclose(grids[:, 1], px, rtol=1e-9, atol=0)
+    if same and box == stack.box_size and abs(px - stack.pixel_size) <= 1e-9 * px:
+        return stack
+    images = stack.images
+    if isinstance(images, MissingImages):
+        clone = type(images).__new__(type(images))
+        clone.__dict__.update(images.__dict__)
+        clone.box_size = box
+        return dataclasses.replace(stack, images=clone, pixel_size=px)
+    if isinstance(images, GroupedImages):
+        return dataclasses.replace(stack, images=images.regrid(box, px), pixel_size=px)
+    D = stack.box_size
+    one_grid = stack.native_grid is None or len({tuple(r) for r in np.round(grids, 6)}) == 1
+    integer_crop = (
+        one_grid
+        and box <= D
+        and box % 2 == 0
+        and D % 2 == 0
+        and abs(px - working_pixel_size(D, stack.pixel_size, box)) <= 1e-9 * px
+    )
+    if integer_crop:
+        if isinstance(images, LazyImageStack):
+            cropped = LazyImageStack(
+                images.files,
+                images.file_index,
+                images.image_index,
+                box,
+                file_boxes=images.file_boxes,
+                check_finite=images.check_finite,
+            )
+        else:
+            cropped = TransformedImages(images, lambda x: fourier_crop(x, box), box)
+        return dataclasses.replace(stack, images=cropped, pixel_size=px)
+    if not one_grid:
+        raise ValueError("particles on several grids need their images as GroupedImages")
+    gi = GroupedImages(
+        [images], [D], [stack.pixel_size], np.zeros(len(stack)), np.arange(len(stack)), box, px
+    )
+    return dataclasses.replace(stack, images=gi, pixel_size=px)
+
+
+def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
+    """Fourier-crop the images to ``box_size`` lazily (chunk by chunk as they are read).
+
+    The pixel size becomes :func:`working_pixel_size` (``p * D / box_size``); shifts in
+    Angstrom, poses and CTF are unchanged (a shift of ``t`` Angstrom is the same displacement in
+    both boxes). Stacks whose optics groups have different grids go through
+    :func:`to_working_grid`.
+    """
     D = stack.box_size
     box_size = int(box_size)
     if box_size == D:
@@ -130,21 +417,7 @@ def downsample(stack: ParticleStack, box_size: int) -> ParticleStack:
         raise ValueError(f"cannot downsample a {D}-pixel box to {box_size} pixels (upsampling)")
     if box_size % 2 or box_size < 8:
         raise ValueError(f"working box must be an even number >= 8, got {box_size}")
-    if isinstance(stack.images, LazyImageStack):
-        src = stack.images
-        images = LazyImageStack(
-            src.files,
-            src.file_index,
-            src.image_index,
-            box_size,
-            file_boxes=src.file_boxes,
-            check_finite=src.check_finite,
-        )
-    else:
-        images = TransformedImages(stack.images, lambda x: fourier_crop(x, box_size), box_size)
-    return dataclasses.replace(
-        stack, images=images, pixel_size=float(stack.pixel_size) * D / box_size
-    )
+    return to_working_grid(stack, box_size, working_pixel_size(D, stack.pixel_size, box_size))
 
 
 def read_particles(
@@ -157,6 +430,7 @@ def read_particles(
     ind=None,
     particles=None,
     require_poses: bool = True,
+    require_images: bool = True,
     allow_unsupported_contrast: bool = False,
 ) -> ParticleStack:
     """Read particles from any supported input, with optional cryoDRGN overrides.
@@ -165,13 +439,19 @@ def read_particles(
     list of stacks (needs ``ctf``, a cryoDRGN ``ctf.pkl``), or a cryoDRGN pickle (``ctf.pkl`` or
     ``pose.pkl``; images from ``particles`` if given, else the stack has no readable images).
     ``pose``/``ctf``/``ind`` override/select as in :func:`cryosip.data.cryodrgn.apply_cryodrgn`.
-    ``box_size`` Fourier-crops to a working box (lazily).
+    Optics groups on different grids (pixel size, box) are brought onto one working grid
+    (:func:`to_working_grid`); ``box_size`` chooses the working box (the pixel size follows
+    from the smallest field of view), lazily.
+
+    ``require_poses``: a file without poses (angles) is an error naming the missing columns
+    (every reconstruction method needs poses); ``inspect``/``convert`` pass ``False``.
+    ``require_images=False`` reads the metadata even when the stack files are missing (the
+    images are then a :class:`MissingStackImages` that names them).
     """
     from pathlib import Path
 
     from .cryodrgn import apply_cryodrgn, cryodrgn_pickle_kind, read_cryodrgn
     from .cryosparc import read_cs
-    from .errors import CryosipInputError
     from .star import read_star
 
     path = Path(path)
@@ -181,10 +461,18 @@ def read_particles(
             path,
             datadir=datadir,
             box_size=box_size,
+            require_poses=require_poses,
+            require_images=require_images,
             allow_unsupported_contrast=allow_unsupported_contrast,
         )
     elif name.endswith(".cs"):
-        stack = read_cs(path, datadir=datadir, box_size=box_size, require_poses=require_poses)
+        stack = read_cs(
+            path,
+            datadir=datadir,
+            box_size=box_size,
+            require_poses=require_poses,
+            require_images=require_images,
+        )
     elif name.endswith((".mrcs", ".mrc", ".mrcs.gz", ".mrc.gz", ".txt")):
         if ctf is None:
             raise CryosipInputError(
@@ -210,8 +498,17 @@ def read_particles(
         )
     if pose is not None or ctf is not None or ind is not None:
         stack = apply_cryodrgn(stack, pose=pose, ctf=ctf, ind=ind)
+    if require_poses and not stack.has_poses:
+        raise CryosipInputError(
+            path, "no poses in this particle set (pass a pose.pkl, or a refinement's output)"
+        )
     if box_size is not None and stack.box_size != box_size:
-        stack = downsample(stack, box_size)
+        try:
+            stack = to_working_grid(stack, box_size=box_size)
+        except ValueError as e:
+            if isinstance(e, CryosipInputError):
+                raise
+            raise CryosipInputError(path, str(e)) from None
     return stack
 
 

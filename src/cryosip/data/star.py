@@ -24,16 +24,19 @@ Conventions (verified against the sources, see ``docs``):
       (tried: ``datadir``, the STAR file's folder and its parents, the working directory).
     * CTF defaults where a column is absent, as in RELION's ``CTF::read``: ``rlnDefocusV =
       rlnDefocusU``, ``rlnDefocusAngle = 0``, ``rlnPhaseShift = 0``, ``rlnCtfBfactor = 0``,
-      ``rlnCtfScalefactor = 1``. Voltage, Cs, amplitude contrast and defocus are required.
+      ``rlnCtfScalefactor = 1``; voltage 300 kV, Cs 2.7 mm, amplitude contrast 0.1 (RELION's
+      defaults, ``RELION_DEFAULTS``), each with one warning naming the missing columns.
+      Defocus is required.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,7 +46,13 @@ import pandas as pd
 from ..cryoem.pose import matrix_to_euler
 from .errors import CryosipInputError
 from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, read_mrc_header
-from .particles import ParticleStack
+from .particles import (
+    MissingStackImages,
+    ParticleStack,
+    grouped_images,
+    to_working_grid,
+    working_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +99,16 @@ _OPTICS_RECOMPUTED = [
     "rlnImageDimensionality",
 ]
 _KNOWN_VERSIONS = (30000, 30001, 40000, 40001, 50000, 50001)
+# RELION's defaults for optional optics/CTF columns (docs/formats.md)
+RELION_DEFAULTS = {
+    "rlnVoltage": 300.0,
+    "rlnSphericalAberration": 2.7,
+    "rlnAmplitudeContrast": 0.1,
+    "rlnDefocusAngle": 0.0,
+    "rlnPhaseShift": 0.0,
+    "rlnCtfBfactor": 0.0,
+    "rlnCtfScalefactor": 1.0,
+}
 
 
 def euler_to_matrix_np(rot, tilt, psi) -> np.ndarray:
@@ -214,38 +233,77 @@ def resolve_stack_path(
     )
 
 
-def build_image_source(
-    path: Path, stack_names, indices, datadir, box_size: int | None, expected_boxes=None
-) -> tuple[LazyImageStack, list[int]]:
-    """A LazyImageStack for (stack name, 0-based index) pairs, with every file checked.
+@dataclasses.dataclass
+class StackFiles:
+    """The stack files of a particle table: ``files[k]`` (``None`` when not found), each
+    particle's file ``file_of[i]`` and 0-based ``index[i]``, each file's box (0 when missing)
+    and header pixel size (NaN when missing or unset)."""
 
-    Checks: files exist and are MRC, square, index within range, and boxes agree with each other
-    (or with ``expected_boxes``, one per particle). Returns the accessor and each file's box.
+    files: list
+    names: list
+    file_of: np.ndarray
+    index: np.ndarray
+    boxes: np.ndarray
+    header_pixel_sizes: np.ndarray
+    missing: list
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def locate_stacks(
+    path: Path,
+    stack_names,
+    indices,
+    datadir,
+    *,
+    expected_boxes=None,
+    require_images: bool = True,
+) -> StackFiles:
+    """Find and check the stack files referenced by a metadata file.
+
+    Checks: files exist and are MRC, square, index within range, and each particle's box agrees
+    with ``expected_boxes`` (from the metadata) when given. With ``require_images=False`` files
+    that are not found are listed in ``missing`` instead of raising.
     """
     names = np.asarray(stack_names, dtype=object)
     uniq, inv = np.unique(names.astype(str), return_inverse=True)
-    files, boxes = [], []
+    indices = np.asarray(indices, np.int64)
+    files, boxes, hpx, missing = [], [], [], []
     for k, name in enumerate(uniq):
-        f = resolve_stack_path(name, path.parent, datadir, path)
+        try:
+            f = resolve_stack_path(name, path.parent, datadir, path)
+        except CryosipInputError:
+            if require_images:
+                raise
+            files.append(None)
+            boxes.append(0)
+            hpx.append(np.nan)
+            missing.append(str(name))
+            continue
         h = read_mrc_header(f)
         nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
         if not _is_compressed(f):
             mrc_layout(f, h)  # truncated files fail here, before anything is written
         if nx != ny:
             raise CryosipInputError(f, f"images are not square ({ny}x{nx})")
-        sel = inv == k
-        top = int(indices[sel].max())
+        top = int(indices[inv == k].max())
         if top >= nz:
             raise CryosipInputError(
                 f,
                 f"image index {top + 1} out of range (stack has {nz} images), referenced by {path}",
             )
+        mx = max(int(h.mx), 1)
+        p = float(h.cella.x) / mx
         files.append(f)
         boxes.append(nx)
-    file_boxes = np.asarray(boxes)[inv]
+        hpx.append(p if p > 0 else np.nan)
+    boxes = np.asarray(boxes, np.int64)
     if expected_boxes is not None:
         exp = np.asarray(expected_boxes)
-        bad = np.nonzero(exp != file_boxes)[0]
+        file_boxes = boxes[inv]
+        bad = np.nonzero((exp != file_boxes) & (file_boxes > 0))[0]
         if bad.size:
             i = int(bad[0])
             raise CryosipInputError(
@@ -253,18 +311,45 @@ def build_image_source(
                 f"particle {i + 1}: metadata box size {int(exp[i])} but stack "
                 f"{files[inv[i]]} has {int(file_boxes[i])}-pixel images",
             )
-    if len(set(boxes)) > 1 and box_size is None:
-        raise CryosipInputError(
-            path,
-            f"stack files have different box sizes {sorted(set(boxes))}; "
-            "request a common working box (--box)",
+    return StackFiles(
+        files, [str(u) for u in uniq], inv, indices, boxes, np.asarray(hpx, np.float64), missing
+    )
+
+
+def native_images(source, stacks: StackFiles, grids: np.ndarray):
+    """The images of ``stacks`` with each particle on its native grid (``grids``: (n, 2) box,
+    pixel size), brought onto the default working grid (:func:`working_grid`).
+
+    Returns ``(images, box, pixel_size)``: a :class:`LazyImageStack` for a single grid, a
+    :class:`GroupedImages` for several, a :class:`MissingStackImages` when files are missing.
+    """
+    n = len(stacks.file_of)
+    known = np.isfinite(grids[:, 1]).all() and (grids[:, 0] > 0).all()
+    if known:
+        box, px = working_grid(grids[:, 0], grids[:, 1])
+    else:  # files missing and no box/pixel size in the metadata: reported as unknown
+        box = int(grids[0, 0]) if (grids[:, 0] == grids[0, 0]).all() else 0
+        px = float(grids[0, 1]) if np.allclose(grids[:, 1], grids[0, 1], equal_nan=True) else np.nan
+    if not stacks.complete:
+        images = MissingStackImages(n, box, source, stacks.missing, len(stacks.names))
+        return images, box, px
+    single = len({(int(b), round(float(p), 6)) for b, p in grids}) == 1
+    if single:
+        return (
+            LazyImageStack(
+                stacks.files, stacks.file_of, stacks.index, box, file_boxes=stacks.boxes
+            ),
+            box,
+            px,
         )
-    target = int(box_size) if box_size is not None else boxes[0]
-    if target > min(boxes):
-        raise CryosipInputError(
-            path, f"working box {target} is larger than the smallest stack box {min(boxes)}"
+
+    def source_of(members):
+        b = int(stacks.boxes[stacks.file_of[members[0]]])
+        return LazyImageStack(
+            stacks.files, stacks.file_of[members], stacks.index[members], b, file_boxes=stacks.boxes
         )
-    return LazyImageStack(files, inv, indices, target, file_boxes=boxes), boxes
+
+    return grouped_images(source_of, grids, box, px), box, px
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -304,12 +389,95 @@ def make_checked_nuisance(path: Path, rot, shift, **ctf):
     return nu
 
 
+# RELION labels cryosip reads or commonly meets (others are kept but never suggested)
+_KNOWN_LABELS = {
+    *_POSE_COLUMNS,
+    *_SHIFT_COLUMNS,
+    *_CTF_COLUMNS,
+    *_OPTICS_PER_PARTICLE,
+    "rlnImageName",
+    "rlnOpticsGroup",
+    "rlnOpticsGroupName",
+    "rlnMicrographName",
+    "rlnMicrographOriginalPixelSize",
+    "rlnMicrographPixelSize",
+    "rlnCoordinateX",
+    "rlnCoordinateY",
+    "rlnClassNumber",
+    "rlnRandomSubset",
+    "rlnGroupNumber",
+    "rlnGroupName",
+    "rlnNormCorrection",
+    "rlnImageOriginalName",
+    "rlnAutopickFigureOfMerit",
+    "rlnCtfMaxResolution",
+    "rlnCtfFigureOfMerit",
+    "rlnLogLikeliContribution",
+    "rlnMaxValueProbDistribution",
+    "rlnNrOfSignificantSamples",
+    "rlnMtfFileName",
+    "rlnOriginZ",
+    "rlnOriginZAngst",
+    "rlnAngleRotPrior",
+    "rlnAngleTiltPrior",
+    "rlnAnglePsiPrior",
+    "rlnHelicalTubeID",
+}
+# the labels a typo is checked against (what cryosip reads)
+_READ_LABELS = sorted(
+    {
+        *_POSE_COLUMNS,
+        *_SHIFT_COLUMNS,
+        *_CTF_COLUMNS,
+        *_OPTICS_PER_PARTICLE,
+        "rlnImageName",
+        "rlnOpticsGroup",
+    }
+)
+
+
+def _unknown_labels(df: pd.DataFrame | None) -> list[str]:
+    if df is None:
+        return []
+    return [str(c) for c in df.columns if str(c) not in _KNOWN_LABELS]
+
+
+def _suggest(missing: str, present: list[str]) -> str | None:
+    """A present unknown column that looks like a typo of ``missing`` (difflib), if any."""
+    close = difflib.get_close_matches(missing, present, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _typo_hints(missing, *tables) -> str:
+    unknown = [c for t in tables for c in _unknown_labels(t)]
+    hints = []
+    for m in missing:
+        c = _suggest(m, unknown)
+        if c is not None:
+            hints.append(f"_{c} is not a RELION label: did you mean _{m}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
+def _warn_unknown_labels(path: Path, *tables) -> None:
+    """One warning for unknown columns that look like typos of labels cryosip reads."""
+    notes = []
+    for t in tables:
+        for c in _unknown_labels(t):
+            close = difflib.get_close_matches(c, _READ_LABELS, n=1, cutoff=0.8)
+            if close and close[0] not in t.columns:
+                notes.append(f"_{c} (did you mean _{close[0]}?)")
+    if notes:
+        logger.warning("%s: unknown column(s) ignored: %s", path, ", ".join(notes))
+
+
 def _require(df: pd.DataFrame, cols, path: Path, block: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise CryosipInputError(
             path,
-            f"data_{block} is missing required column(s) " + ", ".join("_" + c for c in missing),
+            f"data_{block} is missing required column(s) "
+            + ", ".join("_" + c for c in missing)
+            + _typo_hints(missing, df),
         )
 
 
@@ -328,14 +496,23 @@ def read_star(
     *,
     datadir: str | os.PathLike | None = None,
     box_size: int | None = None,
+    require_poses: bool = False,
+    require_images: bool = True,
     allow_unsupported_contrast: bool = False,
 ) -> ParticleStack:
     """Read a RELION particle STAR file (3.0, 3.1, 4 or 5) into a :class:`ParticleStack`.
 
     Images are memory-mapped and read on demand (``stack.images`` is a
-    :class:`~cryosip.data.mrc.LazyImageStack`). Several optics groups must share box and pixel
-    size, unless ``box_size`` is given and all groups have the same physical box (``D * pixel``):
-    each group is then Fourier-cropped to ``box_size``.
+    :class:`~cryosip.data.mrc.LazyImageStack`). Optics groups with different pixel sizes or
+    boxes are brought onto one working grid (:func:`cryosip.data.particles.to_working_grid`:
+    the largest pixel size, or the one ``box_size`` implies, and a box covering the smallest
+    field of view) by exact band-limited resampling as the images are read; each particle keeps
+    its optics group (:meth:`ParticleStack.group_ids`).
+
+    Missing optional CTF columns take RELION's defaults (``RELION_DEFAULTS``) with one warning.
+    ``require_poses``: no angles is an error naming the missing columns (and a likely typo).
+    ``require_images=False``: stack files that are not found give a
+    :class:`~cryosip.data.particles.MissingStackImages` instead of an error (metadata only).
 
     CTF-premultiplied (``rlnCtfDataAreCtfPremultiplied = 1``) or phase-flipped
     (``rlnCtfDataArePhaseFlipped = 1``) data raise :class:`CryosipInputError` (the forward model
@@ -400,19 +577,19 @@ def read_star(
     _require(particles, ["rlnImageName", "rlnDefocusU"], path, "particles")
     n = len(particles)
 
-    # ---- optics per particle
+    # ---- optics per particle (RELION's defaults for the optional CTF optics, with one warning)
+    defaults_used: dict[str, float] = {}
+
+    def optional(df, col, block, default, rows=None):
+        if col in df.columns:
+            v = _numeric(df, col, path, block)
+            return v if rows is None else v[rows]
+        defaults_used[col] = default
+        return np.full(n, float(default))
+
     if style == "3.1":
         _require(particles, ["rlnOpticsGroup"], path, "particles")
-        _require(
-            optics,
-            ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
-            path,
-            "optics",
-        )
-        if "rlnImagePixelSize" not in optics.columns:
-            raise CryosipInputError(
-                path, "data_optics is missing required column _rlnImagePixelSize"
-            )
+        _require(optics, ["rlnOpticsGroup", "rlnImagePixelSize"], path, "optics")
         optics = optics.reset_index(drop=True)
         og = _numeric(optics, "rlnOpticsGroup", path, "optics", integer=True).astype(np.int64)
         if len(set(og.tolist())) != len(og):
@@ -425,14 +602,18 @@ def read_star(
                 path, f"particles refer to optics group(s) {missing} not in data_optics"
             )
         prow = np.array([row_of[g] for g in pg.tolist()]) if n else np.zeros(0, int)
-
-        def per_particle(col):
-            return _numeric(optics, col, path, "optics")[prow]
-
-        voltage = per_particle("rlnVoltage")
-        cs = per_particle("rlnSphericalAberration")
-        w = per_particle("rlnAmplitudeContrast")
-        px = per_particle("rlnImagePixelSize")
+        voltage = optional(optics, "rlnVoltage", "optics", RELION_DEFAULTS["rlnVoltage"], prow)
+        cs = optional(
+            optics,
+            "rlnSphericalAberration",
+            "optics",
+            RELION_DEFAULTS["rlnSphericalAberration"],
+            prow,
+        )
+        w = optional(
+            optics, "rlnAmplitudeContrast", "optics", RELION_DEFAULTS["rlnAmplitudeContrast"], prow
+        )
+        px = _numeric(optics, "rlnImagePixelSize", path, "optics")[prow]
         meta_box = (
             _numeric(optics, "rlnImageSize", path, "optics", integer=True)[prow].astype(np.int64)
             if "rlnImageSize" in optics.columns
@@ -442,17 +623,18 @@ def read_star(
         flipped = _flag(optics, "rlnCtfDataArePhaseFlipped", path, "optics")
         premult = None if premult is None else premult[prow]
         flipped = None if flipped is None else flipped[prow]
-        group_of_particle = pg
+        optics_group = np.unique(prow, return_inverse=True)[1].astype(np.int64)
     else:
-        _require(
+        voltage = optional(particles, "rlnVoltage", "particles", RELION_DEFAULTS["rlnVoltage"])
+        cs = optional(
             particles,
-            ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
-            path,
+            "rlnSphericalAberration",
             "particles",
+            RELION_DEFAULTS["rlnSphericalAberration"],
         )
-        voltage = _numeric(particles, "rlnVoltage", path)
-        cs = _numeric(particles, "rlnSphericalAberration", path)
-        w = _numeric(particles, "rlnAmplitudeContrast", path)
+        w = optional(
+            particles, "rlnAmplitudeContrast", "particles", RELION_DEFAULTS["rlnAmplitudeContrast"]
+        )
         if "rlnImagePixelSize" in particles.columns:
             px = _numeric(particles, "rlnImagePixelSize", path)
         elif "rlnPixelSize" in particles.columns:
@@ -473,57 +655,49 @@ def read_star(
         )
         premult = _flag(particles, "rlnCtfDataAreCtfPremultiplied", path, "particles")
         flipped = _flag(particles, "rlnCtfDataArePhaseFlipped", path, "particles")
-        group_of_particle = np.ones(n, np.int64)
+        optics_group = None
+    _warn_unknown_labels(path, particles, optics)
 
-    # ---- images
+    # ---- images: each particle on its native grid, then one working grid
     names, indices = parse_image_names(particles["rlnImageName"].to_numpy(), path)
-    images, file_boxes = build_image_source(
-        path, names, indices, datadir, box_size, expected_boxes=meta_box
+    stacks = locate_stacks(
+        path,
+        names,
+        indices,
+        datadir,
+        expected_boxes=meta_box,
+        require_images=require_images,
     )
-    boxes = np.asarray(file_boxes)[images.file_index]
+    file_box = stacks.boxes[stacks.file_of]
+    boxes = np.where(file_box > 0, file_box, meta_box if meta_box is not None else 0)
     if px is None:
-        hdr_px = np.array(
-            [
-                float(read_mrc_header(f).cella.x) / max(int(read_mrc_header(f).mx), 1)
-                for f in images.files
-            ]
-        )
-        px = hdr_px[images.file_index]
-        if (px <= 0).any():
+        px = stacks.header_pixel_sizes[stacks.file_of]
+        if stacks.complete and not (np.isfinite(px) & (px > 0)).all():
             raise CryosipInputError(
                 path,
                 "no pixel size: add _rlnImagePixelSize (or _rlnDetectorPixelSize and "
                 "_rlnMagnification), or set the voxel size in the stack header",
             )
-        logger.info("%s: pixel size %.4f A taken from the MRC header", path, px[0])
+        if stacks.complete:
+            logger.info("%s: pixel size %.4f A taken from the MRC header", path, px[0])
     if (px <= 0).any():
         raise CryosipInputError(path, "pixel size must be positive")
-
-    # one pixel size and box for the whole stack (after optional cropping)
-    extents = px * boxes
-    if box_size is None:
-        combos = sorted({(int(b), round(float(p), 6)) for b, p in zip(boxes, px)})
-        if len(combos) > 1:
-            desc = ", ".join(f"{b} px at {p:g} A/px" for b, p in combos)
-            raise CryosipInputError(
-                path,
-                f"optics groups have different box/pixel sizes ({desc}); request a "
-                "common working box (--box) or split the file by optics group",
-            )
-        pixel_size = float(px[0])
-    else:
-        if np.ptp(extents) > 1e-3 * extents.max():
-            raise CryosipInputError(
-                path,
-                f"optics groups have different physical box sizes "
-                f"({sorted(set(np.round(extents, 3).tolist()))} A); cannot bring them "
-                f"to one working box",
-            )
-        if int(box_size) % 2 or int(box_size) < 8:
-            raise CryosipInputError(
-                path, f"working box must be an even number >= 8, got {box_size}"
-            )
-        pixel_size = float(extents[0]) / int(box_size)
+    grids = np.stack([boxes.astype(np.float64), np.asarray(px, np.float64)], -1)
+    images, box, pixel_size = native_images(os.fspath(path), stacks, grids)
+    n_grids = len({(int(b), round(float(p), 6)) for b, p in grids if np.isfinite(p)})
+    if n_grids > 1:
+        desc = ", ".join(
+            f"{b} px at {p:g} A/px"
+            for b, p in sorted({(int(b), round(float(p), 6)) for b, p in grids})
+        )
+        logger.info(
+            "%s: optics groups on %d grids (%s) resampled to %d px at %.4f A/px",
+            path,
+            n_grids,
+            desc,
+            box,
+            pixel_size,
+        )
 
     # ---- contrast flags
     is_premult = bool(premult is not None and premult.any())
@@ -542,36 +716,54 @@ def read_star(
 
     # ---- CTF
     dfu = _numeric(particles, "rlnDefocusU", path)
-    dfv = _numeric(particles, "rlnDefocusV", path) if "rlnDefocusV" in particles.columns else dfu
-    dfang = (
-        _numeric(particles, "rlnDefocusAngle", path)
-        if "rlnDefocusAngle" in particles.columns
-        else 0.0
-    )
-    phase = (
-        _numeric(particles, "rlnPhaseShift", path) if "rlnPhaseShift" in particles.columns else 0.0
-    )
-    bfac = (
-        _numeric(particles, "rlnCtfBfactor", path) if "rlnCtfBfactor" in particles.columns else 0.0
-    )
-    scale = (
-        _numeric(particles, "rlnCtfScalefactor", path)
-        if "rlnCtfScalefactor" in particles.columns
-        else 1.0
-    )
+    if "rlnDefocusV" in particles.columns:
+        dfv = _numeric(particles, "rlnDefocusV", path)
+    else:
+        dfv = dfu
+        defaults_used["rlnDefocusV"] = "rlnDefocusU"
+    dfang = optional(particles, "rlnDefocusAngle", "particles", 0.0)
+    phase = optional(particles, "rlnPhaseShift", "particles", 0.0)
+    bfac = optional(particles, "rlnCtfBfactor", "particles", 0.0)
+    scale = optional(particles, "rlnCtfScalefactor", "particles", 1.0)
+    if defaults_used:
+        logger.warning(
+            "%s: optional CTF column(s) missing, RELION defaults used: %s",
+            path,
+            ", ".join(
+                f"_{c} = " + (f"_{v}" if isinstance(v, str) else f"{v:g}")
+                for c, v in defaults_used.items()
+            ),
+        )
 
     # ---- poses and shifts
     has_poses = all(c in particles.columns for c in _POSE_COLUMNS)
     if has_poses:
         rot = euler_to_matrix_np(*(_numeric(particles, c, path) for c in _POSE_COLUMNS))
     else:
+        missing_pose = [c for c in _POSE_COLUMNS if c not in particles.columns]
+        if require_poses:
+            raise CryosipInputError(
+                path,
+                "no poses: data_particles lacks "
+                + ", ".join("_" + c for c in missing_pose)
+                + " (reconstruction needs the angles of a consensus refinement)"
+                + _typo_hints(missing_pose, particles),
+            )
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
         present = [c for c in _POSE_COLUMNS if c in particles.columns]
         if present:
             logger.warning(
                 "%s: only %s present; poses treated as unknown", path, ", ".join(present)
             )
-    if style == "3.1" and {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
+    cols = set(particles.columns)
+    for pair in (("rlnOriginXAngst", "rlnOriginYAngst"), ("rlnOriginX", "rlnOriginY")):
+        if len(cols & set(pair)) == 1:
+            (have,) = cols & set(pair)
+            (lack,) = set(pair) - cols
+            raise CryosipInputError(
+                path, f"_{have} without _{lack}" + _typo_hints([lack], particles)
+            )
+    if {"rlnOriginXAngst", "rlnOriginYAngst"} <= cols:
         origin_a = np.stack(
             [
                 _numeric(particles, "rlnOriginXAngst", path),
@@ -580,20 +772,21 @@ def read_star(
             -1,
         )
         has_shifts = True
-    elif {"rlnOriginX", "rlnOriginY"} <= set(particles.columns):
+    elif {"rlnOriginX", "rlnOriginY"} <= cols:
         origin_px = np.stack(
             [_numeric(particles, "rlnOriginX", path), _numeric(particles, "rlnOriginY", path)], -1
         )
-        origin_a = origin_px * px[:, None]
-        has_shifts = True
-    elif {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.columns):
-        origin_a = np.stack(
-            [
-                _numeric(particles, "rlnOriginXAngst", path),
-                _numeric(particles, "rlnOriginYAngst", path),
-            ],
-            -1,
-        )
+        if style == "3.1":
+            logger.warning(
+                "%s: _rlnOriginX/_rlnOriginY are in pixels (RELION 3.0 labels in a 3.1 file): "
+                "converted to Angstrom with each optics group's pixel size",
+                path,
+            )
+        if not np.isfinite(px).all():
+            raise CryosipInputError(
+                path, "_rlnOriginX/Y are in pixels but the pixel size is unknown (stacks missing)"
+            )
+        origin_a = origin_px * np.asarray(px, np.float64)[:, None]
         has_shifts = True
     else:
         origin_a = np.zeros((n, 2))
@@ -614,8 +807,7 @@ def read_star(
         bfactor_in_angstroms2=bfac,
         scale=scale,
     )
-    del group_of_particle
-    return ParticleStack(
+    stack = ParticleStack(
         images=images,
         nuisance=nuisance,
         pixel_size=pixel_size,
@@ -626,7 +818,15 @@ def read_star(
         has_shifts=has_shifts,
         ctf_premultiplied=is_premult,
         phase_flipped=is_flipped,
+        optics_group=optics_group,
+        native_grid=grids,
     )
+    if box_size is not None and box_size != stack.box_size:
+        try:
+            stack = to_working_grid(stack, box_size=box_size)
+        except ValueError as e:
+            raise CryosipInputError(path, str(e)) from None
+    return stack
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,16 +871,11 @@ def stack_image_names(stack: ParticleStack, out_dir: Path) -> list[str] | None:
 
 
 def _atomic_write_text(path: Path, write_fn) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``write_fn(tmp)`` into a temporary file, published as ``path`` (0666 & ~umask)."""
+    from .._atomic import atomic_path
+
+    with atomic_path(path, ".tmp") as tmp:
+        write_fn(Path(tmp))
 
 
 def _star_text(tmp: Path, blocks: dict[str, pd.DataFrame], version_line: str | None) -> None:
