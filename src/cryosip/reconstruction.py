@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .conformations.base import AbstractConformationModel
-from .cryoem.image_model import ImageModel
 from .cryoem.operator import CryoEMOperator
 from .data.particles import ParticleStack
+from .pipeline.calibrate import Calibration, calibrate
 from .sip import dto
 from .sip.discrepancies import (
     KL,
@@ -28,7 +28,6 @@ from .sip.discrepancies import (
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.measure import ParticleMeasure, uniform_measure
-from .sip.operator import Observations
 from .sip.table import TabulatedOperator
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,13 @@ class Problem:
     fine_loglik: np.ndarray | None
     bandwidth: float
     setup_seconds: float
-    inverted: bool = False  # the observations are the input images with their contrast flipped
+    calibration: Calibration | None = None
+    stack: ParticleStack | None = None  # the working stack (cropped, with noise groups)
+
+    @property
+    def inverted(self) -> bool:
+        """The observations are the input images with their contrast flipped."""
+        return self.calibration is not None and self.calibration.inverted
 
     @property
     def engine_operator(self):
@@ -83,32 +88,9 @@ class MethodResult:
         return self.method if self.method != "wgf" else f"wgf-{self.objective}"
 
 
-def estimate_sigma(
-    images: np.ndarray, radius_fraction: float = 0.45, max_images: int = 2000
-) -> float:
-    """Noise sd from the pixels outside a centred disc (the particle background)."""
-    x = np.asarray(images[:max_images], np.float64)
-    D = x.shape[-1]
-    yy, xx = np.mgrid[:D, :D] - D // 2
-    mask = np.hypot(yy, xx) > radius_fraction * D
-    bg = x[:, mask]
-    return float(np.sqrt(np.mean(np.var(bg, axis=1))))
-
-
-def contrast_scale_estimate(op: CryoEMOperator, obs, n: int = 128) -> float:
-    """Pooled least-squares scale of the data on the model (mid-CV conformation, each image's own
-    nuisance, both mean-centred): positive when the data have the model's contrast (protein dark),
-    negative for inverted data (RELION extracts with white protein by default)."""
-    lo, hi = (np.asarray(b, np.float64) for b in op.domain)
-    theta = jnp.asarray(
-        np.where(np.isfinite(lo) & np.isfinite(hi), 0.5 * (lo + hi), 0.0), jnp.float32
-    )[None, :]
-    sub = obs.take(jnp.arange(min(n, len(obs))))
-    m = np.asarray(op.paired_means(theta, sub))[:, 0].reshape(len(sub), -1)
-    y = np.asarray(sub.values).reshape(len(sub), -1)
-    m = m - m.mean(1, keepdims=True)
-    y = y - y.mean(1, keepdims=True)
-    return float(np.sum(m * y) / max(np.sum(m * m), 1e-30))
+# cryosip's own simulations follow the model exactly: no per-image amplitude, no envelope, the
+# box they were simulated at. Studies of the method (experiments, the demo) state it with these.
+EXACT_PHYSICS = {"fit_scale": False, "envelope": False, "keep_box": True}
 
 
 def prepare(
@@ -117,32 +99,36 @@ def prepare(
     *,
     sigma: float | None = None,
     contrast: str = "auto",
-    fit_scale: bool = False,
+    fit_scale: bool = True,
     n_nodes: int = 33,
     use_table: bool | None = None,
     progress: bool = True,
     batch_size: int = 64,
+    box_size: int | None = None,
+    noise: str = "coloured",
+    envelope: bool = True,
+    keep_box: bool = False,
+    calibration: Calibration | None = None,
 ) -> Problem:
+    """Calibrate (contrast, noise spectrum, envelope, working box: :mod:`cryosip.pipeline.calibrate`)
+    unless ``calibration`` is given (then ``stack`` is already the working stack), build the
+    operator in whitened working units with the per-image scale and offset profiled
+    (``fit_scale``), and tabulate 1-D CVs."""
     t0 = time.perf_counter()
-    if sigma is None:
-        sigma = estimate_sigma(stack.images)
-        logger.info("noise sigma estimated from the particle background: %.4g", sigma)
-    image_model = ImageModel.for_atoms(stack.box_size, stack.pixel_size, conformation.atoms)
-    op = CryoEMOperator(conformation, image_model, sigma, fit_scale=fit_scale)
-    obs = stack.observations()
-    if contrast not in ("auto", "as-is", "invert"):
-        raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
-    if contrast == "auto":
-        a = contrast_scale_estimate(op, obs)
-        if a < 0:
-            logger.warning(
-                "the images correlate negatively with the model (pooled scale %.3g): the data have "
-                "inverted contrast (white protein); inverting them (use --contrast as-is to keep)",
-                a,
-            )
-            contrast = "invert"
-    if contrast == "invert":
-        obs = Observations(-obs.values, obs.nuisance, obs.index, obs.weight)
+    if calibration is None:
+        stack, calibration = calibrate(
+            stack,
+            conformation,
+            contrast=contrast,
+            box_size=stack.box_size if keep_box and box_size is None else box_size,
+            noise=noise,
+            sigma=sigma,
+            envelope=envelope,
+        )
+    op = CryoEMOperator(
+        conformation, calibration.image_model(conformation.atoms), 1.0, fit_scale=fit_scale
+    )
+    obs = calibration.transform(stack.observations())
     lower, upper = (np.asarray(b, np.float64) for b in op.domain)
     if use_table is None:
         use_table = (
@@ -159,14 +145,15 @@ def prepare(
                 obs,
                 n_nodes,
                 batch_size=batch_size,
-                progress=(lambda n: bar.update(n, float("nan"))) if bar else None,
+                progress=bar.advance if bar else None,
             )
         finally:
             if bar is not None:
                 bar.close()
         fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
         fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
-    bw = median_distance(np.asarray(stack.images[:1000]).reshape(min(len(stack), 1000), -1))
+    m = min(len(stack), 1000)
+    bw = median_distance(np.asarray(obs.values[:m]).reshape(m, -1))
     return Problem(
         op,
         obs,
@@ -177,7 +164,8 @@ def prepare(
         fine_ll,
         bw,
         time.perf_counter() - t0,
-        inverted=contrast == "invert",
+        calibration=calibration,
+        stack=stack,
     )
 
 
@@ -397,7 +385,10 @@ def run_streamed(
     devices: int | None = None,
     sigma: float | None = None,
     contrast: str = "auto",
-    fit_scale: bool = False,
+    fit_scale: bool = True,
+    box_size: int | None = None,
+    noise: str = "coloured",
+    envelope: bool = True,
     n_nodes: int = 33,
     pilot_images: int = 512,
     entropy: float = 0.0,
@@ -433,20 +424,26 @@ def run_streamed(
     if n_dev > 1 and batch_size % n_dev:
         raise ValueError(f"batch size {batch_size} does not split evenly over {n_dev} devices")
     k_pilot, k_init, k_flow, k_stream = jax.random.split(key, 4)
-    if sigma is None:
-        sigma = estimate_sigma(stack.images)
-        logger.info("noise sigma estimated from the particle background: %.4g", sigma)
+    stack, cal = calibrate(
+        stack,
+        conformation,
+        contrast=contrast,
+        box_size=box_size,
+        noise=noise,
+        sigma=sigma,
+        envelope=envelope,
+        n_pilot=pilot_images,
+    )
     pilot_idx = np.sort(
         np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
     )
     pilot = prepare(
         stack.take(pilot_idx),
         conformation,
-        sigma=sigma,
-        contrast=contrast,
         fit_scale=fit_scale,
         n_nodes=n_nodes,
         progress=False,
+        calibration=cal,
     )
     if fisher_rao is None:
         fisher_rao = default_fisher_rao(objective)
@@ -470,11 +467,7 @@ def run_streamed(
     pilot = dataclasses.replace(pilot, setup_seconds=setup)
     t1 = time.perf_counter()
     with MinibatchStream(stack, batch_size, k_stream, prefetch=prefetch, sharding=shard) as stream:
-        batches = (
-            (Observations(-b.values, b.nuisance, b.index, b.weight) for b in stream)
-            if pilot.inverted
-            else stream
-        )
+        batches = (cal.transform(b) for b in stream)
         res = run_streaming(
             flow,
             disc,

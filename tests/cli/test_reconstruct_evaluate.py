@@ -83,7 +83,8 @@ def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
     from cryosip.cryoem.simulate import simulate_dataset
     from cryosip.data.adk import adk_model
     from cryosip.data.distributions import make_distribution
-    from cryosip.reconstruction import contrast_scale_estimate, prepare, run_method
+    from cryosip.pipeline.calibrate import calibrate
+    from cryosip.reconstruction import prepare, run_method
 
     model = adk_model(ca_only=True)
     op = CryoEMOperator(
@@ -95,7 +96,7 @@ def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
     sim = simulate_dataset(
         jax.random.key(2), op, make_distribution("bimodal", model.lower, model.upper), 200, snr=0.1
     )
-    a = contrast_scale_estimate(op.with_sigma(sim.sigma), sim.stack.observations())
+    a = calibrate(sim.stack, model, sigma=sim.sigma)[1].pooled_scale
     assert 0.5 < a < 1.5, a
     sim.stack.images = -sim.stack.images  # RELION-style white protein
     from cryosip.analysis.metrics import w1

@@ -60,7 +60,7 @@ def main(args) -> int:
     from ..cryoem.simulate import simulate_dataset
     from ..data.distributions import make_distribution
     from ..data.models import load_model
-    from ..reconstruction import prepare, run_method
+    from ..reconstruction import EXACT_PHYSICS, prepare, run_method
 
     t_start = time.perf_counter()
     if args.quick:
@@ -100,7 +100,7 @@ def main(args) -> int:
         title=f"AdK particles at SNR {args.snr:g} (top) and their noise-free versions (bottom)",
     )
 
-    problem = prepare(sim.stack, model, sigma=sim.sigma, progress=progress)
+    problem = prepare(sim.stack, model, sigma=sim.sigma, progress=progress, **EXACT_PHYSICS)
     methods = [
         ("wgf", "kl"),
         ("wgf", "mmd"),

@@ -25,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .atoms import AtomParameters
 from .ctf import (
@@ -39,11 +39,14 @@ from .projection import project_gaussians, window_half_width
 
 
 class CryoNuisance(eqx.Module):
-    """The nuisance variables of one (or a batch of) image(s): pose, shift and CTF."""
+    """The nuisance variables of one (or a batch of) image(s): pose, shift and CTF, and the
+    image's noise group (its optics group, 0-based; ``None`` means group 0), which selects its
+    row of ``ImageModel.fourier_filter``."""
 
     rotation: Float[Array, "*batch 3 3"]
     shift_in_angstroms: Float[Array, "*batch 2"]
     ctf: CTFParams
+    group: Int[Array, "*batch"] | None = None
 
     def __len__(self) -> int:
         return self.rotation.shape[0]
@@ -55,12 +58,31 @@ class ImageModel(eqx.Module):
     ``contrast_scale``: ``None`` (default) multiplies the projected potential by the electron
     interaction constant of each particle's voltage (absolute weak-phase contrast, as cryojax);
     a number multiplies it by that constant instead (``1.0`` gives CTF * projected potential).
+
+    ``fourier_filter`` (n_groups, D, D//2+1): a real multiplier applied with the CTF, one row per
+    noise group (``CryoNuisance.group``): the noise model's whitening filter
+    (:meth:`cryosip.cryoem.noise.RadialNoiseSpectrum.whitening`), so that images come out in
+    the whitened units of the data they are compared with.
+
+    ``native_pixel_size``: the pixel size the images were recorded at, when the working grid is
+    a Fourier crop of it (``pixel_size`` larger). Rendering straight at the coarse pixel would
+    alias (atoms are nearly points at 4-6 A/px) and integrate over the wrong pixel, unlike the
+    cropped data. So the atoms are pre-blurred by a Gaussian of variance
+    ``antialias_variance_in_angstroms2`` (0.6 pixel^2: the aliased copies fall below 5% of the
+    signal inside 3/4 of Nyquist), and the transfer divides the blur back out and swaps the
+    coarse pixel's box filter for the native one. Above 3/4 of Nyquist the result is not
+    trusted: the filter's cutoff (:class:`~cryosip.cryoem.noise.RadialNoiseSpectrum`) removes
+    those modes from the likelihood. ``tests/cryoem/test_noise_crop.py`` checks it against
+    rendering at the native pixel and cropping.
     """
 
     box_size: int = eqx.field(static=True)
     pixel_size: float = eqx.field(static=True)
     half_width: int = eqx.field(static=True)
     contrast_scale: float | None = eqx.field(static=True)
+    native_pixel_size: float | None = eqx.field(static=True)
+    antialias_variance_in_angstroms2: float = eqx.field(static=True)
+    fourier_filter: Float[Array, "n_groups y_dim x_half"] | None
 
     def __init__(
         self,
@@ -69,6 +91,8 @@ class ImageModel(eqx.Module):
         *,
         max_variance_in_angstroms2: float = 50.3 / (8 * np.pi**2),
         contrast_scale: float | None = None,
+        native_pixel_size: float | None = None,
+        fourier_filter=None,
     ):
         """``max_variance_in_angstroms2`` sets the projection window (default: carbon's widest Peng Gaussian)."""
         if box_size < 8 or box_size % 2:
@@ -81,8 +105,26 @@ class ImageModel(eqx.Module):
             )
         self.box_size = int(box_size)
         self.pixel_size = float(pixel_size)
-        self.half_width = window_half_width(max_variance_in_angstroms2, pixel_size)
         self.contrast_scale = None if contrast_scale is None else float(contrast_scale)
+        if native_pixel_size is not None and not 0 < native_pixel_size < pixel_size * (1 - 1e-6):
+            native_pixel_size = None  # not a crop: render at this pixel as it is
+        self.native_pixel_size = None if native_pixel_size is None else float(native_pixel_size)
+        self.antialias_variance_in_angstroms2 = (
+            0.0 if self.native_pixel_size is None else 0.6 * self.pixel_size**2
+        )
+        self.half_width = window_half_width(
+            max_variance_in_angstroms2 + self.antialias_variance_in_angstroms2, pixel_size
+        )
+        if fourier_filter is not None:
+            fourier_filter = jnp.asarray(fourier_filter, jnp.float32)
+            if fourier_filter.ndim == 2:
+                fourier_filter = fourier_filter[None]
+            if fourier_filter.shape[1:] != (self.box_size, self.box_size // 2 + 1):
+                raise ValueError(
+                    f"fourier_filter must be (n_groups, {self.box_size}, {self.box_size // 2 + 1}),"
+                    f" got {fourier_filter.shape}"
+                )
+        self.fourier_filter = fourier_filter
 
     @classmethod
     def for_atoms(cls, box_size: int, pixel_size: float, atoms: AtomParameters, **kw) -> ImageModel:
@@ -90,6 +132,24 @@ class ImageModel(eqx.Module):
         return cls(
             box_size, pixel_size, max_variance_in_angstroms2=float(jnp.max(atoms.variances)), **kw
         )
+
+    def with_filter(self, fourier_filter) -> ImageModel:
+        """The same model with another ``fourier_filter`` (``None``: none)."""
+        f = None if fourier_filter is None else jnp.asarray(fourier_filter, jnp.float32)
+        if f is not None and f.ndim == 2:
+            f = f[None]
+        return eqx.tree_at(lambda m: m.fourier_filter, self, f, is_leaf=lambda x: x is None)
+
+    def _pixel_correction(self) -> np.ndarray | None:
+        """(D, D//2+1) multiplier for a cropped grid: undo the anti-alias blur and the coarse
+        pixel's box filter, apply the native pixel's (see the class docstring)."""
+        if self.native_pixel_size is None:
+            return None
+        ky, kx = (np.asarray(a, np.float64) for a in self.frequencies())
+        p, q = self.native_pixel_size, self.pixel_size
+        s2 = self.antialias_variance_in_angstroms2
+        box = (np.sinc(p * ky) * np.sinc(p * kx)) / (np.sinc(q * ky) * np.sinc(q * kx))
+        return (np.exp(2 * np.pi**2 * s2 * (ky**2 + kx**2)) * box).astype(np.float32)
 
     def frequencies(self) -> tuple[np.ndarray, np.ndarray]:
         return rfft_frequencies(self.box_size, self.pixel_size)
@@ -111,8 +171,9 @@ class ImageModel(eqx.Module):
             [r[0, 0] * x + r[0, 1] * y + r[0, 2] * z, r[1, 0] * x + r[1, 1] * y + r[1, 2] * z],
             axis=-1,
         )
+        variances = atoms.variances + self.antialias_variance_in_angstroms2
         return project_gaussians(
-            xy, atoms.amplitudes, atoms.variances, self.box_size, self.pixel_size, self.half_width
+            xy, atoms.amplitudes, variances, self.box_size, self.pixel_size, self.half_width
         )
 
     def transfer(self, nuisance: CryoNuisance) -> Array:
@@ -129,7 +190,14 @@ class ImageModel(eqx.Module):
             scale = interaction_constant_in_angstroms(nuisance.ctf.voltage_in_kilovolts)
         else:
             scale = self.contrast_scale
-        ctf = compute_ctf(nuisance.ctf, ky, kx) * (scale * self._selfconjugate_mask())
+        fixed = self._selfconjugate_mask()
+        corr = self._pixel_correction()
+        if corr is not None:
+            fixed = fixed * corr
+        ctf = compute_ctf(nuisance.ctf, ky, kx) * (scale * fixed)
+        if self.fourier_filter is not None:
+            g = 0 if nuisance.group is None else nuisance.group
+            ctf = ctf * self.fourier_filter[g]
         return ctf * phase
 
     def apply_optics(

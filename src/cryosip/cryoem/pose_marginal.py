@@ -83,7 +83,8 @@ def perturb_nuisance(
     ctf = jax.tree_util.tree_map(
         lambda a: jnp.broadcast_to(a, batch + jnp.shape(a)[len(own) :]), nuisance.ctf
     )
-    return CryoNuisance(rot, shift, ctf)
+    group = None if nuisance.group is None else jnp.broadcast_to(nuisance.group, batch)
+    return CryoNuisance(rot, shift, ctf, group)
 
 
 class PoseMarginalOperator(AbstractRandomOperator):

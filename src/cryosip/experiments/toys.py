@@ -51,7 +51,7 @@ from ..cryoem.image_model import ImageModel, NuisancePrior
 from ..cryoem.operator import CryoEMOperator
 from ..cryoem.simulate import simulate_dataset
 from ..data.distributions import make_distribution
-from ..reconstruction import prepare, run_method
+from ..reconstruction import EXACT_PHYSICS, prepare, run_method
 from ..sip import dto
 from . import common_parser, resolve, seeds_from
 from .robustness import (
@@ -124,7 +124,9 @@ def run_1d(toy: str, truth_name: str, seed: int, cfg: dict, methods) -> tuple[li
     )
     t0 = time.perf_counter()
     sim = simulate_dataset(key, op, truth, cfg["n_images"], snr=cfg["snr"])
-    problem = prepare(sim.stack, model, sigma=sim.sigma, n_nodes=cfg["n_nodes"], progress=False)
+    problem = prepare(
+        sim.stack, model, sigma=sim.sigma, n_nodes=cfg["n_nodes"], progress=False, **EXACT_PHYSICS
+    )
     t_setup = time.perf_counter() - t0
     width = hi - lo
     rows = [
@@ -192,7 +194,9 @@ def run_2d(seed: int, cfg: dict, truth_name: str = "bimodal") -> tuple[list[dict
     key = jax.random.fold_in(jax.random.key(seed), 2)
     t0 = time.perf_counter()
     sim = simulate_dataset(key, op, truth, cfg["n_images_2d"], snr=cfg["snr_2d"])
-    problem = prepare(sim.stack, model, sigma=sim.sigma, use_table=False, progress=False)
+    problem = prepare(
+        sim.stack, model, sigma=sim.sigma, use_table=False, progress=False, **EXACT_PHYSICS
+    )
     t_setup = time.perf_counter() - t0
     width = float(np.mean(hi - lo))
 

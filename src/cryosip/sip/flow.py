@@ -77,6 +77,10 @@ class TqdmProgress:
         self.bar.set_postfix(objective=f"{loss:.6g}")
         self.bar.update(n)
 
+    def advance(self, n: int):
+        """Count ``n`` more items done (no objective to show, e.g. while tabulating)."""
+        self.bar.update(n)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()

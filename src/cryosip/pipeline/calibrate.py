@@ -1,0 +1,373 @@
+"""Calibration: what the files do not say, estimated from the images before any reconstruction.
+
+Real particle stacks carry nuisances a STAR file does not state: the contrast sign (RELION
+extracts with white protein), the noise colour of each optics group, an envelope (B-factor,
+detector MTF, the blur left by small pose errors), and a box far larger than the signal the CV
+changes. :func:`calibrate` estimates each from a *pilot* of at most ``n_pilot`` evenly spaced
+images, in this order (``docs/noise.md`` states the rules and their measured effect):
+
+1. **Best coarse conformation per image.** Every pilot image is compared with the model at a
+   few CV points (the centre and +-0.2/+-0.4 of the range along each CV) under its own pose and
+   CTF; each image keeps the point whose least-squares fit (scale and offset profiled) explains
+   most of its power. This keeps the CV's own signal out of the residuals below.
+2. **Contrast sign**: the pooled least-squares scale of the images on those model images
+   (negative: white protein; the images are then inverted).
+3. **Noise spectrum**, per optics group: the radially averaged power of the residuals
+   ``y - a m - b`` (:meth:`~cryosip.cryoem.noise.RadialNoiseSpectrum.estimate`), as RELION
+   estimates its noise model; ``noise="white"`` keeps only its mean.
+4. **Envelope** ``exp(-B k^2 / 4)``: the B (0-500 A^2, on a grid) that maximises the pooled
+   whitened fit ``(sum_k e_k c_k)^2 / sum_k e_k^2 g_k`` of the model to the images over
+   frequency shells; it is added to every particle's CTF B-factor. Steps 3-4 run twice.
+5. **Working box**: the CV's signal per shell is the variance, across the coarse CV points, of
+   the whitened model images; the *information cutoff* is the shell below which 98% of it lies.
+   The images are Fourier-cropped to the smallest even box whose 3/4-Nyquist holds that shell
+   (at least 24 pixels, at most the input box); modes above the cutoff leave the likelihood.
+   ``box_size`` given: that box, cutoff at its 3/4-Nyquist.
+
+The result is the working stack and a :class:`Calibration` that maps observed images to the
+whitened, sign-corrected working units (:meth:`Calibration.transform`) and holds the image model
+that renders in the same units (:meth:`Calibration.image_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..conformations.base import AbstractConformationModel
+from ..cryoem.image_model import ImageModel
+from ..cryoem.noise import (
+    RadialNoiseSpectrum,
+    n_shells,
+    radial_average,
+    rfft_mode_counts,
+    shell_index,
+)
+from ..data.particles import ParticleStack, downsample
+from ..sip.operator import Observations
+
+logger = logging.getLogger(__name__)
+
+INFORMATION_FRACTION = 0.98
+NYQUIST_FRACTION = 0.75
+MIN_WORKING_BOX = 24
+BFACTOR_GRID = np.arange(0.0, 501.0, 10.0)
+
+
+def group_ids(stack: ParticleStack) -> np.ndarray:
+    """Each particle's optics group, 0-based (0 when the input has none)."""
+    f = getattr(stack, "group_ids", None)
+    if callable(f):
+        return np.asarray(f(), np.int32)
+    meta = stack.metadata
+    if meta is not None and "rlnOpticsGroup" in meta:
+        g = np.asarray(meta["rlnOpticsGroup"])
+        _, inv = np.unique(g, return_inverse=True)
+        return inv.astype(np.int32)
+    return np.zeros(len(stack), np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What :func:`calibrate` found; maps data into the working units of the likelihood."""
+
+    inverted: bool
+    pooled_scale: float
+    noise: RadialNoiseSpectrum  # on the working grid, with its cutoff
+    noise_kind: str
+    bfactor_in_angstroms2: float
+    native_box: int
+    native_pixel_size: float
+    box_size: int
+    pixel_size: float
+    box_rule: str
+    information_cutoff_per_A: float | None
+    information_kept: float | None
+    n_pilot: int
+    input_noise_sigma: tuple[float, ...]  # pixel sd of each group's noise in the input images
+
+    def image_model(self, atoms) -> ImageModel:
+        """Renders on the working grid, anti-aliased when cropped, whitened like the data."""
+        return ImageModel.for_atoms(
+            self.box_size,
+            self.pixel_size,
+            atoms,
+            native_pixel_size=self.native_pixel_size,
+            fourier_filter=self.noise.whitening(),
+        )
+
+    def transform_values(self, values, group):
+        """Sign-correct and whiten images (n, D, D) on the working grid (JAX arrays)."""
+        y = -values if self.inverted else values
+        w = self.noise.whitening()[jnp.asarray(group, jnp.int32)]
+        f = jnp.fft.rfft2(y) * w
+        return jnp.fft.irfft2(f, s=(self.box_size, self.box_size)).astype(jnp.float32)
+
+    def transform(self, obs: Observations) -> Observations:
+        """Observations in working units (their nuisance carries the group)."""
+        g = obs.nuisance.group
+        g = jnp.zeros((len(obs),), jnp.int32) if g is None else g
+        return Observations(
+            self.transform_values(obs.values, g), obs.nuisance, obs.index, obs.weight
+        )
+
+    def summary(self) -> dict:
+        return {
+            "contrast": "inverted (white protein), flipped" if self.inverted else "as is",
+            "pooled_scale": self.pooled_scale,
+            "noise_model": self.noise_kind,
+            "noise_sigma_per_group": list(self.input_noise_sigma),
+            "envelope_bfactor_A2": self.bfactor_in_angstroms2,
+            "input_box": self.native_box,
+            "input_pixel_size_A": self.native_pixel_size,
+            "working_box": self.box_size,
+            "working_pixel_size_A": self.pixel_size,
+            "working_box_rule": self.box_rule,
+            "likelihood_cutoff_per_A": (
+                None
+                if self.noise.cutoff_shell is None
+                else self.noise.cutoff_shell / (self.box_size * self.pixel_size)
+            ),
+            "information_cutoff_per_A": self.information_cutoff_per_A,
+            "information_kept": self.information_kept,
+            "n_pilot_images": self.n_pilot,
+        }
+
+
+def probe_points(conformation: AbstractConformationModel) -> np.ndarray:
+    """CV points for the coarse fit: the centre and +-0.2/+-0.4 of the range along each CV."""
+    lo, hi = (np.asarray(b, np.float64) for b in (conformation.lower, conformation.upper))
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    centre = np.where(finite, 0.5 * (lo + hi), 0.0)
+    width = np.where(finite, hi - lo, 2.0)
+    pts = [centre]
+    for i in range(conformation.dim):
+        for f in (-0.4, -0.2, 0.2, 0.4):
+            p = centre.copy()
+            p[i] += f * width[i]
+            pts.append(p)
+    return np.asarray(pts, np.float32)
+
+
+def _ls_fit(y, m):
+    """Per row least-squares scale and offset of y on m (flattened): (a, b, explained power)."""
+    yc = y - y.mean(-1, keepdims=True)
+    mc = m - m.mean(-1, keepdims=True)
+    mm = np.maximum((mc * mc).sum(-1), 1e-30)
+    ym = (yc * mc).sum(-1)
+    a = ym / mm
+    b = y.mean(-1) - a * m.mean(-1)
+    return a, b, ym * ym / mm
+
+
+@eqx.filter_jit
+def _pair_means(op, points, nuisance):
+    return op.pair_means(points, nuisance)
+
+
+class _Pilot:
+    """Pilot images with their model renderings at the probe points (native grid, no filter)."""
+
+    def __init__(self, stack, conformation, idx, *, chunk=64):
+        self.D, self.p = stack.box_size, float(stack.pixel_size)
+        self.groups = group_ids(stack)[idx]
+        self.images = np.asarray(stack.images[idx], np.float32)
+        self.nuisance = jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stack.nuisance)
+        self.points = probe_points(conformation)
+        self.conformation = conformation
+        self.chunk = chunk
+
+    def render(self, bfactor: float):
+        """(n, K, D, D) model images at the probe points with an added envelope B."""
+        from ..cryoem.operator import CryoEMOperator
+
+        op = CryoEMOperator(
+            self.conformation, ImageModel.for_atoms(self.D, self.p, self.conformation.atoms), 1.0
+        )
+        nu = self.nuisance
+        ctf = dataclasses.replace(
+            nu.ctf, bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2 + bfactor
+        )
+        nu = dataclasses.replace(nu, ctf=ctf)
+        pts = jnp.asarray(self.points)
+        out = []
+        n = len(self.images)
+        for s in range(0, n, self.chunk):
+            sub = jax.tree_util.tree_map(lambda a: jnp.asarray(a[s : s + self.chunk]), nu)
+            out.append(np.asarray(_pair_means(op, pts, sub)))
+        return np.concatenate(out)
+
+
+def _residual_pass(pilot: _Pilot, bfactor: float):
+    """Best probe per image, LS fits, residual spectra, and the shell statistics for B."""
+    M = pilot.render(bfactor)  # (n, K, D, D)
+    n, K, D = M.shape[0], M.shape[1], pilot.D
+    y = pilot.images.reshape(n, -1).astype(np.float64)
+    m = M.reshape(n, K, -1).astype(np.float64)
+    a, b, gain = _ls_fit(y[:, None, :], m)  # (n, K)
+    best = np.argmax(gain, axis=1)
+    rows = np.arange(n)
+    a_b, b_b = a[rows, best], b[rows, best]
+    mb = m[rows, best]  # (n, pixels)
+    resid = (y - a_b[:, None] * mb - b_b[:, None]).reshape(n, D, D)
+    Y = np.fft.rfft2(pilot.images.astype(np.float64))
+    Mb = np.fft.rfft2(mb.reshape(n, D, D))
+    cross = radial_average((Y * np.conj(Mb)).real, D) * 1.0  # (n, shells), per-mode means
+    gram = radial_average(np.abs(Mb) ** 2, D)
+    return dict(M=M, a=a_b, b=b_b, best=best, resid=resid, cross=cross, gram=gram)
+
+
+def _fit_bfactor(stats, noise: RadialNoiseSpectrum, groups, box: int, pixel: float) -> float:
+    """The envelope B maximising the pooled whitened fit over shells (see the module doc)."""
+    counts = np.bincount(
+        shell_index(box).ravel(), weights=rfft_mode_counts(box).ravel(), minlength=n_shells(box)
+    )
+    P = np.asarray(noise.power, np.float64)[groups]  # (n, shells)
+    c = (stats["cross"] * counts / P).sum(0)
+    g = (stats["gram"] * counts / P).sum(0)
+    k2 = (np.arange(n_shells(box)) / (box * pixel)) ** 2
+    best, best_val = 0.0, -np.inf
+    for B in BFACTOR_GRID:
+        e = np.exp(-0.25 * B * k2)
+        val = (e @ c) ** 2 / max(float((e * e) @ g), 1e-300)
+        if val > best_val:
+            best, best_val = float(B), val
+    return best
+
+
+def _information(stats, noise: RadialNoiseSpectrum, groups, box: int) -> np.ndarray:
+    """CV signal per shell: variance across probe points of the whitened model images."""
+    M = stats["M"]
+    F = np.fft.rfft2(M.astype(np.float64))  # (n, K, D, D/2+1)
+    var = (np.abs(F - F.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)
+    var = var * (stats["a"] ** 2)[:, None, None]
+    P = np.asarray(noise.grid(), np.float64)[groups] * box**2
+    per_mode = (var / P).mean(axis=0) * rfft_mode_counts(box)
+    return np.bincount(shell_index(box).ravel(), weights=per_mode.ravel(), minlength=n_shells(box))
+
+
+def calibrate(
+    stack: ParticleStack,
+    conformation: AbstractConformationModel,
+    *,
+    contrast: str = "auto",
+    box_size: int | None = None,
+    noise: str = "coloured",
+    sigma: float | None = None,
+    envelope: bool = True,
+    n_pilot: int = 512,
+) -> tuple[ParticleStack, Calibration]:
+    """Estimate the nuisances the files do not state; return the working stack and calibration.
+
+    ``contrast``: auto | as-is | invert. ``box_size``: working box (None: the rule in the module
+    doc). ``noise``: coloured | white. ``sigma``: the input images' pixel noise sd (white noise,
+    not estimated). ``envelope``: estimate the B-factor envelope (else none is added).
+    """
+    if contrast not in ("auto", "as-is", "invert"):
+        raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
+    if noise not in ("coloured", "white"):
+        raise ValueError(f"noise must be coloured or white, got {noise!r}")
+    D, p = stack.box_size, float(stack.pixel_size)
+    n = len(stack)
+    idx = np.unique(np.linspace(0, n - 1, min(n, n_pilot)).round().astype(np.int64))
+    pilot = _Pilot(stack, conformation, idx)
+    groups_all = group_ids(stack)
+    n_groups = int(groups_all.max()) + 1 if n else 1
+
+    stats = _residual_pass(pilot, 0.0)
+    pooled = float(
+        np.sum(stats["a"] * stats["gram"].sum(1)) / max(np.sum(stats["gram"].sum(1)), 1e-300)
+    )
+    inverted = contrast == "invert" or (contrast == "auto" and pooled < 0)
+    if contrast == "auto" and pooled < 0:
+        logger.warning(
+            "the images correlate negatively with the model (pooled scale %.3g): the data have "
+            "inverted contrast (white protein); inverting them (use --contrast as-is to keep)",
+            pooled,
+        )
+
+    def spectrum(st):
+        if sigma is not None:
+            return RadialNoiseSpectrum.white(sigma, D, p, n_groups)
+        est = RadialNoiseSpectrum.estimate(st["resid"], pilot.groups, n_groups, p)
+        if noise == "white":
+            return RadialNoiseSpectrum.white(est.pixel_sigma(), D, p, n_groups)
+        return est
+
+    spec = spectrum(stats)
+    bfactor = 0.0
+    if envelope:
+        bfactor = _fit_bfactor(stats, spec, pilot.groups, D, p)
+        if bfactor > 0:
+            stats = _residual_pass(pilot, bfactor)
+            spec = spectrum(stats)
+            bfactor += _fit_bfactor(stats, spec, pilot.groups, D, p)  # what the first missed
+    info = _information(stats, spec, pilot.groups, D)
+    total = float(info.sum())
+    if total > 0:
+        cum = np.cumsum(info) / total
+        cutoff = int(np.searchsorted(cum, INFORMATION_FRACTION)) + 1
+    else:
+        cutoff = D // 2
+    info_freq = cutoff / (D * p)
+    if box_size is None:
+        rule = "auto"
+        work = int(2 * np.ceil(cutoff / NYQUIST_FRACTION - 1e-9))
+        work = int(min(D, max(MIN_WORKING_BOX, work)))
+    else:
+        rule = "given"
+        work = int(box_size)
+        if work > D:
+            raise ValueError(f"--box {work} is larger than the images ({D} pixels)")
+    if work < D:
+        shell = int(np.floor(NYQUIST_FRACTION * work / 2))
+        working = downsample(stack, work)
+        power = np.asarray(spec.power)[:, : n_shells(work)] * (work / D) ** 2
+        spec_w = RadialNoiseSpectrum(
+            jnp.asarray(power, jnp.float32), work, float(working.pixel_size), shell
+        )
+        kept = float(info[: shell + 1].sum() / total) if total > 0 else None
+    else:
+        working, spec_w, kept = stack, spec, 1.0
+    native = p if work < D else None
+    cal = Calibration(
+        inverted=inverted,
+        pooled_scale=pooled,
+        noise=spec_w,
+        noise_kind="white (given sigma)" if sigma is not None else noise,
+        bfactor_in_angstroms2=bfactor,
+        native_box=D,
+        native_pixel_size=p if native is None else native,
+        box_size=work,
+        pixel_size=float(working.pixel_size),
+        box_rule=rule,
+        information_cutoff_per_A=info_freq,
+        information_kept=kept,
+        n_pilot=len(idx),
+        input_noise_sigma=tuple(float(x) for x in spec.pixel_sigma()),
+    )
+    # the particles carry their noise group and the envelope in their CTF
+    nu = working.nuisance
+    ctf = dataclasses.replace(
+        nu.ctf, bfactor_in_angstroms2=np.asarray(nu.ctf.bfactor_in_angstroms2) + np.float32(bfactor)
+    )
+    nu = dataclasses.replace(nu, ctf=ctf, group=groups_all.astype(np.int32))
+    working = dataclasses.replace(working, nuisance=nu)
+    logger.info(
+        "calibration: %s noise (pixel sd %s), envelope B %.0f A^2, %d-px box at %.3g A/px -> "
+        "working %d px at %.3g A/px (98%% of the CV signal below %.3g 1/A)",
+        cal.noise_kind,
+        ", ".join(f"{s:.4g}" for s in spec.pixel_sigma()),
+        bfactor,
+        D,
+        p,
+        work,
+        cal.pixel_size,
+        info_freq,
+    )
+    return working, cal

@@ -1,0 +1,282 @@
+"""Does the model explain the images? A posterior-predictive fit check of a reconstruction.
+
+For up to ``n_images`` evenly spaced images (whitened working units, the likelihood's band):
+
+- each image's most probable recovered particle (posterior over the recovered measure), its
+  model image ``m_n`` and the free least-squares scale ``a_n`` and offset ``b_n`` of the image on
+  it (computed whether or not the reconstruction profiled them);
+- the residual ``y_n - (a_n m_n + b_n)`` (``y_n - m_n`` when the scale was not fitted): its
+  power per mode (``chi2``, 1 for pure noise) and its power spectrum by shell.
+
+The *same statistics* are computed on a posterior-predictive replicate: for each image a
+conformation drawn from the recovered distribution, rendered with that image's pose and CTF,
+scaled as the model says (the image's fitted ``a_n``, ``b_n`` when the scale is profiled, else
+1 and 0) plus noise drawn from the noise model. A statistic whose data value is far from the
+replicate's (``|z| > 4`` and a material size) is a misfit the noise cannot explain, and a
+warning names its likely cause:
+
+==========================================  ====================================================
+statistic                                   likely cause
+==========================================  ====================================================
+spread of ``a_n`` above the replicate's      per-image amplitude (ice, dose) held fixed
+most ``a_n`` negative                        contrast sign
+residual power above the noise at shells     pose or CTF errors, an envelope, a structure
+where the model has signal                   that does not match
+residual power off the noise model where     noise colour
+there is no signal
+MAP conformations piled at the domain ends   the path does not reach the data
+==========================================  ====================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..cryoem.noise import n_shells, radial_average, rfft_mode_counts, shell_index
+
+logger = logging.getLogger(__name__)
+
+Z_LIMIT = 4.0
+SHELL_TOLERANCE = 0.1  # a shell's residual power off the predicted by more than 10%
+CHI2_TOLERANCE = 0.005  # residual power per mode 0.5% above the predicted
+
+
+@dataclasses.dataclass
+class FitCheck:
+    ok: bool
+    warnings: list[str]
+    statistics: dict
+    curves: dict  # arrays for the figure
+
+    def summary(self) -> dict:
+        return {"ok": self.ok, "warnings": list(self.warnings), "statistics": self.statistics}
+
+
+@eqx.filter_jit
+def _means(op, theta, nuisance):
+    return jax.vmap(op.mean)(theta, nuisance)
+
+
+def _stats(y, m, keep, fit_scale: bool):
+    """Per-image free scale/offset, chi2 per mode and residual power spectra (in the band)."""
+    n, D = y.shape[0], y.shape[-1]
+    yf, mf = y.reshape(n, -1), m.reshape(n, -1)
+    yc, mc = yf - yf.mean(1, keepdims=True), mf - mf.mean(1, keepdims=True)
+    a = (yc * mc).sum(1) / np.maximum((mc * mc).sum(1), 1e-30)
+    b = yf.mean(1) - a * mf.mean(1)
+    if fit_scale:
+        r = y - (np.maximum(a, 0.0)[:, None, None] * m + b[:, None, None])
+    else:
+        r = y - m
+    R = np.fft.rfft2(r.astype(np.float64)) * keep
+    w = rfft_mode_counts(D) * keep
+    pw = np.abs(R) ** 2 / D**2
+    chi2 = (pw * w).sum(axis=(1, 2)) / max(w.sum(), 1.0)
+    return a, b, chi2, radial_average(pw.mean(0), D)
+
+
+def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
+    """Run the check on ``problem`` (a prepared :class:`~cryosip.reconstruction.Problem`) and a
+    method's ``result`` (positions, weights)."""
+    op = problem.operator
+    cal = problem.calibration
+    obs_all = problem.observations
+    n_all = len(obs_all)
+    idx = np.unique(np.linspace(0, n_all - 1, min(n_all, n_images)).round().astype(np.int64))
+    obs = obs_all.take(jnp.asarray(idx))
+    pos = jnp.asarray(result.positions, jnp.float32)
+    w = np.asarray(result.weights, np.float64)
+    w = w / w.sum()
+    logw = jnp.log(jnp.clip(jnp.asarray(w, jnp.float32), 1e-30))
+    if problem.table is not None:
+        ll = np.asarray(
+            problem.table.log_likelihood_matrix(
+                pos, problem.table.observations().take(jnp.asarray(idx))
+            )
+        )
+    else:
+        ll = np.asarray(op.log_likelihood_matrix(pos, obs, batch_size=64))
+    best = np.argmax(ll + np.asarray(logw)[None, :], axis=1)
+    D = cal.box_size
+    keep = np.asarray(cal.noise.whitening()[0] > 0, np.float64)  # the likelihood's band
+    fit_scale = bool(op.fit_scale)
+
+    y = np.asarray(obs.values, np.float64)
+    m = np.asarray(_means(op, pos[best], obs.nuisance), np.float64)
+    a, b, chi2, spec = _stats(y, m, keep, fit_scale)
+
+    # posterior-predictive replicate: same nuisances, conformations from the recovered law
+    k_draw, k_noise = jax.random.split(key)
+    draw = np.asarray(jax.random.choice(k_draw, len(w), (len(idx),), p=jnp.asarray(w)))
+    m_rep = np.asarray(_means(op, pos[draw], obs.nuisance), np.float64)
+    noise = np.asarray(jax.random.normal(k_noise, y.shape, jnp.float32), np.float64)
+    noise = np.fft.irfft2(np.fft.rfft2(noise) * keep, s=(D, D))
+    if fit_scale:
+        y_rep = np.maximum(a, 0.0)[:, None, None] * m_rep + b[:, None, None] + noise
+    else:
+        y_rep = m_rep + noise
+    a_r, b_r, chi2_r, spec_r = _stats(y_rep, m_rep, keep, fit_scale)
+
+    n = len(idx)
+    se = lambda v: np.sqrt(np.var(v) / n)  # noqa: E731
+    stats = {"n_images": int(n), "fit_scale": fit_scale}
+    warnings = []
+
+    # 1. per-image amplitude
+    var_d, var_r = float(np.var(a)), float(np.var(a_r))
+    se_var = np.sqrt(2.0 / max(n - 1, 1)) * np.sqrt(var_d**2 + var_r**2)
+    z_scale = (var_d - var_r) / max(se_var, 1e-30)
+    stats.update(
+        scale_mean=float(np.mean(a)),
+        scale_sd=float(np.sqrt(var_d)),
+        scale_sd_predicted=float(np.sqrt(var_r)),
+        scale_spread_z=float(z_scale),
+    )
+    if not fit_scale and z_scale > Z_LIMIT:
+        extra = np.sqrt(max(var_d - var_r, 0.0)) / max(abs(float(np.mean(a))), 1e-30)
+        warnings.append(
+            f"per-image amplitude: the images' fitted scales spread {np.sqrt(var_d):.3g} against "
+            f"{np.sqrt(var_r):.3g} expected from noise (z = {z_scale:.1f}; about {100 * extra:.0f}% "
+            "amplitude variation) while the model holds it fixed: run with --fit-scale"
+        )
+
+    # 2. contrast sign
+    neg_d, neg_r = float(np.mean(a < 0)), float(np.mean(a_r < 0))
+    stats.update(negative_scale_fraction=neg_d, negative_scale_fraction_predicted=neg_r)
+    if neg_d > neg_r + 0.2 and neg_d > 0.5:
+        warnings.append(
+            f"contrast sign: {100 * neg_d:.0f}% of the images fit the model with a negative scale "
+            f"(expected {100 * neg_r:.0f}%): check --contrast"
+        )
+
+    # 3. residual power per mode
+    z_chi2 = (chi2.mean() - chi2_r.mean()) / max(np.hypot(se(chi2), se(chi2_r)), 1e-30)
+    rel = chi2.mean() / max(chi2_r.mean(), 1e-30) - 1.0
+    stats.update(
+        chi2_per_mode=float(chi2.mean()),
+        chi2_per_mode_predicted=float(chi2_r.mean()),
+        chi2_excess=float(rel),
+        chi2_z=float(z_chi2),
+    )
+
+    # 4. residual spectrum by shell, split by where the model has signal
+    D_sh = n_shells(D)
+    counts = np.bincount(
+        shell_index(D).ravel(), weights=(rfft_mode_counts(D) * keep).ravel(), minlength=D_sh
+    )
+    valid = counts > 0
+    valid[0] = False  # the DC mode: taken by the offset, not noise
+    ratio = np.where(valid, spec / np.maximum(spec_r, 1e-30), np.nan)
+    se_shell = np.where(valid, np.sqrt(2.0 / np.maximum(n * counts, 1.0)), np.nan)
+    sig = radial_average((np.abs(np.fft.rfft2(m)) ** 2).mean(0) / D**2, D)
+    signal_shells = valid & (sig > 0.05 * np.nanmax(np.where(valid, sig, np.nan)))
+    dev = np.where(valid, (ratio - 1.0) / se_shell, 0.0)
+    bad = valid & (np.abs(dev) > Z_LIMIT) & (np.abs(ratio - 1.0) > SHELL_TOLERANCE)
+    excess = bad & signal_shells & (ratio > 1.0)
+    freq = np.arange(D_sh) / (D * cal.pixel_size)
+    stats.update(
+        residual_spectrum_max_deviation=float(
+            np.nanmax(np.abs(np.where(valid, ratio - 1.0, np.nan)))
+        ),
+        residual_spectrum_bad_shells=int(bad.sum()),
+    )
+    if excess.any() or (z_chi2 > Z_LIMIT and rel > CHI2_TOLERANCE):
+        f = freq[excess]
+        where = f" at {f.min():.3g}-{f.max():.3g} 1/A" if f.size else ""
+        warnings.append(
+            f"signal left in the residuals{where} (residual power {100 * rel:+.1f}% against the "
+            f"noise, z = {z_chi2:.1f}): pose or CTF errors, an envelope, or structures that do "
+            "not match the particles"
+        )
+    colour = bad & ~excess
+    if colour.any():
+        f = freq[colour]
+        warnings.append(
+            f"noise colour: the residual power departs from the noise model at {f.min():.3g}-"
+            f"{f.max():.3g} 1/A (try --noise coloured, or check the particle normalisation)"
+        )
+
+    # 5. MAP conformations at the ends of the domain
+    lo, hi = np.asarray(problem.lower, np.float64), np.asarray(problem.upper, np.float64)
+    if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
+        u = (np.asarray(result.positions, np.float64) - lo) / (hi - lo)
+        edge = np.any((u < 0.02) | (u > 0.98), axis=1)
+        end_mass = float(w[edge].sum())
+        stats["mass_at_domain_ends"] = end_mass
+        if end_mass > 0.2:
+            warnings.append(
+                f"{100 * end_mass:.0f}% of the recovered population sits at the ends of the CV "
+                "range: the path (the model's structures) may not reach the conformations in the "
+                "data"
+            )
+    ok = not warnings
+    for msg in warnings:
+        logger.warning("fit check: %s", msg)
+    if ok:
+        logger.info("fit check: the model explains the images within the noise")
+    curves = dict(
+        frequency=freq,
+        residual_spectrum=spec,
+        residual_spectrum_predicted=spec_r,
+        valid=valid,
+        chi2=chi2,
+        chi2_predicted=chi2_r,
+        scale=a,
+        scale_predicted=a_r,
+    )
+    return FitCheck(ok, warnings, stats, curves)
+
+
+def plot_fit_check(path, check: FitCheck) -> None:
+    """Four panels: residual spectrum, chi2, fitted scales (data against the replicate), verdict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .. import _atomic
+
+    c = check.curves
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    v = c["valid"]
+    ax[0].plot(c["frequency"][v], c["residual_spectrum"][v], label="data")
+    ax[0].plot(c["frequency"][v], c["residual_spectrum_predicted"][v], "--", label="predicted")
+    ax[0].set_xlabel("spatial frequency (1/A)")
+    ax[0].set_ylabel("residual power (whitened; noise = 1)")
+    ax[0].set_title("residual spectrum")
+    ax[0].legend()
+    bins = np.linspace(
+        min(c["chi2"].min(), c["chi2_predicted"].min()),
+        max(c["chi2"].max(), c["chi2_predicted"].max()),
+        40,
+    )
+    ax[1].hist(c["chi2"], bins, alpha=0.6, label="data")
+    ax[1].hist(c["chi2_predicted"], bins, alpha=0.6, label="predicted")
+    ax[1].set_xlabel("residual power per mode")
+    ax[1].set_title("per-image residuals")
+    ax[1].legend()
+    bins = np.linspace(
+        min(c["scale"].min(), c["scale_predicted"].min()),
+        max(c["scale"].max(), c["scale_predicted"].max()),
+        40,
+    )
+    ax[2].hist(c["scale"], bins, alpha=0.6, label="data")
+    ax[2].hist(c["scale_predicted"], bins, alpha=0.6, label="predicted")
+    ax[2].set_xlabel("fitted per-image scale")
+    ax[2].set_title("per-image amplitude")
+    ax[2].legend()
+    verdict = (
+        "fit check: OK"
+        if check.ok
+        else "fit check: " + "; ".join(w.split(":")[0] for w in check.warnings)
+    )
+    fig.suptitle(verdict, color="black" if check.ok else "firebrick")
+    fig.tight_layout()
+    _atomic.savefig(fig, path, dpi=110)
+    plt.close(fig)
