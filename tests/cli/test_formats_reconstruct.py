@@ -48,7 +48,7 @@ def test_reconstruction_is_the_same_from_every_format(tmp_path):
                 )
                 == 0
             )
-            results[name, method] = pd.read_csv(out / "particles.csv")
+            results[name, method] = pd.read_csv(out / "distribution_particles.csv")
     for method in ["em-grid", "wgf"]:
         ref = results["star31", method]
         for name in ["star30", "cs"]:

@@ -87,7 +87,7 @@ def test_reconstruct_with_two_pdb_files(data, tmp_path, caplog):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == N_IMAGES
-    parts = pd.read_csv(out / "particles.csv")
+    parts = pd.read_csv(out / "distribution_particles.csv")
     cv, w = parts.iloc[:, 0].to_numpy(), parts["weight"].to_numpy()
     truth = _line_coordinate(pd.read_csv(truth_csv).iloc[:, 0].to_numpy())
     np.testing.assert_allclose(np.average(cv, weights=w), truth.mean(), atol=0.1)

@@ -41,7 +41,7 @@ def test_simulate_reconstruct_evaluate(tmp_path, capsys):
         == 0
     )
     for f in [
-        "particles.csv",
+        "distribution_particles.csv",
         "distribution.csv",
         "free_energy.csv",
         "history.csv",
@@ -72,7 +72,7 @@ def test_simulate_reconstruct_evaluate(tmp_path, capsys):
 def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--truth", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "particles.csv" in err[0]
+    assert len(err) == 1 and "distribution_particles.csv" in err[0]
 
 
 def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):

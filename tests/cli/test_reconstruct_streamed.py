@@ -54,7 +54,7 @@ def test_streamed_reconstruction_recovers_the_truth(sim, tmp_path, capsys):
     rec = tmp_path / "rec"
     assert main(_reconstruct(sim, rec)) == 0
     for f in [
-        "particles.csv",
+        "distribution_particles.csv",
         "distribution.csv",
         "free_energy.csv",
         "history.csv",
@@ -104,7 +104,7 @@ def test_two_devices_give_the_same_particles(sim, tmp_path, n_dev):
         )
         assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((two / "summary.json").read_text())["devices"] == n_dev
-    a, b = (pd.read_csv(d / "particles.csv") for d in (one, two))
+    a, b = (pd.read_csv(d / "distribution_particles.csv") for d in (one, two))
     # the same minibatches and keys; only the order of the cross-device sums differs (float32)
     np.testing.assert_allclose(b["s"], a["s"], atol=2e-4)
     np.testing.assert_allclose(b["weight"], a["weight"], atol=2e-4)

@@ -1,6 +1,25 @@
-"""Write a reconstruction's results: CSV tables, plots and a summary."""
+"""Write a reconstruction's results: what the next tool needs, from one call.
+
+:func:`write_reconstruction` writes into ``out_dir``
+
+* the recovered distribution: ``distribution_particles.csv`` (the weighted particles of the
+  measure), ``distribution.csv`` / ``free_energy.csv`` (1-D: density and -ln density on a
+  grid, with bootstrap bands), ``history.csv``, PNG plots, ``summary.json``;
+* per image (given the posterior and the input stack): ``particles_cv.star`` or
+  ``particles_cv.cs`` (the input table with every column, image paths made absolute, plus the
+  CV posterior mean/sd), ``z.pkl`` (cryoDRGN latents) and ``posterior.npz`` (each image's
+  posterior over the recovered particles, read by ``cryosip select``);
+* structures (given the model): ``ensemble.pdb``/``ensemble.cif``/``ensemble.csv`` (weighted
+  ensemble, populations sum to 1), ``trajectory.pdb``/``trajectory.csv`` (11 frames between
+  the 1st and 99th weighted percentile), ``volumes/cv_000.mrc`` ... (maps of those frames) and
+  ``chimerax_series.cxc``;
+* ``report.html``: the interactive page (:mod:`cryosip.analysis.report_page`).
+"""
 
 from __future__ import annotations
+
+import logging
+import os
 
 import numpy as np
 import pandas as pd
@@ -8,6 +27,23 @@ import pandas as pd
 from .. import _atomic
 from . import plots
 from .density import bands, free_energy, kde
+
+logger = logging.getLogger(__name__)
+
+PARTICLES_CSV = "distribution_particles.csv"
+
+CORE_FILES = {
+    PARTICLES_CSV: "the recovered distribution: weighted particles (CV columns, weight)",
+    "distribution.csv": "density of the CV on a grid (1-D), with bootstrap bands",
+    "free_energy.csv": "free energy -ln density in kT (1-D), with bands",
+    "history.csv": "objective per flow step",
+    "summary.json": "settings and summary numbers",
+    "config.json": "the command's settings",
+    "density.png": "density plot",
+    "objective.png": "objective per step",
+    "trajectories.png": "particle trajectories of the flow",
+    "fit_check.png": "fit check figure",
+}
 
 
 def density_table(result, lower: float, upper: float, n_grid: int = 201):
@@ -24,16 +60,28 @@ def density_table(result, lower: float, upper: float, n_grid: int = 201):
 
 
 def write_reconstruction(
-    out_dir, problem, result, cv_names, settings: dict, summary_extra: dict | None = None
+    out_dir,
+    problem,
+    result,
+    cv_names,
+    settings: dict,
+    summary_extra: dict | None = None,
+    *,
+    stack=None,
+    model=None,
+    posterior=None,
 ) -> dict:
-    """particles.csv, distribution.csv, free_energy.csv, history.csv, density/objective/trajectory PNGs, summary.json."""
-    import os
+    """Write everything a reconstruction produces (see the module docstring); returns the summary.
 
+    ``stack``: the input ParticleStack (per-image tables keep its columns); ``model``: the
+    conformation model (structures, maps, report viewer); ``posterior``: ``(mean, sd)`` (N, d)
+    per image, or None (e.g. streamed runs: no per-image outputs).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    pos = result.positions
+    pos = np.asarray(result.positions)
     cols = {name: pos[:, i] for i, name in enumerate(cv_names)}
     _atomic.write_csv(
-        os.path.join(out_dir, "particles.csv"), pd.DataFrame({**cols, "weight": result.weights})
+        os.path.join(out_dir, PARTICLES_CSV), pd.DataFrame({**cols, "weight": result.weights})
     )
     summary = {
         "method": result.method,
@@ -113,4 +161,269 @@ def write_reconstruction(
     if summary_extra:
         summary.update(summary_extra)
     _atomic.write_json(os.path.join(out_dir, "summary.json"), summary)
+    # everything below needs only what is on disk already; summary.json is rewritten at the end
+    summary.update(_weighted_cv_summary(pos, result.weights, cv_names))
+    files = dict(CORE_FILES)
+    if posterior is not None and stack is not None:
+        summary.update(
+            _write_per_image(out_dir, problem, result, cv_names, stack, posterior, files)
+        )
+    landscape = None
+    if model is not None:
+        landscape = _write_structures_and_maps(
+            out_dir, problem, result, cv_names, settings, stack, model, files
+        )
+        summary.update(landscape["summary"])
+    files["report.html"] = "this page: interactive structures along the CV, plots, summary"
+    present = {f: d for f, d in files.items() if os.path.exists(os.path.join(out_dir, f))}
+    present["report.html"] = files["report.html"]
+    summary["outputs"] = sorted(present)
+    _atomic.write_json(os.path.join(out_dir, "summary.json"), summary)
+    from .report_page import write_reconstruction_report
+
+    write_reconstruction_report(
+        out_dir, problem, result, cv_names, summary, model, landscape, present, settings
+    )
     return summary
+
+
+def _weighted_cv_summary(pos, weights, cv_names) -> dict:
+    from .structures import weighted_quantile
+
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    out = {"cv_names": list(cv_names), "cv_mean": {}, "cv_percentiles": {}}
+    for i, name in enumerate(cv_names):
+        out["cv_mean"][name] = float(w @ pos[:, i])
+        q = weighted_quantile(pos[:, i], w, [0.01, 0.25, 0.5, 0.75, 0.99])
+        out["cv_percentiles"][name] = dict(zip(["1", "25", "50", "75", "99"], map(float, q)))
+    return out
+
+
+def _table_kind(stack) -> str | None:
+    """``"star"`` or ``"cs"`` for a per-image copy of the input table, None when there is none."""
+    meta = stack.metadata
+    if meta is None or len(meta) != len(stack):
+        return None
+    if "rlnImageName" in meta.columns:
+        return "star"
+    if {"blob/path", "blob/idx"} <= set(meta.columns):
+        return "cs"
+    return None
+
+
+def _write_per_image(out_dir, problem, result, cv_names, stack, posterior, files) -> dict:
+    from ..data.outputs import (
+        absolute_image_locations,
+        absolute_image_names,
+        write_latent_pkl,
+        write_particles_cv_cs,
+        write_particles_cv_star,
+    )
+    from .posterior import posterior_responsibilities, write_posterior_npz
+
+    mean, sd = (np.asarray(a, np.float64) for a in posterior)
+    mean = mean.reshape(mean.shape[0], -1)
+    sd = sd.reshape(sd.shape[0], -1)
+    n = len(stack)
+    if mean.shape[0] != n:
+        logger.warning(
+            "per-image posterior has %d rows for %d particles: per-image files not written",
+            mean.shape[0],
+            n,
+        )
+        return {}
+    kind = _table_kind(stack)
+    table = ""
+    out = {}
+    if kind == "star":
+        names = absolute_image_names(stack)
+        if names is None:
+            logger.warning("images not read from files: particles_cv.star keeps the input names")
+        table = "particles_cv.star"
+        write_particles_cv_star(
+            os.path.join(out_dir, table), stack, mean, sd, cv_names, image_names=names
+        )
+    elif kind == "cs":
+        loc = absolute_image_locations(stack)
+        table = "particles_cv.cs"
+        write_particles_cv_cs(
+            os.path.join(out_dir, table),
+            stack,
+            mean,
+            sd,
+            cv_names,
+            image_paths=None if loc is None else loc[0],
+        )
+    if table:
+        files[table] = (
+            "the input particle table, every column kept, image paths absolute, plus the CV "
+            "posterior mean/sd per particle"
+        )
+    write_latent_pkl(os.path.join(out_dir, "z.pkl"), mean)
+    files["z.pkl"] = "cryoDRGN-style latents: float32 (N, d) CV posterior means"
+    resp = posterior_responsibilities(problem, result)
+    write_posterior_npz(
+        os.path.join(out_dir, "posterior.npz"),
+        positions=result.positions,
+        weights=result.weights,
+        responsibilities=resp,
+        mean=mean,
+        sd=sd,
+        cv_names=cv_names,
+        lower=problem.lower,
+        upper=problem.upper,
+        table=table,
+    )
+    files["posterior.npz"] = (
+        "per-image posterior over the recovered particles (for `cryosip select`)"
+    )
+    out["per_image_table"] = table or None
+    out["per_image_cv_sd_median"] = {
+        name: float(np.median(sd[:, i])) for i, name in enumerate(cv_names)
+    }
+    return out
+
+
+N_TRAJECTORY = 11
+N_VIEWER = 21
+MAX_ENSEMBLE = 16
+VIEWER_MAX_ATOMS = 2000
+
+
+def _nearest_frame_populations(pos, weights, line_t, line_pts) -> np.ndarray:
+    """Mass of the particles nearest (along the line coordinate) to each frame; sums to 1."""
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    if pos.shape[1] == 1:
+        t = pos[:, 0]
+    else:
+        center = line_pts[len(line_pts) // 2]
+        direction = line_pts[-1] - line_pts[0]
+        norm = np.linalg.norm(direction)
+        direction = direction / norm if norm > 0 else direction
+        t = (pos - center) @ direction + line_t[len(line_t) // 2]
+    k = np.argmin(np.abs(t[:, None] - np.asarray(line_t)[None, :]), axis=1)
+    return np.bincount(k, weights=w, minlength=len(line_t))
+
+
+def _write_structures_and_maps(
+    out_dir, problem, result, cv_names, settings, stack, model, files
+) -> dict:
+    from ..data.outputs import ensemble_text, write_ensemble_pdb
+    from .maps import map_grid, surface_level, write_chimerax_script, write_volume_series
+    from .structures import atom_labels, conformations, cv_line, ensemble_members
+
+    pos = np.asarray(result.positions, np.float64)
+    w = np.asarray(result.weights, np.float64)
+    w = w / w.sum()
+    lower = np.asarray(problem.lower, np.float64).ravel()
+    upper = np.asarray(problem.upper, np.float64).ravel()
+    labels = atom_labels(model, settings)
+    label_args = labels.writer_args()
+    d = pos.shape[1]
+
+    def cv_text(theta) -> str:
+        return ", ".join(f"{c}={v:.3g}" for c, v in zip(cv_names, np.ravel(theta)))
+
+    # weighted ensemble
+    thetas, pops = ensemble_members(pos, w, lower, upper, MAX_ENSEMBLE)
+    coords = conformations(model, thetas)
+    write_ensemble_pdb(os.path.join(out_dir, "ensemble.pdb"), coords, pops, *label_args)
+    write_ensemble_pdb(os.path.join(out_dir, "ensemble.cif"), coords, pops, *label_args)
+    _atomic.write_csv(
+        os.path.join(out_dir, "ensemble.csv"),
+        pd.DataFrame(
+            {
+                "model": np.arange(1, len(pops) + 1),
+                **{c: thetas[:, i] for i, c in enumerate(cv_names)},
+                "population": pops,
+            }
+        ),
+    )
+    files["ensemble.pdb"] = "weighted ensemble, multi-model PDB (populations in REMARK 250)"
+    files["ensemble.cif"] = "weighted ensemble, multi-model mmCIF (_cryosip_model_weight)"
+    files["ensemble.csv"] = "CV and population of each ensemble model"
+
+    # trajectory along the CV (1st to 99th weighted percentile) and its maps
+    pts, t = cv_line(pos, w, lower, upper, N_TRAJECTORY)
+    tpops = _nearest_frame_populations(pos, w, t, pts)
+    tcoords = conformations(model, pts)
+    write_ensemble_pdb(os.path.join(out_dir, "trajectory.pdb"), tcoords, tpops, *label_args)
+    _atomic.write_csv(
+        os.path.join(out_dir, "trajectory.csv"),
+        pd.DataFrame(
+            {
+                "frame": np.arange(1, N_TRAJECTORY + 1),
+                **{c: pts[:, i] for i, c in enumerate(cv_names)},
+                "population": tpops,
+            }
+        ),
+    )
+    files["trajectory.pdb"] = (
+        f"{N_TRAJECTORY} structures along the CV (1st to 99th weighted percentile), for animation"
+    )
+    files["trajectory.csv"] = "CV and population (nearest-frame mass) of each trajectory frame"
+    box = stack.box_size if stack is not None else problem.operator.image_model.box_size
+    px = stack.pixel_size if stack is not None else problem.operator.image_model.pixel_size
+    map_box, voxel = map_grid(box, px)
+    names = write_volume_series(
+        os.path.join(out_dir, "volumes"), tcoords, model.atoms, map_box, voxel
+    )
+    from ..data.mrc import read_volume_mrc
+
+    first, _ = read_volume_mrc(os.path.join(out_dir, "volumes", names[len(names) // 2]))
+    protein = not labels.pseudo
+    write_chimerax_script(
+        os.path.join(out_dir, "chimerax_series.cxc"),
+        volume_glob="volumes/cv_*.mrc",
+        level=surface_level(first),
+        trajectory="trajectory.pdb",
+        ensemble="ensemble.cif",
+        frame_labels=[
+            f"{i + 1} {cv_text(p)} pop {q:.3f}" for i, (p, q) in enumerate(zip(pts, tpops))
+        ],
+        ensemble_labels=[
+            f"#{i + 1} {cv_text(th)} pop {p:.3f}" for i, (th, p) in enumerate(zip(thetas, pops))
+        ],
+        cv_name=cv_names[0] if d == 1 else "the first principal axis of the CV",
+        cv_range=(float(t[0]), float(t[-1])),
+        protein=protein,
+    )
+    files["volumes/"] = (
+        f"{len(names)} maps along the CV (MRC, {map_box}^3 voxels of {voxel:.4g} A), "
+        "same frames as trajectory.pdb"
+    )
+    files["chimerax_series.cxc"] = (
+        "ChimeraX script: the maps as a volume series, the trajectory and the ensemble with "
+        "sliders and population labels"
+    )
+
+    # frames for the report's viewer
+    vpts, vt = cv_line(pos, w, lower, upper, N_VIEWER)
+    vpops = _nearest_frame_populations(pos, w, vt, vpts)
+    vcoords = conformations(model, vpts)
+    vlabels = labels
+    if labels.n_atoms > VIEWER_MAX_ATOMS and labels.ca_mask().any():
+        m = labels.ca_mask()
+        vlabels = labels.select(m)
+        vcoords = vcoords[:, m]
+    viewer_pdb = ensemble_text(vcoords, vpops, *vlabels.writer_args(), fmt="pdb")
+    ca_only = bool(vlabels.ca_mask().all())
+    return {
+        "summary": {
+            "ensemble": [
+                {**{c: float(th[i]) for i, c in enumerate(cv_names)}, "population": float(p)}
+                for th, p in zip(thetas, pops)
+            ],
+            "map_box": int(map_box),
+            "map_voxel_size": float(voxel),
+        },
+        "viewer_pdb": viewer_pdb,
+        "viewer_points": vpts,
+        "viewer_t": vt,
+        "viewer_populations": vpops,
+        "representation": "spacefill" if labels.pseudo else ("backbone" if ca_only else "cartoon"),
+        "ensemble_rows": [(cv_text(th), p) for th, p in zip(thetas, pops)],
+        "line_t": t,
+    }

@@ -17,7 +17,8 @@ from ..data.errors import CryosipInputError
 
 def add_args(p):
     p.add_argument(
-        "reconstruction", help="a folder written by `cryosip reconstruct` (its particles.csv)"
+        "reconstruction",
+        help="a folder written by `cryosip reconstruct` (its distribution_particles.csv)",
     )
     p.add_argument(
         "--truth",
@@ -30,8 +31,9 @@ def add_args(p):
 def main(args) -> int:
     from .. import _atomic
     from ..analysis.metrics import all_metrics
+    from ..analysis.outputs import PARTICLES_CSV
 
-    pfile = os.path.join(args.reconstruction, "particles.csv")
+    pfile = os.path.join(args.reconstruction, PARTICLES_CSV)
     if not os.path.exists(pfile):
         raise CryosipInputError(pfile, "missing: not a reconstruction folder")
     if not os.path.exists(args.truth):

@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": "inspect",
     "convert": "convert",
     "experiment": "experiment",
+    "select": "select",
 }
 
 

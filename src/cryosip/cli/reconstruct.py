@@ -1,9 +1,13 @@
 """Recover the distribution of a conformation CV from particle images with known poses and CTF.
 
 Reads a RELION STAR (3.0/3.1/5), a cryoSPARC .cs or a cryoDRGN set, builds the cryo-EM
-operator for a conformation model, and runs the chosen method. Writes particles.csv,
-distribution.csv (density with bootstrap bands), free_energy.csv, history.csv, PNG plots,
-particles_cv.star (per-particle CV posterior mean/sd added to the input STAR) and summary.json.
+operator for a conformation model, and runs the chosen method. Writes what the next tool
+needs (cryosip.analysis.outputs): the recovered distribution (distribution_particles.csv,
+distribution.csv and free_energy.csv with bootstrap bands), per-image results
+(particles_cv.star or particles_cv.cs: the input table with absolute image paths plus each
+particle's CV posterior mean/sd; z.pkl; posterior.npz for `cryosip select`), a weighted
+ensemble (ensemble.pdb/.cif), a trajectory along the CV (trajectory.pdb), maps along it
+(volumes/*.mrc) with chimerax_series.cxc, history.csv, PNG plots, summary.json and report.html.
 
 Examples:
   $ cryosip reconstruct sim/particles.star --model adk --objective kl --n-particles 64 --steps 300 --seed 0 --out rec/
@@ -18,7 +22,7 @@ images; a random pilot subset (--pilot-images) is tabulated to choose the contra
 initial particles, the kernel bandwidth and the step size. --devices N splits each minibatch
 over N devices (GPUs, or CPU devices forced with
 XLA_FLAGS=--xla_force_host_platform_device_count=N). Streamed runs write no bootstrap bands
-and no particles_cv.star (both need passes over every image).
+and no per-image results (both need passes over every image).
 """
 
 from __future__ import annotations
@@ -179,7 +183,15 @@ def _main_streamed(args, stack, model, settings) -> int:
         "pilot_images": min(args.pilot_images, len(stack)),
     }
     summary = write_reconstruction(
-        args.out, problem, res, model.cv_names, settings, summary_extra=extra
+        args.out,
+        problem,
+        res,
+        model.cv_names,
+        settings,
+        summary_extra=extra,
+        stack=stack,
+        model=model,
+        posterior=None,
     )
     logger.info(
         "done: %s (streamed) in %.1f s (final objective %s)",
@@ -241,14 +253,16 @@ def main(args) -> int:
         resume=args.resume,
         heldout_fraction=args.heldout,
     )
-    summary = write_reconstruction(args.out, problem, res, model.cv_names, settings)
-    if problem.table is not None and str(args.particles).endswith(".star"):
-        from ..data.outputs import write_particles_cv_star
-
-        mean, sd = posterior_cv(problem, res)
-        write_particles_cv_star(
-            os.path.join(args.out, "particles_cv.star"), stack, mean, sd, model.cv_names
-        )
+    summary = write_reconstruction(
+        args.out,
+        problem,
+        res,
+        model.cv_names,
+        settings,
+        stack=stack,
+        model=model,
+        posterior=posterior_cv(problem, res) if problem.table is not None else None,
+    )
     logger.info(
         "done: %s in %.1f s (final objective %s)",
         res.label,

@@ -3,7 +3,14 @@
 * ``particles_cv.star``: the input particle table unchanged plus custom columns
   ``_cryosipCvMean`` / ``_cryosipCvSd`` (one CV) or ``_cryosipCvMean_<name>`` /
   ``_cryosipCvSd_<name>`` (several). The ``cryosip`` prefix keeps them apart from RELION's
-  ``rln`` labels; RELION 3.1+ carries unknown labels along.
+  ``rln`` labels; RELION 3.1+ carries unknown labels along. ``image_names`` replace
+  ``rlnImageName`` (e.g. absolute paths, so the file opens from any folder:
+  :func:`absolute_image_names`).
+* ``particles_cv.cs``: the input ``.cs`` array with every field kept plus ``cryosip/cv_mean``
+  / ``cryosip/cv_sd`` (or ``cryosip/cv_mean_<name>`` ...) float32 fields; ``blob/path`` may be
+  replaced (absolute paths).
+* Subsets of such tables (``cryosip select``): :func:`write_star_subset` (RELION 3.0, 3.1 or
+  5 style), :func:`write_cs_subset` and :func:`write_ind_pkl` (cryoDRGN index filter).
 * CV subsets: one STAR file per CV bin with the original rows, ready for RELION re-refinement.
 * ``z.pkl``: cryoDRGN-style per-particle latents, float32 (N, zdim).
 * Ensembles: a multi-model PDB (weights in ``REMARK 250`` lines) or mmCIF (a
@@ -34,9 +41,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "write_particles_cv_star",
+    "write_particles_cv_cs",
+    "absolute_image_locations",
+    "absolute_image_names",
+    "cv_cs_field_names",
+    "write_star_subset",
+    "write_cs_subset",
+    "write_ind_pkl",
     "write_cv_subsets",
     "write_latent_pkl",
     "write_ensemble_pdb",
+    "ensemble_text",
     "write_volume_mrc",
     "write_challenge",
     "cv_column_names",
@@ -69,28 +84,215 @@ def _particle_key(blocks: dict) -> str:
     return "particles" if "particles" in blocks else next(iter(blocks))
 
 
-def write_particles_cv_star(
-    path: str | os.PathLike, stack: ParticleStack, cv_mean, cv_sd, cv_names=None
-) -> Path:
-    """The input STAR with per-particle CV posterior mean and sd as extra columns (atomic)."""
+def cv_cs_field_names(cv_names=None, n_cv: int = 1) -> tuple[list[str], list[str]]:
+    """``.cs`` field names of the CV mean and sd (``cryosip/cv_mean`` or ``cryosip/cv_mean_<name>``)."""
+    mean_cols, sd_cols = cv_column_names(cv_names, n_cv)
+    conv = lambda c: (
+        "cryosip/"
+        + c.replace("cryosipCvMean", "cv_mean").replace(  # noqa: E731
+            "cryosipCvSd", "cv_sd"
+        )
+    )
+    return [conv(c) for c in mean_cols], [conv(c) for c in sd_cols]
+
+
+def absolute_image_locations(stack: ParticleStack) -> tuple[list[str], np.ndarray] | None:
+    """(absolute stack path, 0-based index) of every particle, or None when the images were not
+    read from files (in-memory arrays)."""
+    from .mrc import LazyImageStack, TransformedImages
+
+    images = stack.images
+    while isinstance(images, TransformedImages):
+        images = images.base
+    if not isinstance(images, LazyImageStack) or len(images) != len(stack):
+        return None
+    files, idx = images.locations()
+    absolute = {f: os.path.abspath(f) for f in set(files)}
+    return [absolute[f] for f in files], idx
+
+
+def absolute_image_names(stack: ParticleStack) -> list[str] | None:
+    """RELION ``000001@/abs/path/stack.mrcs`` names of the files the images were read from."""
+    loc = absolute_image_locations(stack)
+    if loc is None:
+        return None
+    return [f"{int(i) + 1:06d}@{p}" for p, i in zip(*loc)]
+
+
+def _cv_arrays(stack_len: int, cv_mean, cv_sd) -> tuple[np.ndarray, np.ndarray]:
     cv_mean = np.asarray(cv_mean, np.float64)
     cv_sd = np.asarray(cv_sd, np.float64)
     if cv_mean.ndim == 1:
         cv_mean = cv_mean[:, None]
     if cv_sd.ndim == 1:
         cv_sd = cv_sd[:, None]
+    if cv_mean.shape[0] != stack_len or cv_sd.shape != cv_mean.shape:
+        raise ValueError(
+            f"cv_mean {cv_mean.shape} and cv_sd {cv_sd.shape} must be ({stack_len}, n_cv)"
+        )
+    return cv_mean, cv_sd
+
+
+def write_particles_cv_star(
+    path: str | os.PathLike,
+    stack: ParticleStack,
+    cv_mean,
+    cv_sd,
+    cv_names=None,
+    *,
+    image_names: list[str] | None = None,
+) -> Path:
+    """The input STAR with per-particle CV posterior mean and sd as extra columns (atomic).
+
+    ``image_names`` (one per particle) replace ``rlnImageName``.
+    """
     n = len(stack)
-    if cv_mean.shape[0] != n or cv_sd.shape != cv_mean.shape:
-        raise ValueError(f"cv_mean {cv_mean.shape} and cv_sd {cv_sd.shape} must be ({n}, n_cv)")
+    cv_mean, cv_sd = _cv_arrays(n, cv_mean, cv_sd)
     blocks, version_line = _input_blocks(stack)
     key = _particle_key(blocks)
     mean_cols, sd_cols = cv_column_names(cv_names, cv_mean.shape[1])
     table = blocks[key].drop(columns=[c for c in mean_cols + sd_cols if c in blocks[key].columns])
+    if image_names is not None:
+        if len(image_names) != n:
+            raise ValueError(f"{len(image_names)} image names for {n} particles")
+        table["rlnImageName"] = [str(s) for s in image_names]
     for j, (m, s) in enumerate(zip(mean_cols, sd_cols)):
         table[m] = cv_mean[:, j]
         table[s] = cv_sd[:, j]
     blocks[key] = table
     return write_star_blocks(path, blocks, version_line)
+
+
+def _input_cs_array(stack: ParticleStack) -> np.ndarray:
+    """The ``.cs`` array the stack was read from (every field as stored), else as write_cs writes it."""
+    from .cryosparc import load_cs_array, write_cs
+
+    n = len(stack)
+    meta = stack.metadata
+    src = stack.source
+    if src is not None and str(src).lower().endswith(".cs") and os.path.isfile(src):
+        arr = load_cs_array(src)
+        same = (
+            len(arr) == n
+            and meta is not None
+            and "blob/idx" in meta.columns
+            and "blob/idx" in arr.dtype.names
+            and np.array_equal(np.asarray(arr["blob/idx"]), meta["blob/idx"].to_numpy())
+        )
+        if same:
+            return arr
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "particles.cs"
+        write_cs(tmp, stack)
+        return np.load(tmp, allow_pickle=False)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> Path:
+    from .._atomic import atomic_path
+
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+    return path
+
+
+def write_particles_cv_cs(
+    path: str | os.PathLike,
+    stack: ParticleStack,
+    cv_mean,
+    cv_sd,
+    cv_names=None,
+    *,
+    image_paths: list[str] | None = None,
+) -> Path:
+    """The input ``.cs`` with every field kept plus float32 CV mean/sd fields (atomic).
+
+    ``image_paths`` (one per particle) replace ``blob/path`` (``blob/idx`` is unchanged).
+    """
+    n = len(stack)
+    cv_mean, cv_sd = _cv_arrays(n, cv_mean, cv_sd)
+    base = _input_cs_array(stack)
+    mean_f, sd_f = cv_cs_field_names(cv_names, cv_mean.shape[1])
+    new_fields = set(mean_f + sd_f)
+    descr = []
+    for name in base.dtype.names:
+        if name in new_fields:
+            continue
+        dt, shape = base.dtype.fields[name][0].base, base.dtype.fields[name][0].shape
+        if name == "blob/path" and image_paths is not None:
+            width = max(1, max(len(str(p).encode()) for p in image_paths))
+            dt = np.dtype(f"S{width}")
+        descr.append((name, dt, shape) if shape else (name, dt))
+    for m, s in zip(mean_f, sd_f):
+        descr += [(m, "<f4"), (s, "<f4")]
+    out = np.zeros(n, dtype=descr)
+    for name in base.dtype.names:
+        if name not in new_fields:
+            out[name] = base[name]
+    if image_paths is not None:
+        if len(image_paths) != n:
+            raise ValueError(f"{len(image_paths)} image paths for {n} particles")
+        out["blob/path"] = [str(p).encode() for p in image_paths]
+    for j, (m, s) in enumerate(zip(mean_f, sd_f)):
+        out[m] = cv_mean[:, j]
+        out[s] = cv_sd[:, j]
+    return _save_npy(Path(path), out)
+
+
+RELION_VERSION_LINES = {"3.1": "# version 30001", "5": "# version 50001"}
+
+
+def write_star_subset(
+    path: str | os.PathLike, star_path: str | os.PathLike, rows, *, relion: str = "3.1"
+) -> Path:
+    """Rows ``rows`` (0-based) of the particle table of ``star_path``, every column kept.
+
+    ``relion="3.1"`` or ``"5"``: ``data_optics`` + ``data_particles`` with a ``# version 30001``
+    / ``50001`` line (a one-table 3.0 input is converted: optics groups, origins in Angstrom);
+    ``"3.0"``: one table with per-particle optics (a 3.1 input is converted). Converting reads
+    the input's stacks' headers, so its image names must resolve.
+    """
+    from .star import _read_blocks, read_star, star_blocks
+
+    if relion not in ("3.0", "3.1", "5"):
+        raise ValueError(f"relion must be '3.0', '3.1' or '5', got {relion!r}")
+    star_path = Path(star_path)
+    rows = np.asarray(rows, np.int64)
+    blocks = _read_blocks(star_path)
+    key = _particle_key(blocks)
+    table = blocks[key]
+    if rows.size and (rows.min() < 0 or rows.max() >= len(table)):
+        raise ValueError(f"row indices out of range for {len(table)} particles")
+    sub = table.iloc[rows].reset_index(drop=True)
+    two_tables = "optics" in blocks and key == "particles"
+    if two_tables == (relion != "3.0"):
+        out = dict(blocks)
+        out[key] = sub
+        return write_star_blocks(path, out, RELION_VERSION_LINES.get(relion))
+    # convert between the one-table (3.0) and the optics + particles (3.1+) layouts
+    stack = read_star(star_path).take(rows)
+    conv, _ = star_blocks(
+        stack, version="3.0" if relion == "3.0" else "3.1", image_names=list(sub["rlnImageName"])
+    )
+    ckey = _particle_key(conv)
+    extra = [c for c in sub.columns if not str(c).startswith("rln")]
+    conv[ckey] = pd.concat([conv[ckey], sub[extra]], axis=1)
+    return write_star_blocks(path, conv, RELION_VERSION_LINES.get(relion))
+
+
+def write_cs_subset(path: str | os.PathLike, cs_path: str | os.PathLike, rows) -> Path:
+    """Rows ``rows`` (0-based) of the ``.cs`` array ``cs_path``, every field kept (atomic)."""
+    from .cryosparc import load_cs_array
+
+    arr = load_cs_array(cs_path)
+    rows = np.asarray(rows, np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(arr)):
+        raise ValueError(f"row indices out of range for {len(arr)} particles")
+    return _save_npy(Path(path), arr[rows])
+
+
+def write_ind_pkl(path: str | os.PathLike, rows) -> Path:
+    """cryoDRGN index filter: a pickled int64 array of 0-based particle indices."""
+    return _usual_permissions(write_pickle(path, np.asarray(rows, np.int64)))
 
 
 def write_cv_subsets(
@@ -131,7 +333,7 @@ def write_latent_pkl(path: str | os.PathLike, z) -> Path:
         z = z[:, None]
     if z.ndim != 2:
         raise ValueError(f"latents must be (N, zdim), got {z.shape}")
-    return write_pickle(path, z)
+    return _usual_permissions(write_pickle(path, z))
 
 
 def _check_weights(weights, k: int) -> np.ndarray:
@@ -154,7 +356,21 @@ def write_ensemble_pdb(
     Weights go into ``REMARK 250 MODEL k WEIGHT w`` lines (PDB) or a ``_cryosip_model_weight``
     loop (mmCIF).
     """
+    path = Path(path)
+    fmt = "cif" if path.suffix.lower() in (".cif", ".mmcif") else "pdb"
+    text = ensemble_text(coords_list, weights, elements, names, resnames, resids, chains, fmt=fmt)
+    _atomic_text(path, text)
+    return path
+
+
+def ensemble_text(
+    coords_list, weights, elements, names, resnames, resids, chains=None, *, fmt: str = "pdb"
+) -> str:
+    """The text :func:`write_ensemble_pdb` writes (``fmt`` ``"pdb"`` or ``"cif"``)."""
     import gemmi
+
+    if fmt not in ("pdb", "cif"):
+        raise ValueError(f"fmt must be 'pdb' or 'cif', got {fmt!r}")
 
     coords = np.asarray(coords_list, np.float64)
     if coords.ndim == 2:
@@ -192,8 +408,7 @@ def write_ensemble_pdb(
             res.add_atom(a)
         st.add_model(model)
     st.setup_entities()
-    path = Path(path)
-    if path.suffix.lower() in (".cif", ".mmcif"):
+    if fmt == "cif":
         doc = st.make_mmcif_document()
         block = doc.sole_block()
         loop = block.init_loop("_cryosip_model_weight.", ["model_id", "weight"])
@@ -207,8 +422,7 @@ def write_ensemble_pdb(
         opts.cryst1_record = False  # no unit cell: a 1 A P1 cell would mislead viewers
         opts.seqres_records = False
         text = "\n".join(remarks) + "\n" + st.make_pdb_string(opts)
-    _atomic_text(path, text)
-    return path
+    return text
 
 
 def _model_takes_int() -> bool:
@@ -237,15 +451,17 @@ def read_ensemble_weights(path: str | os.PathLike) -> np.ndarray:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .._atomic import write_text
+
+    write_text(path, text)
+
+
+def _usual_permissions(path: Path) -> Path:
+    """0666 minus the umask (files written through mkstemp are 0600)."""
+    from .._atomic import _umask
+
+    os.chmod(path, 0o666 & ~_umask())
+    return path
 
 
 def write_volume_mrc(
@@ -256,7 +472,9 @@ def write_volume_mrc(
     vol = np.asarray(vol, np.float32)
     if origin_in_angstroms is None:
         origin_in_angstroms = tuple(-(d // 2) * float(voxel_size) for d in vol.shape[::-1])
-    return mrc.write_volume_mrc(path, vol, voxel_size, origin_in_angstroms=origin_in_angstroms)
+    return _usual_permissions(
+        mrc.write_volume_mrc(path, vol, voxel_size, origin_in_angstroms=origin_in_angstroms)
+    )
 
 
 def write_challenge(
