@@ -3,7 +3,9 @@
 Poses, shifts and CTF are carried exactly (float32); other STAR columns are kept. The output
 format comes from OUT's extension (.star -> STAR 3.1, .cs, .pkl or a folder -> cryoDRGN) or
 --to. Images are not copied unless --box asks for a Fourier-cropped stack, which is written next
-to OUT as OUT_STEM.mrcs.
+to OUT as OUT_STEM.mrcs. Metadata converts without the image stacks (image paths are carried
+over as they are); optics groups with different pixel sizes or boxes are written on one common
+working grid only with --box (which resamples the images).
 
   $ cryosip convert run_data.star particles.cs
   $ cryosip convert J42_particles.cs particles.star --datadir /data/cryosparc_project
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.errors import CryosipInputError
+from ._args import positive_int, prepare_output_dir, prepare_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,11 @@ def add_args(parser) -> None:
         "--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)"
     )
     parser.add_argument(
-        "--box", type=int, help="Fourier-crop the images to this box and write them as a new stack"
+        "--box",
+        type=positive_int,
+        help="Fourier-crop the images to this box and write them as a new stack",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def output_format(output: str, to: str | None) -> str:
@@ -86,6 +92,11 @@ def main(args) -> int:
     from ..data.star import write_star
 
     fmt = output_format(args.output, args.to)
+    overwrite = getattr(args, "overwrite", False)
+    if fmt == "cryodrgn" and (args.output.endswith(os.sep) or Path(args.output).is_dir()):
+        prepare_output_dir(args.output, overwrite=overwrite, command="convert", inputs=[args.input])
+    elif fmt != "cryodrgn":
+        prepare_output_file(args.output, overwrite=overwrite, command="convert")
     stack = read_particles(
         args.input,
         datadir=args.datadir,
@@ -95,8 +106,22 @@ def main(args) -> int:
         ind=args.ind,
         particles=args.images,
         require_poses=fmt != "cryodrgn",
+        require_images=args.box is not None,
         allow_unsupported_contrast=True,
     )
+    missing = getattr(stack.images, "missing_files", None)
+    if missing:
+        logger.warning(
+            "%s: %s; converting the metadata only (image paths carried over as they are)",
+            args.input,
+            stack.images.describe(),
+        )
+    if stack.box_size <= 0 or not np.isfinite(stack.pixel_size):
+        raise CryosipInputError(
+            args.input,
+            "box or pixel size unknown (not in the metadata and the stacks are missing): "
+            "use --datadir",
+        )
     out = Path(args.output)
     image_names = None
     new_stack = None

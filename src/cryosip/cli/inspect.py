@@ -13,15 +13,16 @@ rotations as RELION matrices).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .. import _atomic
 from ..data.errors import CryosipInputError
 from ..data.mrc import MissingImages
+from ._args import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ def add_args(parser) -> None:
     )
     parser.add_argument("--png", help="write a montage of the first particles to this PNG file")
     parser.add_argument(
-        "--n-montage", type=int, default=8, help="particles in the montage (default 8)"
+        "--n-montage", type=positive_int, default=8, help="particles in the montage (default 8)"
     )
-    parser.add_argument("--box", type=int, help="working box (Fourier crop) to report and show")
+    parser.add_argument(
+        "--box", type=positive_int, help="working box (Fourier crop) to report and show"
+    )
     parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (override, or the optics of an .mrcs)")
     parser.add_argument("--pose", help="cryoDRGN pose.pkl (override)")
     parser.add_argument("--ind", help="cryoDRGN ind.pkl (particle selection)")
@@ -80,12 +83,14 @@ def _shift_units(path: Path, stack) -> str:
 
 
 def _optics(stack) -> list[dict]:
-    nu = stack.nuisance
-    ctf = nu.ctf
+    """One entry per optics group: its particles, native box and pixel size, optics, defocus."""
+    ctf = stack.nuisance.ctf
     meta = stack.metadata
     n = len(stack)
     if meta is not None and "rlnOpticsGroup" in meta.columns:
         groups = np.asarray(meta["rlnOpticsGroup"]).astype(np.int64)
+    elif stack.optics_group is not None:
+        groups = stack.group_ids() + 1
     else:
         groups = np.ones(n, np.int64)
     names = {}
@@ -96,23 +101,83 @@ def _optics(stack) -> list[dict]:
             int(g): str(nm)
             for g, nm in zip(stack.optics["rlnOpticsGroup"], stack.optics["rlnOpticsGroupName"])
         }
+    grids = stack.grids()
+    dfu = np.asarray(ctf.defocus_u_in_angstroms, np.float64)
+    dfv = np.asarray(ctf.defocus_v_in_angstroms, np.float64)
     out = []
     for g in np.unique(groups):
         sel = groups == g
         i = int(np.nonzero(sel)[0][0])
+        box = int(grids[i, 0])
+        px = float(grids[i, 1])
         out.append(
             {
                 "group": int(g),
                 "name": names.get(int(g), f"opticsGroup{int(g)}"),
                 "n_particles": int(sel.sum()),
-                "box_size": int(stack.box_size),
-                "pixel_size": float(stack.pixel_size),
+                "box_size": box if box > 0 else None,
+                "pixel_size": px if np.isfinite(px) else None,
                 "voltage_in_kilovolts": float(np.asarray(ctf.voltage_in_kilovolts)[i]),
                 "spherical_aberration_in_mm": float(np.asarray(ctf.spherical_aberration_in_mm)[i]),
                 "amplitude_contrast": float(np.asarray(ctf.amplitude_contrast)[i]),
+                "defocus_range_in_angstroms": [
+                    float(min(dfu[sel].min(), dfv[sel].min())),
+                    float(max(dfu[sel].max(), dfv[sel].max())),
+                ],
             }
         )
     return out
+
+
+_POSE_COLUMNS = {
+    "star": ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"],
+    "star_shift": ["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY"],
+    "star_ctf": [
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+        "rlnPhaseShift",
+        "rlnCtfBfactor",
+        "rlnCtfScalefactor",
+    ],
+    "cs": ["alignments3D/pose"],
+    "cs_shift": ["alignments3D/shift"],
+    "cs_ctf": [
+        "ctf/df1_A",
+        "ctf/df2_A",
+        "ctf/df_angle_rad",
+        "ctf/accel_kv",
+        "ctf/cs_mm",
+        "ctf/amp_contrast",
+        "ctf/phase_shift_rad",
+        "ctf/bfactor",
+        "ctf/scale",
+    ],
+}
+
+
+def _columns_present(path: Path, stack) -> dict:
+    """Which pose/shift/CTF columns the file has (RELION labels or .cs fields)."""
+    cols = set()
+    if stack.metadata is not None:
+        cols |= {str(c) for c in stack.metadata.columns}
+    if stack.optics is not None:
+        cols |= {str(c) for c in stack.optics.columns}
+    kind = "cs" if path.name.lower().endswith(".cs") else "star"
+    if not path.name.lower().endswith((".star", ".cs")):
+        return {}
+    pre = "_" if kind == "star" else ""
+    return {
+        what: [pre + c for c in _POSE_COLUMNS[key] if c in cols]
+        for what, key in (
+            ("pose", kind),
+            ("shift", f"{kind}_shift"),
+            ("ctf", f"{kind}_ctf"),
+        )
+    }
 
 
 def summarise(stack, path: Path, *, n_check: int | None = 256) -> dict:
@@ -138,13 +203,16 @@ def summarise(stack, path: Path, *, n_check: int | None = 256) -> dict:
             "scale",
         )
     }
+    missing = getattr(stack.images, "missing_files", None)
     info = {
         "source": str(path),
         "format": _source_format(path, stack),
         "n_particles": int(len(stack)),
-        "box_size": int(stack.box_size),
-        "pixel_size": float(stack.pixel_size),
+        "box_size": int(stack.box_size) if stack.box_size > 0 else None,
+        "pixel_size": float(stack.pixel_size) if np.isfinite(stack.pixel_size) else None,
+        "n_optics_groups": int(len(np.unique(stack.group_ids()))),
         "optics": _optics(stack),
+        "columns_present": _columns_present(path, stack),
         "defocus_range_in_angstroms": [
             float(min(dfu.min(), dfv.min())),
             float(max(dfu.max(), dfv.max())),
@@ -163,6 +231,12 @@ def summarise(stack, path: Path, *, n_check: int | None = 256) -> dict:
         "first_particle_ctf": first,
         "images_readable": not isinstance(stack.images, MissingImages),
     }
+    if missing is not None:
+        info["missing_stacks"] = {
+            "n_missing": len(missing),
+            "n_files": int(stack.images.n_files),
+            "first": missing[:5],
+        }
     if info["images_readable"]:
         n = len(stack) if n_check is None else min(len(stack), n_check)
         for s in range(0, n, 512):  # raises CryosipInputError for NaN/Inf or a bad stack
@@ -202,23 +276,42 @@ def write_montage(stack, png: str, n: int = 8) -> Path:
     return path
 
 
+def _px(box) -> str:
+    return "unknown" if box is None else str(box)
+
+
+def _apx(px) -> str:
+    return "unknown" if px is None else f"{px:.4f}"
+
+
 def _text(info: dict) -> str:
     lines = [
         f"{info['source']}: {info['format']}",
         f"  particles      {info['n_particles']}",
-        f"  box, pixel     {info['box_size']} px, {info['pixel_size']:.4f} A/px",
+        f"  working grid   {_px(info['box_size'])} px, {_apx(info['pixel_size'])} A/px"
+        + (
+            " (optics groups resampled to one grid)"
+            if len({(o["box_size"], o["pixel_size"]) for o in info["optics"]}) > 1
+            else ""
+        ),
     ]
     for o in info["optics"]:
+        lo_g, hi_g = o["defocus_range_in_angstroms"]
         lines.append(
             f"  optics group {o['group']} ({o['name']}): {o['n_particles']} particles, "
-            f"{o['box_size']} px, "
-            f"{o['pixel_size']:.4f} A/px, {o['voltage_in_kilovolts']:g} kV, "
+            f"{_px(o['box_size'])} px, "
+            f"{_apx(o['pixel_size'])} A/px, {o['voltage_in_kilovolts']:g} kV, "
             f"Cs {o['spherical_aberration_in_mm']:g}"
-            f" mm, w {o['amplitude_contrast']:g}"
+            f" mm, w {o['amplitude_contrast']:g}, defocus {lo_g:.1f} .. {hi_g:.1f} A"
         )
+    for what, cols in info["columns_present"].items():
+        lines.append(f"  {what + ' columns':<14} {', '.join(cols) if cols else 'none'}")
     lo, hi = info["defocus_range_in_angstroms"]
     lines.append(f"  defocus        {lo:.1f} .. {hi:.1f} A")
-    lines.append(f"  poses          {'yes' if info['has_poses'] else 'no (identity placeholders)'}")
+    lines.append(
+        f"  poses          "
+        f"{'yes' if info['has_poses'] else 'absent (no angles: reconstruct needs them)'}"
+    )
     lines.append(
         f"  shifts         {'yes' if info['has_shifts'] else 'no'}; "
         f"in file: {info['shift_units_in_file']};"
@@ -237,6 +330,13 @@ def _text(info: dict) -> str:
         lines.append(
             f"  images         {info['images_checked']} read and finite; background noise sigma "
             f"~ {info['noise_sigma_estimate']:.4g}"
+        )
+    elif "missing_stacks" in info:
+        m = info["missing_stacks"]
+        lines.append(
+            f"  images         MISSING: {m['n_missing']} of {m['n_files']} stack file(s) not found"
+            f" ({', '.join(m['first'][:3])}{', ...' if m['n_missing'] > 3 else ''}); "
+            "use --datadir"
         )
     else:
         lines.append("  images         none given")
@@ -258,6 +358,7 @@ def main(args) -> int:
         ind=args.ind,
         particles=args.images,
         require_poses=False,
+        require_images=False,
         allow_unsupported_contrast=True,
     )
     info = summarise(stack, path, n_check=None if args.check_all else 256)
@@ -265,5 +366,5 @@ def main(args) -> int:
         if not info["images_readable"]:
             raise CryosipInputError(path, "no images to draw (pass --particles)")
         info["png"] = str(write_montage(stack, args.png, args.n_montage))
-    sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.json else _text(info))
+    sys.stdout.write(_atomic.json_text(info) + "\n" if args.json else _text(info))
     return 0

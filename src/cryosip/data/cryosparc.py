@@ -311,6 +311,12 @@ def write_cs(
     """
     path = Path(path)
     n = len(stack)
+    # original files: each particle keeps its native grid; new images: the working grid
+    grids = (
+        stack.grids()
+        if image_names is None
+        else np.tile([float(stack.box_size), float(stack.pixel_size)], (n, 1))
+    )
     stack_paths, idx = _cs_image_locations(stack, path.parent, image_names)
     nu = stack.nuisance
     ctf = nu.ctf
@@ -331,12 +337,8 @@ def write_cs(
         (),
     )
     cols["blob/idx"] = (np.asarray(idx, np.uint32), "<u4", ())
-    cols["blob/shape"] = (
-        np.tile(np.array([stack.box_size, stack.box_size], np.uint32), (n, 1)),
-        "<u4",
-        (2,),
-    )
-    cols["blob/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
+    cols["blob/shape"] = (np.repeat(grids[:, :1], 2, axis=1).astype(np.uint32), "<u4", (2,))
+    cols["blob/psize_A"] = (grids[:, 1].astype(f4), "<f4", ())
     cols["ctf/accel_kv"] = (np.asarray(ctf.voltage_in_kilovolts, f4), "<f4", ())
     cols["ctf/cs_mm"] = (np.asarray(ctf.spherical_aberration_in_mm, f4), "<f4", ())
     cols["ctf/amp_contrast"] = (np.asarray(ctf.amplitude_contrast, f4), "<f4", ())
@@ -361,9 +363,9 @@ def write_cs(
             "<f4",
             (3,),
         )
-        shift_px = -np.asarray(nu.shift_in_angstroms, np.float64) / stack.pixel_size
+        shift_px = -np.asarray(nu.shift_in_angstroms, np.float64) / grids[:, 1:2]
         cols["alignments3D/shift"] = (shift_px.astype(f4), "<f4", (2,))
-        cols["alignments3D/psize_A"] = (np.full(n, stack.pixel_size, f4), "<f4", ())
+        cols["alignments3D/psize_A"] = (grids[:, 1].astype(f4), "<f4", ())
     # keep other fields of an original .cs
     extra = {}
     if meta is not None and len(meta) == n and "blob/idx" in meta.columns:

@@ -897,8 +897,8 @@ def _star_text(tmp: Path, blocks: dict[str, pd.DataFrame], version_line: str | N
         body.unlink(missing_ok=True)
 
 
-def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd.DataFrame]:
-    """Group particles by (original optics group, voltage, Cs, amplitude contrast)."""
+def _optics_groups(stack: ParticleStack, voltage, cs, w, grids) -> tuple[np.ndarray, pd.DataFrame]:
+    """Group particles by (original optics group, voltage, Cs, amplitude contrast, grid)."""
     n = len(stack)
     meta = stack.metadata
     orig = np.ones(n, np.int64)
@@ -909,11 +909,13 @@ def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd
             .astype(np.int64)
             .to_numpy()
         )
-    key = pd.DataFrame({"g": orig, "v": voltage, "c": cs, "w": w})
+    key = pd.DataFrame(
+        {"g": orig, "v": voltage, "c": cs, "w": w, "b": grids[:, 0], "p": grids[:, 1]}
+    )
     combos = key.drop_duplicates().reset_index(drop=True)
     keep_numbers = combos["g"].is_unique and (combos["g"] > 0).all()
     combos["new"] = combos["g"] if keep_numbers else np.arange(1, len(combos) + 1)
-    merged = key.merge(combos, on=["g", "v", "c", "w"], how="left")
+    merged = key.merge(combos, on=["g", "v", "c", "w", "b", "p"], how="left")
     group = merged["new"].to_numpy(np.int64)
     rows = []
     old_optics = (
@@ -936,8 +938,8 @@ def _optics_groups(stack: ParticleStack, voltage, cs, w) -> tuple[np.ndarray, pd
         row["rlnVoltage"] = float(c["v"])
         row["rlnSphericalAberration"] = float(c["c"])
         row["rlnAmplitudeContrast"] = float(c["w"])
-        row["rlnImagePixelSize"] = float(stack.pixel_size)
-        row["rlnImageSize"] = int(stack.box_size)
+        row["rlnImagePixelSize"] = float(c["p"])
+        row["rlnImageSize"] = int(c["b"])
         row["rlnImageDimensionality"] = 2
         if stack.ctf_premultiplied:
             row["rlnCtfDataAreCtfPremultiplied"] = 1
@@ -997,6 +999,13 @@ def star_blocks(
     if version not in ("3.0", "3.1"):
         raise ValueError(f"version must be '3.0' or '3.1', got {version!r}")
     n = len(stack)
+    # names of the original files: each particle keeps its native grid (optics groups at
+    # different pixel sizes stay as they are); new images are on the stack's working grid
+    grids = (
+        stack.grids()
+        if image_names is None
+        else np.tile([float(stack.box_size), float(stack.pixel_size)], (n, 1))
+    )
     if image_names is None:
         image_names = stack_image_names(stack, path.parent)
         if image_names is None:
@@ -1037,8 +1046,7 @@ def star_blocks(
             cols.update(rlnOriginXAngst=origin[:, 0], rlnOriginYAngst=origin[:, 1])
         else:
             cols.update(
-                rlnOriginX=origin[:, 0] / stack.pixel_size,
-                rlnOriginY=origin[:, 1] / stack.pixel_size,
+                rlnOriginX=origin[:, 0] / grids[:, 1], rlnOriginY=origin[:, 1] / grids[:, 1]
             )
     cols.update(
         rlnDefocusU=_f32_column(ctf.defocus_u_in_angstroms),
@@ -1056,12 +1064,12 @@ def star_blocks(
             rlnVoltage=voltage,
             rlnSphericalAberration=cs,
             rlnAmplitudeContrast=w,
-            rlnDetectorPixelSize=np.full(n, float(stack.pixel_size)),
+            rlnDetectorPixelSize=grids[:, 1].copy(),
             rlnMagnification=np.full(n, 10000.0),
         )
     new = pd.DataFrame(cols)
     if version == "3.1":
-        group, optics = _optics_groups(stack, voltage, cs, w)
+        group, optics = _optics_groups(stack, voltage, cs, w, grids)
         new["rlnOpticsGroup"] = group
         blocks = {"optics": optics, "particles": pd.concat([new, base], axis=1)}
         version_line = "# version 30001"
