@@ -8,6 +8,28 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+def profiled_scale(cross, gram):
+    """The least-squares (maximum-likelihood) contrast scale ``a >= 0`` of data on a model
+    image, from ``<m, y>`` and ``<m, m>`` (both mean-centred when an offset is profiled too).
+    The one place the profile is defined: the direct and the tabulated likelihoods and the
+    paired kernel score all call it."""
+    return jnp.clip(cross / jnp.maximum(gram, 1e-30), 0.0)
+
+
+def paired_profiled_sq_distances(dy_cross, m_gram, y_sq, dmm):
+    """Paired squared distances with each image's scale profiled.
+
+    ``dy_cross`` (B, P) = <m_ni, y_n>, ``m_gram`` (B, P) = |m_ni|^2, ``y_sq`` (B,) = |y_n|^2 and
+    ``dmm`` (B, P, P) = |m_ni - m_nj|^2 (all centred). Returns |y_n - a_ni m_ni|^2 and
+    abar_n^2 dmm with ``abar_n`` the mean over particles of the profiled scales (held fixed in
+    the gradient: the simulated pair is compared at the image's scale, not re-fitted per pair).
+    """
+    a = profiled_scale(dy_cross, m_gram)
+    dy = jnp.maximum(y_sq[:, None] - 2 * a * dy_cross + a * a * m_gram, 0.0)
+    abar = jax.lax.stop_gradient(jnp.mean(a, axis=1))
+    return dy, dmm * (abar * abar)[:, None, None]
+
+
 class GaussianNoise(eqx.Module):
     """y = mean + sigma * N(0, I)."""
 
@@ -34,7 +56,6 @@ class GaussianNoise(eqx.Module):
             y = y - jnp.mean(y)
             m = m - jnp.mean(m)
         if fit_scale:
-            a = jnp.clip(jnp.vdot(m, y) / jnp.maximum(jnp.vdot(m, m), 1e-30), 0.0)
-            m = a * m
+            m = profiled_scale(jnp.vdot(m, y), jnp.vdot(m, m)) * m
         r2 = jnp.sum((y - m) ** 2)
         return -0.5 * r2 / self.sigma**2 - 0.5 * d * jnp.log(2 * jnp.pi * self.sigma**2)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from .noise import GaussianNoise
+from .noise import GaussianNoise, paired_profiled_sq_distances
 
 
 class Observations(eqx.Module):
@@ -210,10 +210,16 @@ class AbstractRandomOperator(eqx.Module):
             ms = self.pair_means(theta, nus)
             ms = ms.reshape(ms.shape[0], p, -1)  # (b, P, pixels)
             yv = ys.reshape(ys.shape[0], 1, -1)
-            dy = jnp.sum((ms - yv) ** 2, axis=-1)
+            if self.fit_scale:  # per-image scale and offset profiled (noise.py)
+                ms = ms - ms.mean(axis=-1, keepdims=True)
+                yv = yv - yv.mean(axis=-1, keepdims=True)
             sq = jnp.sum(ms * ms, axis=-1)
             gram = jnp.einsum("bip,bjp->bij", ms, ms)
             dmm = jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * gram, 0.0)
+            if self.fit_scale:
+                cross = jnp.sum(ms * yv, axis=-1)
+                return paired_profiled_sq_distances(cross, sq, jnp.sum(yv * yv, axis=(1, 2)), dmm)
+            dy = jnp.sum((ms - yv) ** 2, axis=-1)
             return dy, dmm
 
         return _map_chunks(chunk, (obs.values, obs.nuisance), batch_size)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .noise import GaussianNoise
+from .noise import GaussianNoise, paired_profiled_sq_distances, profiled_scale
 from .operator import AbstractRandomOperator, Observations
 
 
@@ -231,7 +231,8 @@ class TabulatedOperator(AbstractRandomOperator):
         b = jnp.einsum("bpi,pi->bp", self.cross_blocks[n[:, None], k[None, :]], w)
         ysq = self.ysq[n]
         if self.fit_scale:
-            r2 = ysq[:, None] - jnp.where(b > 0, b * b / jnp.maximum(q, 1e-30), 0.0)
+            a = profiled_scale(b, q)
+            r2 = ysq[:, None] - 2 * a * b + a * a * q
         else:
             r2 = ysq[:, None] - 2 * b + q
         s2 = self.noise.sigma**2
@@ -241,4 +242,6 @@ class TabulatedOperator(AbstractRandomOperator):
         phi, Mphi, q, b, ysq = self._quad(theta, obs)
         cross_pp = jnp.einsum("bpg,qg->bpq", Mphi, phi)
         dmm = jnp.maximum(q[:, :, None] + q[:, None, :] - 2 * cross_pp, 0.0)
+        if self.fit_scale:  # the tables are centred when the scale is profiled
+            return paired_profiled_sq_distances(b, q, ysq, dmm)
         return jnp.maximum(ysq[:, None] - 2 * b + q, 0.0), dmm
