@@ -38,12 +38,20 @@ import json
 import logging
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import _atomic
 from ..data.errors import CryosipInputError
+from ._args import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    prepare_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ class SimulateConfig:
     pilot_size: int = 256
     chunk_size: int = 1000
     images_per_file: int = 10000
+    noise_spectrum: str = "white"
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -206,65 +215,75 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         dest="distribution_params",
         help="JSON object of distribution parameters, in the CV's units",
     )
-    g.add_argument("--n-images", type=int, dest="n_images", help=f"default {d.n_images}")
-    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g.add_argument("--n-images", type=positive_int, dest="n_images", help=f"default {d.n_images}")
+    g.add_argument("--seed", type=nonnegative_int, help=f"random seed (default {d.seed})")
     g = parser.add_argument_group("imaging")
     g.add_argument(
-        "--box", type=int, dest="box_size", help=f"box size in pixels (default {d.box_size})"
+        "--box",
+        type=positive_int,
+        dest="box_size",
+        help=f"box size in pixels (default {d.box_size})",
     )
     g.add_argument(
         "--pixel-size",
-        type=float,
+        type=positive_float,
         dest="pixel_size",
         help=f"Angstrom per pixel (default {d.pixel_size})",
     )
-    g.add_argument("--snr", type=float, help=f"signal-to-noise ratio (default {d.snr})")
-    g.add_argument("--sigma", type=float, help="noise standard deviation instead of --snr")
+    g.add_argument("--snr", type=positive_float, help=f"signal-to-noise ratio (default {d.snr})")
+    g.add_argument("--sigma", type=positive_float, help="noise standard deviation instead of --snr")
+    g.add_argument(
+        "--noise-spectrum",
+        dest="noise_spectrum",
+        help="noise colour: white (default), detector (3.9x more power at low than at high "
+        "frequency), or a CSV with columns frequency_per_A and power (e.g. a reconstruction's "
+        "noise_spectrum.csv); --snr/--sigma set the pixel sd",
+    )
     g.add_argument(
         "--defocus-min",
-        type=float,
+        type=positive_float,
         dest="defocus_min_in_angstroms",
         help=f"Angstrom, underfocus positive (default {d.defocus_min_in_angstroms:g})",
     )
     g.add_argument(
         "--defocus-max",
-        type=float,
+        type=positive_float,
         dest="defocus_max_in_angstroms",
         help=f"Angstrom (default {d.defocus_max_in_angstroms:g})",
     )
     g.add_argument(
         "--astigmatism-sd",
-        type=float,
+        type=nonnegative_float,
         dest="astigmatism_sd_in_angstroms",
         help=f"sd of |defocusU - defocusV| in Angstrom (default {d.astigmatism_sd_in_angstroms:g})",
     )
     g.add_argument(
         "--shift-sd",
-        type=float,
+        type=nonnegative_float,
         dest="shift_sd_in_angstroms",
         help=f"sd of each in-plane shift component, Angstrom (default {d.shift_sd_in_angstroms:g})",
     )
     g.add_argument(
         "--voltage",
-        type=float,
+        type=positive_float,
         dest="voltage_in_kilovolts",
         help=f"kV (default {d.voltage_in_kilovolts:g})",
     )
     g.add_argument(
         "--cs",
-        type=float,
+        type=nonnegative_float,
         dest="spherical_aberration_in_mm",
         help=f"spherical aberration in mm (default {d.spherical_aberration_in_mm:g})",
     )
     g.add_argument(
         "--amplitude-contrast",
-        type=float,
+        type=fraction,
         dest="amplitude_contrast",
         help=f"default {d.amplitude_contrast:g}",
     )
     g.add_argument(
         "--bfactor",
-        type=float,
+        type=nonnegative_float,
         dest="bfactor_in_angstroms2",
         help=f"CTF B-factor in Angstrom^2 (default {d.bfactor_in_angstroms2:g})",
     )
@@ -272,13 +291,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, required=True, help="output folder")
     g.add_argument(
         "--chunk",
-        type=int,
+        type=positive_int,
         dest="chunk_size",
         help=f"images simulated at a time (default {d.chunk_size})",
     )
     g.add_argument(
         "--images-per-file",
-        type=int,
+        type=positive_int,
         dest="images_per_file",
         help=f"images per .mrcs stack (default {d.images_per_file})",
     )
@@ -310,23 +329,8 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
     return SimulateConfig.from_dict(merged)
 
 
-def _publish(tmp, path: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it 0600) and move it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic.write_text(path, text)
 
 
 def _mrcs_writer_class():
@@ -378,14 +382,33 @@ def write_montage(
     axes[0, 0].set_ylabel("noisy", fontsize=8)
     axes[1, 0].set_ylabel("noise-free", fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def noise_colour(cfg: SimulateConfig):
+    """The noise spectrum's shape for ``--noise-spectrum`` (None: white)."""
+    from ..cryoem.noise import RadialNoiseSpectrum
+
+    spec = cfg.noise_spectrum
+    if spec == "white":
+        return None
+    if spec == "detector":
+        return RadialNoiseSpectrum.detector_like(cfg.box_size, cfg.pixel_size)
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(spec)
+        power = [c for c in table.columns if c.startswith("power")][0]
+        return RadialNoiseSpectrum.from_profile(
+            table["frequency_per_A"], table[power], cfg.box_size, cfg.pixel_size
+        )
+    except (OSError, ValueError, KeyError, IndexError, pd.errors.ParserError) as e:
+        raise CryosipInputError(
+            spec,
+            f"not a noise spectrum (white, detector, or a CSV with frequency_per_A and "
+            f"power columns): {e}",
+        ) from None
 
 
 def _command_line(cfg: SimulateConfig) -> str:
@@ -406,6 +429,7 @@ def _command_line(cfg: SimulateConfig) -> str:
         ("--cs", d.spherical_aberration_in_mm),
         ("--amplitude-contrast", d.amplitude_contrast),
         ("--bfactor", d.bfactor_in_angstroms2),
+        ("--noise-spectrum", d.noise_spectrum),
         ("--chunk", d.chunk_size),
         ("--images-per-file", d.images_per_file),
     ]
@@ -426,13 +450,9 @@ def run_simulation(
     from ..data.particles import ParticleStack
     from ..data.star import write_star
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in (out / STAR_NAME, out / CONFIG_NAME) if p.exists()]
-    if existing and not overwrite:
-        raise CryosipInputError(existing[0], "a simulation already exists here (use --overwrite)")
-    for p in existing:  # the STAR file marks a complete simulation: remove it before rewriting
-        p.unlink()
+    # an existing file, or a folder with earlier results, is refused unless --overwrite (which
+    # removes the earlier simulation's files first: the STAR file marks a complete simulation)
+    out = prepare_output_dir(out, overwrite=overwrite, command="simulate")
 
     model = conformation_model(cfg.dataset)
     operator = build_operator(cfg, model)
@@ -454,16 +474,13 @@ def run_simulation(
         snr=cfg.snr,
         sigma=cfg.sigma,
         pilot_size=cfg.pilot_size,
+        noise_colour=noise_colour(cfg),
     )
     logger.info(
         "noise sigma %.6g (SNR %.4g on a pilot of %d images)", plan.sigma, plan.snr, plan.pilot_size
     )
 
     names = file_names(cfg.n_images, cfg.images_per_file)
-    if overwrite:  # stale stacks of an earlier, larger run would otherwise linger
-        for p in out.glob("particles_*.mrcs"):
-            if p.name not in names:
-                p.unlink()
     writer_cls = _mrcs_writer_class()
     label = f"cryosip {__version__} simulate seed {cfg.seed}"
     D = cfg.box_size
@@ -543,13 +560,13 @@ def run_simulation(
             "jax_version": jax.__version__,
         },
     }
-    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    _atomic.write_json(out / CONFIG_NAME, config)
     write_star(
         out / STAR_NAME, stack, version="3.1", image_names=image_names
     )  # last: marks completion
     mask = os.umask(0)
     os.umask(mask)
-    for p in [out / STAR_NAME, *(out / nm for nm in names)]:  # the writers leave mkstemp's 0600
+    for p in (out / nm for nm in names):  # MrcsWriter (data/mrc.py) leaves mkstemp's 0600
         os.chmod(p, 0o666 & ~mask)
     logger.info(
         "wrote %s (%d stacks), %s, %s, %s",

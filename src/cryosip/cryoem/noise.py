@@ -120,15 +120,49 @@ class RadialNoiseSpectrum(eqx.Module):
     def with_cutoff(self, shell: int | None) -> RadialNoiseSpectrum:
         return RadialNoiseSpectrum(self.power, self.box_size, self.pixel_size, shell)
 
+    def colour(self, white, group=None) -> Float[Array, "n y_dim x_dim"]:
+        """Unit white noise images (n, D, D) filtered by ``sqrt(P_g)``: noise with this spectrum."""
+        D = self.box_size
+        n = white.shape[0]
+        g = jnp.zeros((n,), jnp.int32) if group is None else jnp.asarray(group, jnp.int32)
+        f = jnp.fft.rfft2(white) * jnp.sqrt(jnp.maximum(self.grid(), 0.0))[g]
+        return jnp.fft.irfft2(f, s=(D, D)).astype(white.dtype)
+
     def sample(
         self, key, shape: tuple[int, ...], group: Int[Array, " n"] | None = None
     ) -> Float[Array, "n y_dim x_dim"]:
         """Noise images (n, D, D) with this spectrum (group 0 when ``group`` is None)."""
-        n, D = shape[0], self.box_size
-        g = jnp.zeros((n,), jnp.int32) if group is None else jnp.asarray(group, jnp.int32)
-        white = jax.random.normal(key, (n, D, D), jnp.float32)
-        f = jnp.fft.rfft2(white) * jnp.sqrt(jnp.maximum(self.grid(), 0.0))[g]
-        return jnp.fft.irfft2(f, s=(D, D))
+        white = jax.random.normal(key, (shape[0], self.box_size, self.box_size), jnp.float32)
+        return self.colour(white, group)
+
+    def normalised(self) -> RadialNoiseSpectrum:
+        """The same shape scaled to unit pixel variance in every group."""
+        s = self.pixel_sigma()
+        return RadialNoiseSpectrum(
+            self.power / jnp.asarray(s**2, jnp.float32)[:, None],
+            self.box_size,
+            self.pixel_size,
+            self.cutoff_shell,
+        )
+
+    @classmethod
+    def from_profile(cls, frequency, power, box_size: int, pixel_size: float):
+        """A one-group spectrum from a radial profile (frequency in 1/A, power), interpolated
+        onto the shells of this grid (held constant beyond the profile's ends)."""
+        k = np.arange(n_shells(box_size)) / (box_size * pixel_size)
+        p = np.interp(k, np.asarray(frequency, np.float64), np.asarray(power, np.float64))
+        if not np.all(p > 0):
+            raise ValueError("a noise power spectrum must be positive at every frequency")
+        return cls(jnp.asarray(p[None], jnp.float32), int(box_size), float(pixel_size))
+
+    @classmethod
+    def detector_like(cls, box_size: int, pixel_size: float) -> RadialNoiseSpectrum:
+        """A typical shape (unit pixel variance): a low-frequency excess 3.9x over a flat floor,
+        ``0.35 + 1 / (1 + (60 A k)^2)``, the shape the foreign-data tests give cryojax."""
+        k = np.arange(n_shells(box_size)) / (box_size * pixel_size)
+        return cls.from_profile(
+            k, 0.35 + 1.0 / (1.0 + (60.0 * k) ** 2), box_size, pixel_size
+        ).normalised()
 
     def whiten(self, images, group=None) -> np.ndarray:
         """Apply ``1 / sqrt(P_g)`` (and the cutoff) to images (n, D, D): NumPy in, NumPy out."""

@@ -13,6 +13,7 @@ from jaxtyping import PRNGKeyArray
 
 from ..data.particles import ParticleStack
 from .image_model import CryoNuisance
+from .noise import RadialNoiseSpectrum
 from .operator import CryoEMOperator
 
 
@@ -81,6 +82,7 @@ class SimulationPlan:
     snr: float
     noise_key: PRNGKeyArray
     pilot_size: int
+    noise_colour: RadialNoiseSpectrum | None = None  # unit pixel variance; None: white
 
     def __len__(self) -> int:
         return int(self.theta.shape[0])
@@ -107,14 +109,19 @@ class SimulatedDataset:
 
 
 @eqx.filter_jit
-def _render_and_noise(operator: CryoEMOperator, theta, nuisance, index, sigma, noise_key):
+def _render_and_noise(
+    operator: CryoEMOperator, theta, nuisance, index, sigma, noise_key, colour=None
+):
     clean = jax.vmap(operator.mean)(theta, nuisance)
     shape = clean.shape[1:]
 
     def noise(i):
         return jax.random.normal(jax.random.fold_in(noise_key, i), shape, clean.dtype)
 
-    return clean, clean + sigma * jax.vmap(noise)(index)
+    white = jax.vmap(noise)(index)
+    if colour is not None:  # the noise model's own sampler (cryoem/noise.py), unit pixel sd
+        white = colour.colour(white)
+    return clean, clean + sigma * white
 
 
 @eqx.filter_jit
@@ -123,7 +130,9 @@ def _sample_nuisance(operator: CryoEMOperator, key, n: int):
     return operator.sample_nuisance(key, n)
 
 
-def _render_range(operator, theta, nuisance, sigma, noise_key, start, stop, batch_size):
+def _render_range(
+    operator, theta, nuisance, sigma, noise_key, start, stop, batch_size, colour=None
+):
     D = operator.image_model.box_size
     clean = np.empty((stop - start, D, D), np.float32)
     noisy = np.empty_like(clean)
@@ -140,6 +149,7 @@ def _render_range(operator, theta, nuisance, sigma, noise_key, start, stop, batc
             jnp.asarray(idx, jnp.int32),
             sig,
             noise_key,
+            colour,
         )
         clean[s - start : e - start] = np.asarray(c)[: e - s]
         noisy[s - start : e - start] = np.asarray(y)[: e - s]
@@ -156,8 +166,13 @@ def plan_simulation(
     sigma: float | None = None,
     pilot_size: int = 256,
     batch_size: int = 128,
+    noise_colour: RadialNoiseSpectrum | None = None,
 ) -> SimulationPlan:
     """Draw the truth and the nuisances, and fix sigma (give exactly one of ``snr``, ``sigma``).
+
+    ``noise_colour``: the noise spectrum's shape (:class:`~cryosip.cryoem.noise.RadialNoiseSpectrum`,
+    scaled here to unit pixel variance); the noise is ``sigma`` times noise of that shape, so the
+    SNR keeps its meaning. None: white noise.
 
     ``distribution`` is anything with ``sample(key, n) -> (n, d)`` (see
     :mod:`cryosip.data.distributions`). The key is split into (conformations, nuisances,
@@ -187,7 +202,9 @@ def plan_simulation(
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     measured = float(np.mean(np.var(pilot.reshape(m, -1), axis=1)) / sigma**2)
-    return SimulationPlan(theta, nuisance, sigma, measured, k_noise, m)
+    if noise_colour is not None:
+        noise_colour = noise_colour.normalised()
+    return SimulationPlan(theta, nuisance, sigma, measured, k_noise, m, noise_colour)
 
 
 def iter_simulation(
@@ -205,7 +222,15 @@ def iter_simulation(
     for start in range(0, n, int(chunk_size)):
         stop = min(n, start + int(chunk_size))
         clean, noisy = _render_range(
-            operator, plan.theta, plan.nuisance, plan.sigma, plan.noise_key, start, stop, batch_size
+            operator,
+            plan.theta,
+            plan.nuisance,
+            plan.sigma,
+            plan.noise_key,
+            start,
+            stop,
+            batch_size,
+            plan.noise_colour,
         )
         if progress is not None:
             progress(stop - start)
@@ -224,6 +249,7 @@ def simulate_dataset(
     batch_size: int = 128,
     chunk_size: int = 1000,
     progress: Callable[[int], object] | None = None,
+    noise_colour: RadialNoiseSpectrum | None = None,
 ) -> SimulatedDataset:
     """Simulate a particle stack in memory (what ``cryosip simulate`` writes to files).
 
@@ -239,6 +265,7 @@ def simulate_dataset(
         sigma=sigma,
         pilot_size=pilot_size,
         batch_size=batch_size,
+        noise_colour=noise_colour,
     )
     D = operator.image_model.box_size
     images = np.empty((len(plan), D, D), np.float32)
