@@ -21,27 +21,34 @@ import jax
 import numpy as np
 import pandas as pd
 
+from ._args import nonnegative_int, positive_float, positive_int, prepare_output_dir
+
 logger = logging.getLogger(__name__)
 
 
 def add_args(p):
     p.add_argument("--out", default="demo", help="output folder (default: demo)")
-    p.add_argument("--snr", type=float, default=0.01)
-    p.add_argument("--n-images", type=int, default=3000)
-    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--snr", type=positive_float, default=0.01)
+    p.add_argument("--n-images", type=positive_int, default=3000)
+    p.add_argument("--box", type=positive_int, default=64)
     p.add_argument(
         "--pixel-size",
-        type=float,
+        type=positive_float,
         default=2.0,
         help="A/px (default 2.0: a 128 A field of view at 64 px)",
     )
     p.add_argument(
         "--model", default="adk", choices=["adk", "adk-ca"], help="all atoms (default) or C-alpha"
     )
-    p.add_argument("--n-particles", type=int, default=64)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--bootstrap", type=int, default=8, help="bootstrap replicates for the bands")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-particles", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument(
+        "--bootstrap", type=nonnegative_int, default=8, help="bootstrap replicates for the bands"
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's outputs in --out"
+    )
     p.add_argument(
         "--quick", action="store_true", help="a small, fast run (C-alpha, 800 images, fewer steps)"
     )
@@ -71,7 +78,7 @@ def main(args) -> int:
             min(args.bootstrap, 3),
         )
     out = args.out
-    os.makedirs(out, exist_ok=True)
+    prepare_output_dir(out, overwrite=getattr(args, "overwrite", False), command="demo")
     progress = not args.no_progress
     key = jax.random.key(args.seed)
     k_sim, k_rec = jax.random.split(key)

@@ -7,7 +7,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import os
 
 import pandas as pd
@@ -59,5 +58,5 @@ def main(args) -> int:
         "cv": cvs,
     }
     _atomic.write_json(os.path.join(args.reconstruction, "evaluation.json"), met)
-    print(json.dumps(met, indent=None if args.json else 2))  # noqa: T201
+    print(_atomic.json_text(met, indent=None if args.json else 2))  # noqa: T201
     return 0

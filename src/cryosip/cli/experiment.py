@@ -18,6 +18,7 @@ import argparse
 import logging
 
 from ..data.errors import CryosipInputError
+from ._args import nonnegative_int
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", default=None, help="output folder (default: ./NAME)")
     parser.add_argument(
-        "--seed", type=int, default=None, help="one seed (CLI default: the experiment's)"
+        "--seed",
+        type=nonnegative_int,
+        default=None,
+        help="one seed (CLI default: the experiment's)",
     )
     parser.add_argument("--seeds", type=parse_seeds, default=None, help="seeds, e.g. 0,1,2 or 0-4")
     parser.add_argument("--quick", action="store_true", help="a small version that runs in minutes")
@@ -51,7 +55,7 @@ def experiment_argv(args: argparse.Namespace) -> list[str]:
     if rest[:1] == ["--"]:
         rest = rest[1:]
     # common options typed after the name end up in the remainder: pick them out
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(prog="cryosip experiment", add_help=False)
     _add_common(common)
     late, rest = common.parse_known_args(rest)
     out = late.out if late.out is not None else args.out
