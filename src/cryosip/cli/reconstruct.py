@@ -34,6 +34,14 @@ import os
 import jax
 import numpy as np
 
+from ._args import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    prepare_output_dir,
+)
 from ._model_args import add_model_args, model_from_args
 
 logger = logging.getLogger(__name__)
@@ -49,32 +57,42 @@ def add_args(p):
     p.add_argument(
         "--objective", default="kl", choices=["kl", "mmd", "kl+mmd", "mmd-unconditional"]
     )
-    p.add_argument("--n-particles", type=int, default=64)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n-particles", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument(
-        "--batch-size", type=int, default=None, help="observations per step (default: all for kl)"
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="observations per step (default: all for kl)",
     )
-    p.add_argument("--entropy", type=float, default=0.0, help="entropy weight (Euler-Maruyama)")
+    p.add_argument(
+        "--entropy", type=nonnegative_float, default=0.0, help="entropy weight (Euler-Maruyama)"
+    )
     p.add_argument(
         "--fisher-rao",
-        type=float,
+        type=nonnegative_float,
         default=None,
         help="Wasserstein-Fisher-Rao weight step per flow step (default: 0.3 for kl, 0 otherwise); 0 gives "
         "the pure Wasserstein flow with equal weights, which measured biased at high SNR",
     )
-    p.add_argument("--bootstrap", type=int, default=8, help="bootstrap replicates for the bands")
+    p.add_argument(
+        "--bootstrap", type=nonnegative_int, default=8, help="bootstrap replicates for the bands"
+    )
     p.add_argument(
         "--heldout",
-        type=float,
+        type=fraction,
         default=0.0,
         help="fraction of images held out to track the objective on unseen data",
     )
     p.add_argument(
-        "--nodes", type=int, default=33, help="CV grid nodes of the tabulated path (1-D CVs)"
+        "--nodes",
+        type=positive_int,
+        default=33,
+        help="CV grid nodes of the tabulated path (1-D CVs)",
     )
     p.add_argument(
         "--sigma",
-        type=float,
+        type=positive_float,
         default=None,
         help="noise sd (default: estimated from the particle background)",
     )
@@ -87,10 +105,15 @@ def add_args(p):
     p.add_argument(
         "--fit-scale", action="store_true", help="profile a per-image contrast scale and offset"
     )
-    p.add_argument("--box", type=int, default=None, help="Fourier-crop to this working box")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (multiple of 25)"
+        "--box", type=positive_int, default=None, help="Fourier-crop to this working box"
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        default=0,
+        help="steps between checkpoints (multiple of 25)",
     )
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.npz")
     p.add_argument(
@@ -106,11 +129,16 @@ def add_args(p):
     )
     p.add_argument(
         "--pilot-images",
-        type=int,
+        type=positive_int,
         default=512,
         help="with --stream: images tabulated to choose contrast, start, bandwidth and step size",
     )
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (its cryosip outputs are removed first)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -212,7 +240,13 @@ def main(args) -> int:
     stack = read_particles(args.particles, datadir=args.datadir, box_size=args.box)
     model, model_description = model_from_args(args)
     logger.info("model: %s", model_description)
-    os.makedirs(args.out, exist_ok=True)
+    prepare_output_dir(
+        args.out,
+        overwrite=args.overwrite,
+        command="reconstruct",
+        resume=args.resume,
+        inputs=[args.particles],
+    )
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)
     if args.stream:
