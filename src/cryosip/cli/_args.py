@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 from pathlib import Path
 
 from ..data.errors import CryosipInputError
@@ -91,16 +92,17 @@ def fraction(text: str) -> float:
 # the files each command writes into --out (what --overwrite removes before a new run)
 CRYOSIP_OUTPUTS = {
     "reconstruct": (
-        "config.json",
-        "summary.json",
-        "evaluation.json",
-        "particles.csv",
-        "distribution.csv",
-        "free_energy.csv",
-        "history.csv",
-        "particles_cv.star",
-        "checkpoint.npz",
+        "*.json",
+        "*.csv",
         "*.png",
+        "*.html",
+        "*.pdb",
+        "*.cif",
+        "*.cxc",
+        "*.npz",
+        "*.pkl",
+        "particles_cv.star",
+        "volumes/",
     ),
     "simulate": ("config.json", "particles.star", "particles_*.mrcs", "truth.csv", "montage.png"),
     "demo": ("*.json", "*.csv", "*.png", "report.html", "structure_*.pdb"),
@@ -115,7 +117,8 @@ def prepare_output_dir(
 
     ``out`` may not be an existing file. An existing folder that is not empty is refused unless
     ``overwrite`` (or ``resume``, which continues a run in place and removes nothing); with
-    ``overwrite`` the files ``command`` writes (``CRYOSIP_OUTPUTS[command]``) are removed
+    ``overwrite`` the files ``command`` writes (``CRYOSIP_OUTPUTS[command]``; a trailing
+    ``/`` names an output folder) are removed
     first, so that a new run never mixes with an old one. Other files, and the command's
     ``inputs``, are left alone. Errors are :class:`CryosipInputError` (one line).
     """
@@ -134,12 +137,13 @@ def prepare_output_dir(
             )
         patterns = CRYOSIP_OUTPUTS.get(command, ())
         protected = {os.path.realpath(os.fspath(p)) for p in inputs if p is not None}
+        folders = {pat[:-1] for pat in patterns if pat.endswith("/")}
         for p in entries:
-            if (
-                p.is_file()
-                and any(p.match(pat) for pat in patterns)
-                and os.path.realpath(p) not in protected
-            ):
+            if os.path.realpath(p) in protected:
+                continue
+            if p.is_dir() and not p.is_symlink() and p.name in folders:
+                shutil.rmtree(p)
+            elif p.is_file() and any(p.match(pat) for pat in patterns if not pat.endswith("/")):
                 p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
