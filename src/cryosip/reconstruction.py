@@ -14,6 +14,7 @@ import numpy as np
 
 from .conformations.base import AbstractConformationModel
 from .cryoem.operator import CryoEMOperator
+from .cryoem.pose_marginal import PoseMarginalOperator
 from .data.particles import ParticleStack
 from .pipeline.calibrate import Calibration, calibrate
 from .sip import dto
@@ -27,6 +28,7 @@ from .sip.discrepancies import (
     median_distance,
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
+from .sip.loglik_table import LogLikTableOperator
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.table import TabulatedOperator
 
@@ -42,7 +44,7 @@ class Problem:
 
     operator: CryoEMOperator
     observations: object
-    table: TabulatedOperator | None
+    table: TabulatedOperator | LogLikTableOperator | None
     lower: np.ndarray
     upper: np.ndarray
     fine_grid: np.ndarray | None
@@ -108,12 +110,18 @@ def prepare(
     noise: str = "coloured",
     envelope: bool = True,
     keep_box: bool = False,
+    pose_error: tuple[float, float] | None = None,
     calibration: Calibration | None = None,
 ) -> Problem:
     """Calibrate (contrast, noise spectrum, envelope, working box: :mod:`cryosip.pipeline.calibrate`)
     unless ``calibration`` is given (then ``stack`` is already the working stack), build the
     operator in whitened working units with the per-image scale and offset profiled
-    (``fit_scale``), and tabulate 1-D CVs."""
+    (``fit_scale``), and tabulate 1-D CVs.
+
+    ``pose_error`` = (rms angle in degrees, rms shift in Angstrom): tabulate the likelihood
+    averaged over pose errors of that size around the given poses
+    (:class:`~cryosip.cryoem.pose_marginal.PoseMarginalOperator`, 16 antithetic draws per image:
+    16x the tabulation's cost); KL-based methods only (paired MMD needs images)."""
     t0 = time.perf_counter()
     if calibration is None:
         stack, calibration = calibrate(
@@ -140,13 +148,18 @@ def prepare(
         if bar is not None:
             bar.start(len(stack))
         try:
-            table = TabulatedOperator.build(
-                op,
-                obs,
-                n_nodes,
-                batch_size=batch_size,
-                progress=bar.advance if bar else None,
-            )
+            if pose_error is None:
+                table = TabulatedOperator.build(
+                    op, obs, n_nodes, batch_size=batch_size, progress=bar.advance if bar else None
+                )
+            else:
+                rot, shift = (float(x) for x in pose_error)
+                table = PoseMarginalOperator(op, 16, rot, shift, jax.random.key(0)).tabulate(
+                    obs,
+                    n_nodes,
+                    batch_size=max(1, batch_size // 4),
+                    progress=bar.advance if bar else None,
+                )
         finally:
             if bar is not None:
                 bar.close()

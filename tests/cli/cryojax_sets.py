@@ -197,4 +197,111 @@ def make_foreign_set(root, model, spec: ForeignSpec = ForeignSpec()) -> dict:
     pd.DataFrame({name: s[:, i] for i, name in enumerate(model.cv_names)}).to_csv(
         root / "truth.csv", index=False
     )
-    return dict(root=root, s=s, sigma=sigma, amplitude=amp, offset=offsets, clean=clean, spec=spec)
+    true = dict(
+        phi=phi, theta=theta, psi=psi, offset=offset, defocus=defocus, astig=astig,
+        azimuth=azimuth, amplitude=sign * amp, image_offset=offsets, noise_variance=variance,
+    )  # fmt: skip
+    return dict(
+        root=root, s=s, sigma=sigma, amplitude=amp, offset=offsets, clean=clean, spec=spec,
+        true=true, model=model,
+    )  # fmt: skip
+
+
+def grid_em_oracle(data: dict, n_nodes: int = 33, *, knows_truth: bool, batch: int = 128):
+    """Grid EM with exact physics written with cryojax: every image rendered at ``n_nodes`` CV
+    nodes, the node weights by EM. Returns (nodes (G,), weights (G,)).
+
+    ``knows_truth``: the true poses, CTF and envelope, the true per-image amplitude and offset,
+    and the true coloured noise (the likelihood whitened by it) - the best any method can do.
+    Otherwise only what the files say: the written (erroneous) poses, shifts and defocus, no
+    envelope, a per-image scale and offset profiled by least squares (either sign), and white
+    noise of the pooled residual variance - the obvious script a methods developer writes.
+    """
+    import cryojax.ndimage as cxn
+    import cryojax.simulator as cxs
+    import mrcfile
+
+    spec, model, root = data["spec"], data["model"], Path(data["root"])
+    n = spec.n_images
+    nodes = np.linspace(float(model.lower[0]), float(model.upper[0]), n_nodes)
+    coords = np.asarray(jax.vmap(model)(jnp.asarray(nodes[:, None], jnp.float32)))
+    amplitudes, variances = np.asarray(model.atoms.amplitudes), np.asarray(model.atoms.variances)
+    star = starfile.read(root / "particles.star", always_dict=True)["particles"]
+    images = []
+    for name in sorted(set(star["rlnImageName"].str.split("@").str[1])):
+        with mrcfile.open(root / name, permissive=True) as f:
+            images.append(np.asarray(f.data, np.float64))
+    y = np.concatenate(images).reshape(n, -1)
+    if knows_truth:
+        t = data["true"]
+        pose = (t["offset"][:, 0], t["offset"][:, 1], t["phi"], t["theta"], t["psi"])
+        ctf = (t["defocus"], t["astig"], t["azimuth"])
+        envelope = (
+            cxn.FourierGaussian(amplitude=1.0, b_factor=spec.bfactor) if spec.bfactor else None
+        )
+    else:
+        pose = (
+            -star["rlnOriginXAngst"].to_numpy(), -star["rlnOriginYAngst"].to_numpy(),
+            star["rlnAngleRot"].to_numpy(), star["rlnAngleTilt"].to_numpy(),
+            star["rlnAnglePsi"].to_numpy(),
+        )  # fmt: skip
+        du, dv = star["rlnDefocusU"].to_numpy(), star["rlnDefocusV"].to_numpy()
+        ctf = (0.5 * (du + dv), du - dv, (90.0 - star["rlnDefocusAngle"].to_numpy()) % 180.0)
+        envelope = None
+    config = cxs.BasicImageConfig((spec.box, spec.box), spec.pixel_size, voltage_in_kilovolts=300.0)
+
+    def render(ox, oy, a, b, c, df, ast, az, xyz):
+        tt = cxs.ContrastTransferTheory(
+            cxs.AstigmaticCTF(
+                defocus_in_angstroms=df, astigmatism_in_angstroms=ast, astigmatism_angle=az,
+                spherical_aberration_in_mm=2.7,
+            ),
+            envelope=envelope, amplitude_contrast_ratio=0.1,
+        )  # fmt: skip
+        return cxs.make_image_model(
+            cxs.GaussianMixtureVolume(xyz, amplitudes, variances), config,
+            cxs.EulerAnglePose(ox, oy, a, b, c), tt, cxs.GaussianMixtureProjection(),
+            quantity_mode="contrast",
+        ).simulate()  # fmt: skip
+
+    per_node = jax.vmap(render, in_axes=(None,) * 8 + (0,))
+    f = jax.jit(jax.vmap(per_node, in_axes=(0,) * 8 + (None,)))
+    params = np.stack([*pose, *ctf], axis=1)
+    L = np.empty((n, n_nodes))
+    if knows_truth:
+        ky = np.fft.fftfreq(spec.box, spec.pixel_size)
+        kx = np.fft.rfftfreq(spec.box, spec.pixel_size)
+        kk = np.hypot(ky[:, None], kx[None, :])
+        w = 1.0 / np.sqrt(noise_shape(kk) if spec.coloured else np.ones_like(kk))
+        whiten = lambda x: np.fft.irfft2(np.fft.rfft2(x) * w, s=(spec.box, spec.box))  # noqa: E731
+        yw = whiten(y.reshape(n, spec.box, spec.box)).reshape(n, -1)
+        var = data["true"]["noise_variance"]
+    for s in range(0, n, batch):
+        e = min(n, s + batch)
+        idx = np.minimum(np.arange(s, s + batch), n - 1)
+        m = np.asarray(f(*[jnp.asarray(params[idx, i]) for i in range(8)], jnp.asarray(coords)))
+        m = m[: e - s].astype(np.float64).reshape(e - s, n_nodes, -1)
+        if knows_truth:
+            t = data["true"]
+            mm = t["amplitude"][s:e, None, None] * m + t["image_offset"][s:e, None, None]
+            mw = whiten(mm.reshape(-1, spec.box, spec.box)).reshape(e - s, n_nodes, -1)
+            L[s:e] = -0.5 * ((yw[s:e, None, :] - mw) ** 2).sum(-1) / var
+        else:
+            yc = y[s:e, None, :] - y[s:e, None, :].mean(-1, keepdims=True)
+            mc = m - m.mean(-1, keepdims=True)
+            a = (yc * mc).sum(-1) / (mc * mc).sum(-1)
+            L[s:e] = ((yc - a[..., None] * mc) ** 2).sum(-1)  # residual power, scaled below
+    if not knows_truth:
+        sigma2 = np.mean(L.min(axis=1)) / y.shape[1]
+        L = -0.5 * L / sigma2
+    wts = np.full(n_nodes, 1.0 / n_nodes)
+    for _ in range(500):
+        lp = L + np.log(np.maximum(wts, 1e-300))[None]
+        r = np.exp(lp - lp.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)
+        new = r.mean(0)
+        if np.abs(new - wts).max() < 1e-8:
+            wts = new
+            break
+        wts = new
+    return nodes, wts
