@@ -21,7 +21,7 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 demo: $(STAMP)
-	$(BIN)/cryosip demo --out demo
+	$(BIN)/cryosip demo --out demo --overwrite
 
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
