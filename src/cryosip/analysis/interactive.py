@@ -77,6 +77,7 @@ JS = r"""
     var ymin = Infinity, ymax = -Infinity;
     ys.forEach(function (a) { a.forEach(function (v) { if (isFinite(v)) { ymin = Math.min(ymin, v); ymax = Math.max(ymax, v); } }); });
     if (curve.ymax !== undefined && ymax > curve.ymax) ymax = curve.ymax;
+    if (curve.ymin !== undefined) ymin = Math.min(ymin, curve.ymin);
     if (!(ymax > ymin)) { ymax = ymin + 1; }
     var sx = function (v) { return L + (v - xmin) / (xmax - xmin) * (W - L - R); };
     var sy = function (v) { return H - B - (Math.min(v, ymax) - ymin) / (ymax - ymin) * (H - T - B); };

@@ -32,6 +32,28 @@ logger = logging.getLogger(__name__)
 
 PARTICLES_CSV = "distribution_particles.csv"
 
+# every name write_reconstruction may create in out_dir (for tools that clean or list a run)
+RECONSTRUCT_OUTPUTS = (
+    PARTICLES_CSV,
+    "distribution.csv",
+    "free_energy.csv",
+    "history.csv",
+    "summary.json",
+    "*.png",
+    "particles_cv.star",
+    "particles_cv.cs",
+    "z.pkl",
+    "posterior.npz",
+    "ensemble.pdb",
+    "ensemble.cif",
+    "ensemble.csv",
+    "trajectory.pdb",
+    "trajectory.csv",
+    "volumes",
+    "chimerax_series.cxc",
+    "report.html",
+)
+
 CORE_FILES = {
     PARTICLES_CSV: "the recovered distribution: weighted particles (CV columns, weight)",
     "distribution.csv": "density of the CV on a grid (1-D), with bootstrap bands",

@@ -24,7 +24,13 @@ def _curves(problem, result, cv_names, landscape) -> tuple[dict, dict, tuple, st
         lo, hi = float(np.ravel(problem.lower)[0]), float(np.ravel(problem.upper)[0])
         dens = density_table(result, lo, hi)
         x = dens["grid"]
-        density = {"x": x, "y": dens["density"], "ylabel": "density", "color": "#1f77b4"}
+        density = {
+            "x": x,
+            "y": dens["density"],
+            "ylabel": "density",
+            "color": "#1f77b4",
+            "ymin": 0.0,
+        }
         fe = {
             "x": x,
             "y": dens["free_energy"],
@@ -46,7 +52,13 @@ def _curves(problem, result, cv_names, landscape) -> tuple[dict, dict, tuple, st
     lo, hi = float(t[0]) - 0.1 * span, float(t[-1]) + 0.1 * span
     x = np.linspace(lo, hi, 201)
     y = kde(proj, w, x)
-    density = {"x": x, "y": y, "ylabel": "density along the axis", "color": "#1f77b4"}
+    density = {
+        "x": x,
+        "y": y,
+        "ylabel": "density along the axis",
+        "color": "#1f77b4",
+        "ymin": 0.0,
+    }
     fe = {
         "x": x,
         "y": free_energy(y),
@@ -82,7 +94,8 @@ def write_reconstruction_report(
         dens = float(np.interp(t, density["x"], density["y"]))
         text = f"{cv}   population {q:.3f}   density {dens:.3g}"
         frames.append({"t": float(t), "cv": [float(v) for v in np.ravel(p)], "text": text})
-    start = len(frames) // 2
+    pops = np.asarray(landscape["viewer_populations"], np.float64)
+    start = int(np.nanargmax(pops)) if np.isfinite(pops).any() else len(frames) // 2
     rows = [
         ("method", summary.get("label")),
         ("images", summary.get("n_images")),
