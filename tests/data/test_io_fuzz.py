@@ -1,20 +1,26 @@
-"""Fuzzing: any input to the STAR and .cs readers either parses or raises CryosipInputError."""
+"""Fuzzing: any input to the STAR, .cs, MRC and pickle readers either parses or raises
+CryosipInputError, and never makes cryosip allocate more than it holds (lying headers)."""
 
 from __future__ import annotations
 
 import atexit
+import gzip
 import io
+import pickle
 import shutil
+import struct
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cryosip.data.cryodrgn import load_pickle_safely, read_pose_pkl
 from cryosip.data.cryosparc import read_cs
 from cryosip.data.errors import CryosipInputError
-from cryosip.data.mrc import write_mrcs
+from cryosip.data.mrc import LazyImageStack, read_mrcs, write_mrcs
 from cryosip.data.star import read_star
 
 _DIR = Path(tempfile.mkdtemp(prefix="cryosip_fuzz_"))
@@ -22,6 +28,37 @@ atexit.register(shutil.rmtree, _DIR, True)
 write_mrcs(
     _DIR / "particles.mrcs", np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32), 2.0
 )
+_GOOD_MRC = (_DIR / "particles.mrcs").read_bytes()
+BOUND = 64 << 20  # bytes: the most a lying input may make cryosip allocate
+
+
+def _lie(raw: bytes, **fields) -> bytes:
+    """``raw`` with MRC header int32 fields overwritten (nx, ny, nz, mode, mx, nsymbt)."""
+    offsets = {"nx": 0, "ny": 4, "nz": 8, "mode": 12, "mx": 28, "nsymbt": 92}
+    out = bytearray(raw)
+    for k, v in fields.items():
+        out[offsets[k] : offsets[k] + 4] = struct.pack("<i", v)
+    return bytes(out)
+
+
+# stacks whose headers lie: 10^9 images, 10^6 images in a 3-image file, a 4096-pixel box
+(_DIR / "liar.mrcs").write_bytes(_lie(_GOOD_MRC, nz=10**9))
+(_DIR / "liar2.mrcs").write_bytes(_lie(_GOOD_MRC, nz=10**6))
+(_DIR / "liar3.mrcs").write_bytes(_lie(_GOOD_MRC, nx=4096, ny=4096))
+
+
+def _bounded(fn):
+    """Run ``fn``: only CryosipInputError (one line) may escape; peak allocation < BOUND."""
+    tracemalloc.start()
+    try:
+        fn()
+    except CryosipInputError as e:
+        assert "\n" not in str(e)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < BOUND, f"peak allocation {peak / 2**20:.1f} MiB"
+
 
 LABELS = [
     "rlnImageName",
@@ -55,6 +92,9 @@ TOKENS = st.one_of(
             "000003@particles.mrcs",
             "000004@particles.mrcs",
             "1@missing.mrcs",
+            "000001@liar.mrcs",
+            "000002@liar2.mrcs",
+            "000001@liar3.mrcs",
             "@",
             "x@particles.mrcs",
             "0@particles.mrcs",
@@ -200,10 +240,19 @@ def test_fuzz_star_valid_example_parses():
 
 CS_FIELDS = {
     "blob/path": st.sampled_from(
-        [b"particles.mrcs", b">particles.mrcs", b"missing.mrcs", b"", b"\xff\xfe"]
+        [
+            b"particles.mrcs",
+            b">particles.mrcs",
+            b"missing.mrcs",
+            b"",
+            b"\xff\xfe",
+            b"liar.mrcs",
+            b"liar2.mrcs",
+            b"liar3.mrcs",
+        ]
     ),
     "blob/idx": st.integers(-2, 5),
-    "blob/shape": st.sampled_from([(8, 8), (16, 16), (8, 6)]),
+    "blob/shape": st.sampled_from([(8, 8), (16, 16), (8, 6), (4096, 4096), (0, 0)]),
     "blob/psize_A": st.one_of(st.floats(-1, 5), st.just(float("nan"))),
     "ctf/df1_A": st.floats(allow_nan=True, allow_infinity=True, width=32),
     "ctf/df2_A": st.floats(0, 32768, width=32),
@@ -295,3 +344,147 @@ def test_fuzz_cs_structured(arr):
 @given(st.binary(max_size=300))
 def test_fuzz_cs_bytes(data):
     _check_cs(b"\x93NUMPY" + data if data[:1] == b"\x00" else data)
+
+
+# ----------------------------------------------------------------------------------------------
+# lying STAR / .cs inputs under a memory bound
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["liar.mrcs", "liar2.mrcs", "liar3.mrcs", "particles.mrcs"]),
+    st.integers(1, 2 * 10**9),
+)
+def test_fuzz_star_lying_stacks_bounded(stack, index):
+    _bounded(lambda: _check_star(_STAR_ONE.format(name=f"{index:06d}@{stack}")))
+
+
+_STAR_ONE = (
+    "data_\nloop_\n_rlnImageName\n_rlnDefocusU\n_rlnVoltage\n_rlnSphericalAberration\n"
+    "_rlnAmplitudeContrast\n_rlnImagePixelSize\n{name} 15000 300 2.7 0.1 2.0\n"
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cs_arrays())
+def test_fuzz_cs_lying_stacks_bounded(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    _bounded(lambda: _check_cs(buf.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# MRC headers: any int32 in the size fields
+
+
+_INT32 = st.one_of(
+    st.sampled_from([0, 1, 2, 3, 4, 8, 9, 4096, 4097, 10**8, 10**8 + 1, 10**9, -1, -(2**31)]),
+    st.integers(-(2**31), 2**31 - 1),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.sampled_from(["nx", "ny", "nz", "mode", "mx", "nsymbt"]), _INT32, max_size=4
+    ),
+    st.sampled_from(["plain", "gzip", "truncated"]),
+)
+def test_fuzz_mrc_lying_headers(fields, variant):
+    raw = _lie(_GOOD_MRC, **fields)
+    if variant == "gzip":
+        raw = gzip.compress(raw)
+    elif variant == "truncated":
+        raw = raw[: len(raw) - 100]
+    suffix = ".mrcs.gz" if variant == "gzip" else ".mrcs"
+    with tempfile.NamedTemporaryFile(dir=_DIR, suffix=suffix, delete=False) as f:
+        f.write(raw)
+        path = Path(f.name)
+
+    def read():
+        np.asarray(read_mrcs(path)[:2], np.float32)
+        lazy = LazyImageStack([path], [0], [0], 8)
+        np.asarray(lazy[0])
+
+    try:
+        _bounded(read)
+    finally:
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# pickles: random bytes and mutated genuine cryoDRGN pickles
+
+
+_ROT = np.stack([np.eye(3, dtype=np.float32)] * 2)
+_GENUINE = [
+    pickle.dumps(obj, protocol=p)
+    for obj in (
+        (_ROT, np.zeros((2, 2), np.float32)),
+        np.ones((2, 9), np.float32),
+        np.arange(3),
+        np.float32(1.5),
+    )
+    for p in range(pickle.HIGHEST_PROTOCOL + 1)
+]
+_SAFE_TYPES = (tuple, list, dict, set, frozenset, int, float, complex, str, bytes, bytearray,
+               bool, type(None), np.ndarray, np.generic)  # fmt: skip
+
+
+def _check_loaded(obj, depth=0):
+    assert isinstance(obj, _SAFE_TYPES), type(obj)
+    if isinstance(obj, np.ndarray):
+        assert not obj.dtype.hasobject
+    if depth < 50 and isinstance(obj, (tuple, list, set, frozenset)):
+        for v in obj:
+            _check_loaded(v, depth + 1)
+    if depth < 50 and isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_loaded(k, depth + 1)
+            _check_loaded(v, depth + 1)
+
+
+def _check_pickle(payload: bytes):
+    with tempfile.NamedTemporaryFile(dir=_DIR, suffix=".pkl", delete=False) as f:
+        f.write(payload)
+        path = Path(f.name)
+    try:
+
+        def load():
+            _check_loaded(load_pickle_safely(path))
+            read_pose_pkl(path)
+
+        _bounded(load)
+    finally:
+        path.unlink()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"", b"\x80\x02", b"\x80\x04", b"\x80\x05"]))
+def test_fuzz_pickle_bytes(data, proto):
+    _check_pickle(proto + data)
+
+
+@st.composite
+def mutated_pickles(draw):
+    raw = bytearray(draw(st.sampled_from(_GENUINE)))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["set", "insert", "delete", "truncate", "big"]))
+        i = draw(st.integers(0, max(len(raw) - 1, 0)))
+        if kind == "set" and raw:
+            raw[i] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=9))
+        elif kind == "delete" and raw:
+            del raw[i : i + draw(st.integers(1, 8))]
+        elif kind == "truncate":
+            del raw[i:]
+        elif kind == "big" and len(raw) >= i + 4:  # a huge length or shape where one was
+            raw[i : i + 4] = struct.pack("<I", draw(st.sampled_from([2**31 - 1, 2**32 - 1, 10**9])))
+    return bytes(raw)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_pickles())
+def test_fuzz_pickle_mutated(payload):
+    _check_pickle(payload)

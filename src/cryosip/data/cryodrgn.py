@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import pickle
@@ -24,7 +25,14 @@ import jax
 import numpy as np
 
 from .errors import CryosipInputError
-from .mrc import LazyImageStack, MissingImages, _is_compressed, mrc_layout, read_mrc_header
+from .mrc import (
+    MAX_BOX,
+    LazyImageStack,
+    MissingImages,
+    _is_compressed,
+    mrc_layout,
+    read_mrc_header,
+)
 from .particles import ParticleStack, take_nuisance
 
 logger = logging.getLogger(__name__)
@@ -38,21 +46,287 @@ __all__ = [
     "read_cryodrgn",
     "cryodrgn_pickle_kind",
     "write_pickle",
+    "load_pickle_safely",
+    "RestrictedUnpickler",
 ]
 
 
-def _load_pickle(path: Path):
+# ----------------------------------------------------------------------------------------------
+# Restricted unpickling: a pickle is a program, so only what NumPy arrays need may run.
+#
+# cryoDRGN's pickles hold NumPy arrays (and tuples of them). Pickling them references, depending
+# on the protocol and the NumPy major version (checked with pickletools):
+#   numpy(._core|.core).multiarray._reconstruct, numpy.ndarray, numpy.dtype   (protocols 0-5)
+#   numpy(._core|.core).numeric._frombuffer                  (protocol 5, contiguous arrays)
+#   numpy(._core|.core).multiarray.scalar                   (NumPy scalars)
+#   _codecs.encode(str, "latin1")                           (protocols 0-2: bytes as text)
+#   builtins.bytes / __builtin__.bytes, no arguments        (protocols 0-2: empty bytes)
+# Tuples, lists, dicts, numbers and strings are opcodes, not globals. Each admitted global is
+# replaced by a checking stand-in, so that no pickle can call NumPy with arbitrary arguments
+# (e.g. allocate an array of 10^12 elements, or build an object array); every other global is
+# refused. A first pass over the opcodes (pickletools.genops on the bytes, bounded by the file
+# size) refuses forbidden globals, counted lengths past the end and absurd memo indices before
+# any object is built; find_class refuses the same globals again during the real load.
+
+
+class _Refused(Exception):
+    """A pickle that is refused (the message names why, e.g. ``forbidden global os.system``)."""
+
+
+def _printable(s) -> str:
+    return str(s).encode("unicode_escape", "replace").decode("ascii")[:120]
+
+
+_NDARRAY = object()  # stand-in for numpy.ndarray: only _reconstruct accepts it, nothing calls it
+_FORBIDDEN_DTYPE_FLAGS = 0x01 | 0x02 | 0x04 | 0x20 | 0x40  # object refs, list pickle, getitem...
+_MAX_NDIM = 32
+
+
+def _checked_dtype(dt) -> np.dtype:
+    if not isinstance(dt, np.dtype):
+        raise _Refused(f"array dtype is a {type(dt).__name__}, not a NumPy dtype")
+    if dt.hasobject or dt.flags & _FORBIDDEN_DTYPE_FLAGS or dt.kind == "O":
+        raise _Refused("object arrays are not allowed")
+    return dt
+
+
+def _checked_nbytes(shape, dt: np.dtype) -> int:
+    if not isinstance(shape, tuple) or len(shape) > _MAX_NDIM:
+        raise _Refused("array shape is not a tuple of at most 32 sizes")
+    n = dt.itemsize
+    for s in shape:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise _Refused(f"array shape {_printable(shape)} is not made of sizes >= 0")
+        n *= s
+    return n
+
+
+def _safe_dtype(obj, align=False, copy=False):
+    """numpy.dtype as pickles call it: ``dtype('f4', False, True)``; no object dtypes."""
+    if not isinstance(obj, str) or len(obj) > 64:
+        raise _Refused("numpy.dtype called with something other than a type code")
+    try:
+        dt = np.dtype(obj, align=bool(align), copy=bool(copy))
+    except Exception as e:
+        raise _Refused(f"invalid dtype {_printable(obj)} ({type(e).__name__})") from None
+    return _checked_dtype(dt)
+
+
+class _GuardedArray(np.ndarray):
+    """An array being unpickled: its state (shape, dtype, raw bytes) is checked before NumPy
+    sees it, so that the bytes must really be in the file (no allocation from a claimed size)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Refused("malformed array state")
+        shape, dt, _fortran, raw = state[-4:]
+        dt = _checked_dtype(dt)
+        if not isinstance(raw, (bytes, bytearray)):
+            raise _Refused("array data is not raw bytes")
+        if _checked_nbytes(shape, dt) != len(raw):
+            raise _Refused("array data size does not match its shape")
+        super().__setstate__(state)
+
+
+def _safe_reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array whose state follows."""
+    if subtype is not _NDARRAY:
+        raise _Refused("_reconstruct of something other than numpy.ndarray")
+    if isinstance(dtype, (bytes, str)) and dtype in (b"b", "b"):
+        dt = np.dtype("b")
+    else:
+        dt = _checked_dtype(dtype)
+    if _checked_nbytes(shape, dt) > 1 << 16:
+        raise _Refused("_reconstruct asks for a large array")
+    return np.ndarray.__new__(_GuardedArray, shape, dt)
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    """numpy's ``_frombuffer`` (protocol 5): an array over bytes that are in the file."""
+    if isinstance(buf, pickle.PickleBuffer):
+        buf = buf.raw()
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise _Refused("_frombuffer of something other than bytes")
+    dt = _checked_dtype(dtype)
+    if order not in ("C", "F") or _checked_nbytes(shape, dt) != memoryview(buf).nbytes:
+        raise _Refused("array data size does not match its shape")
+    try:
+        return np.frombuffer(buf, dtype=dt).reshape(shape, order=order)
+    except Exception as e:
+        raise _Refused(f"invalid array ({type(e).__name__})") from None
+
+
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]  # numpy(._core|.core).multiarray.scalar
+
+
+def _safe_scalar(dtype, data=None):
+    """numpy's ``scalar(dtype, bytes)``: a NumPy scalar from exactly ``itemsize`` bytes."""
+    dt = _checked_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise _Refused("NumPy scalar data does not match its dtype")
+    return _NUMPY_SCALAR(dt, data)
+
+
+def _safe_encode(text, encoding="latin1"):
+    """``_codecs.encode(text, 'latin1')``: bytes in protocol 0-2 pickles."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused("_codecs.encode is only allowed for latin1 text")
+    return text.encode("latin-1")
+
+
+def _safe_empty_bytes(*args):
+    """``bytes()``: how protocols 0-2 write the empty data of an empty array."""
+    if args:
+        raise _Refused("bytes() is only allowed without arguments")
+    return b""
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("builtins", "bytes"): _safe_empty_bytes,
+    ("__builtin__", "bytes"): _safe_empty_bytes,
+    ("numpy", "dtype"): _safe_dtype,
+    ("_codecs", "encode"): _safe_encode,
+}
+for _core in ("numpy.core", "numpy._core"):  # NumPy 1.x and 2.x module names
+    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _safe_reconstruct
+    _ALLOWED_GLOBALS[(f"{_core}.multiarray", "scalar")] = _safe_scalar
+    _ALLOWED_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _safe_frombuffer
+del _core
+
+
+def _check_global(module, name) -> None:
+    if (module, name) not in _ALLOWED_GLOBALS:
+        raise _Refused(f"forbidden global {_printable(module)}.{_printable(name)}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Loads NumPy arrays, dtypes, scalars and plain containers; refuses every other global."""
+
+    def find_class(self, module, name):
+        _check_global(module, name)
+        return _ALLOWED_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid):
+        raise _Refused("persistent ids are not allowed")
+
+
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+_REFUSED_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
+
+
+def _prescan(data: bytes) -> None:
+    """Walk the opcodes without building anything: refuse forbidden globals (including the
+    names STACK_GLOBAL takes from the stack), persistent ids, extension codes, counted lengths
+    past the end of the data and memo indices larger than the pickle (which would make the
+    unpickler allocate a huge memo)."""
+    import pickletools
+
+    mark = pickletools.markobject
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    n_ops = 0
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            n_ops += 1
+            name = op.name
+            if name in _REFUSED_OPS:
+                if name == "INST":
+                    _check_global(*str(arg).split(" ", 1))
+                raise _Refused(f"opcode {name} is not allowed")
+            if name == "FRAME" and arg > len(data) - pos:
+                raise _Refused("frame longer than the file")
+            if name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= n_ops:
+                raise _Refused(f"memo index {int(arg)} out of range")
+            before, after = op.stack_before, op.stack_after
+            if name == "GLOBAL":
+                _check_global(*str(arg).split(" ", 1))
+            if name == "STACK_GLOBAL":
+                if len(stack) < 2 or not all(isinstance(v, str) for v in stack[-2:]):
+                    raise _Refused("STACK_GLOBAL with names that are not plain strings")
+                _check_global(stack[-2], stack[-1])
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                if int(arg) not in memo:
+                    raise _Refused(f"memo index {int(arg)} read before it is set")
+                stack.append(memo[int(arg)])
+                continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if not stack or stack[-1] is mark:
+                    raise _Refused("memo store with an empty stack")
+                memo[int(arg) if name != "MEMOIZE" else len(memo)] = stack[-1]
+                continue
+            n_pop = len(before)
+            if mark in before or (name == "POP" and stack and stack[-1] is mark):
+                if not marks:
+                    raise _Refused("opcode needs a MARK")
+                del stack[marks.pop() :]
+                n_pop = before.index(mark) if mark in before else 0
+            if len(stack) < n_pop:
+                raise _Refused(f"opcode {name} pops an empty stack")
+            if n_pop:
+                del stack[-n_pop:]
+            if mark in after:
+                marks.append(len(stack))
+                stack.append(mark)
+                continue
+            if name in _STRING_OPS:
+                stack.append(arg if isinstance(arg, str) else None)
+            else:
+                stack.extend([None] * len(after))
+    except _Refused:
+        raise
+    except Exception as e:  # ValueError from genops: truncated data, unknown opcode, ...
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _Refused(f"not a valid pickle ({_printable(why)})") from None
+
+
+def _unguard(obj, depth: int = 0):
+    if isinstance(obj, _GuardedArray):
+        return obj.view(np.ndarray)
+    if depth < 4 and isinstance(obj, (tuple, list)):
+        return type(obj)(_unguard(v, depth + 1) for v in obj)
+    return obj
+
+
+def load_pickle_safely(path: str | os.PathLike):
+    """Unpickle a cryoDRGN-style pickle (NumPy arrays, tuples, lists, dicts, numbers, strings)
+    without running any code from it. A pickle that references any other global (``os.system``,
+    ``builtins.eval``, a torch tensor, ...) is refused with a :class:`CryosipInputError` naming
+    the file and the global, before any object is built; so are object arrays and arrays whose
+    declared size does not match the bytes in the file."""
+    path = Path(path)
     if not path.exists():
         raise CryosipInputError(path, "file not found")
+    if path.is_dir():
+        raise CryosipInputError(path, "is a folder, not a pickle")
     if path.stat().st_size == 0:
         raise CryosipInputError(path, "empty file")
+    data = path.read_bytes()
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:  # UnpicklingError, EOFError, ModuleNotFoundError (torch objects), ...
+        _prescan(data)
+        obj = RestrictedUnpickler(io.BytesIO(data)).load()
+        return _unguard(obj)
+    except _Refused as e:
+        raise CryosipInputError(path, f"refusing to load pickle: {e}") from None
+    except CryosipInputError:
+        raise
+    except (Exception, RecursionError) as e:  # UnpicklingError, EOFError, ValueError, ...
+        msg = str(e).splitlines()[0] if str(e) else ""
         raise CryosipInputError(
-            path, f"not a readable pickle ({type(e).__name__}: {str(e)[:120]})"
+            path, f"not a readable pickle ({type(e).__name__}: {_printable(msg)})"
         ) from None
+
+
+_load_pickle = load_pickle_safely
 
 
 def _as_array(obj, path: Path, what: str) -> np.ndarray:
@@ -128,6 +402,10 @@ def read_ctf_pkl(path) -> np.ndarray:
     if len(arr) and ((arr[:, 0] < 2).any() or (arr[:, 1] <= 0).any()):
         raise CryosipInputError(
             path, "ctf.pkl: box size (column 0) and pixel size (column 1) must be positive"
+        )
+    if len(arr) and (arr[:, 0] > MAX_BOX).any():
+        raise CryosipInputError(
+            path, f"ctf.pkl: box size {arr[:, 0].max():g} (column 0) is above {MAX_BOX}: refused"
         )
     return arr
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import mrcfile
@@ -54,32 +53,145 @@ def _temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def read_mrc_header(path: str | os.PathLike):
-    """The validated MRC header (a NumPy record) of ``path``; errors are CryosipInputError."""
+#: Largest image/volume edge accepted from a header (pixels). Headers are untrusted input:
+#: anything larger is refused before anything is allocated.
+MAX_BOX = 4096
+#: Most sections (images) accepted in one MRC header.
+MAX_IMAGES = 10**8
+#: Most bytes a gzip/bzip2-compressed stack may announce (it is decompressed into memory).
+MAX_DECOMPRESSED_BYTES = 8 << 30
+#: deflate cannot compress better than 1032:1, so a gzip file announcing more is lying.
+_GZIP_MAX_RATIO = 1032
+
+
+def _open_raw(path: Path):
+    """A binary stream of ``path``'s MRC bytes (decompressing gzip/bzip2 as it is read)."""
+    with open(path, "rb") as f:
+        magic = f.read(3)
+    if magic[:2] == b"\x1f\x8b":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if magic == b"BZh":
+        import bz2
+
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _parse_header(raw: bytes):
+    """The 1024-byte header as a NumPy record in the file's byte order (as mrcfile's permissive
+    reader does: byte order from the machine stamp, swapped when the mode only makes sense so)."""
+    header = np.frombuffer(raw, dtype=mrcfile.dtypes.HEADER_DTYPE).reshape(()).view(np.recarray)
+    try:
+        order = mrcfile.utils.byte_order_from_machine_stamp(header.machst)
+    except ValueError:
+        order = "<"
+    header = header.copy()
+    header.dtype = header.dtype.newbyteorder(order)
+    try:
+        mrcfile.utils.dtype_from_mode(header.mode)
+    except ValueError:
+        swapped = header.copy()
+        swapped.dtype = swapped.dtype.newbyteorder()
+        try:
+            mrcfile.utils.dtype_from_mode(swapped.mode)
+            header = swapped
+        except ValueError:
+            pass
+    return header
+
+
+def _data_nbytes(header, dtype: np.dtype) -> int:
+    return int(header.nx) * int(header.ny) * int(header.nz) * dtype.itemsize
+
+
+def read_mrc_header(path: str | os.PathLike, *, expected_box: int | None = None):
+    """The validated MRC header (a NumPy record) of ``path``; errors are CryosipInputError.
+
+    Headers are untrusted: only the first 1024 bytes are read (an extended header is skipped,
+    never loaded), and a header is refused, in O(1), when its sizes are negative or absurd
+    (an edge above :data:`MAX_BOX`, more than :data:`MAX_IMAGES` sections, a negative extended
+    header), when the file is shorter than the header announces (uncompressed files: 1024 +
+    extended header + ``nx * ny * nz * itemsize`` bytes), when a gzip file announces more than
+    deflate can hold, or when ``expected_box`` is given and the images are not that size.
+    """
     path = Path(path)
     if not path.exists():
         raise CryosipInputError(path, "file not found")
-    if path.stat().st_size == 0:
+    if path.is_dir():
+        raise CryosipInputError(path, "is a folder, not an MRC file")
+    size = path.stat().st_size
+    if size == 0:
         raise CryosipInputError(path, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-                header = mrc.header.copy()
-    except Exception as e:  # mrcfile raises ValueError/OSError/EOFError on bad headers
-        raise CryosipInputError(path, f"not a readable MRC file ({e})") from None
-    if header is None:
+        with _open_raw(path) as f:
+            raw = f.read(_HEADER_BYTES)
+    except Exception as e:  # OSError, EOFError, gzip/bz2 errors on corrupt streams
+        raise CryosipInputError(
+            path, f"not a readable MRC file ({type(e).__name__}: {e})"
+        ) from None
+    if len(raw) < _HEADER_BYTES:
         raise CryosipInputError(path, "not an MRC file (truncated header)")
-    if bytes(header.map) != b"MAP ":
+    header = _parse_header(raw)
+    nx, ny, nz, mode = int(header.nx), int(header.ny), int(header.nz), int(header.mode)
+    if bytes(header.map)[:3] != b"MAP":
         # old (pre-2014) files may lack the MAP id; accept them only with a sane mode and size
-        if (
-            int(header.mode) not in (0, 1, 2, 6, 12)
-            or min(int(header.nx), int(header.ny), int(header.nz)) < 1
-        ):
+        if mode not in (0, 1, 2, 6, 12) or min(nx, ny, nz) < 1:
             raise CryosipInputError(
                 path, "not an MRC file (no 'MAP ' id and an implausible header)"
             )
+    if min(nx, ny, nz) < 1:
+        raise CryosipInputError(path, f"invalid dimensions nx={nx} ny={ny} nz={nz}")
+    if max(nx, ny) > MAX_BOX:
+        raise CryosipInputError(
+            path, f"header announces {ny}x{nx}-pixel images (more than {MAX_BOX}): refused"
+        )
+    if nz > MAX_IMAGES:
+        raise CryosipInputError(
+            path, f"header announces {nz} images (more than {MAX_IMAGES}): refused"
+        )
+    nsymbt = int(header.nsymbt)
+    if nsymbt < 0:
+        raise CryosipInputError(path, f"negative extended header size {nsymbt}")
+    if expected_box is not None and (nx != int(expected_box) or ny != int(expected_box)):
+        raise CryosipInputError(
+            path, f"has {ny}x{nx}-pixel images but the metadata says {int(expected_box)}"
+        )
+    try:
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except Exception:
+        return header  # unsupported mode: reported by mrc_layout/read_mrcs when data is read
+    if _is_compressed(path):
+        expected = _HEADER_BYTES + nsymbt + _data_nbytes(header, dtype)
+        if _is_gzip(path) and expected > _GZIP_MAX_RATIO * size + _HEADER_BYTES:
+            raise CryosipInputError(
+                path,
+                f"header announces {expected} bytes but a {size}-byte gzip file cannot hold them",
+            )
+    else:
+        _check_size(path, header, dtype, size)
     return header
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _check_size(path: Path, header, dtype: np.dtype, size: int) -> None:
+    """Refuse an uncompressed file shorter than its header announces (a truncated stack, or a
+    header that lies about the number or size of the images)."""
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    offset = _HEADER_BYTES + int(header.nsymbt)
+    expected = offset + nx * ny * nz * dtype.itemsize
+    if size < expected:
+        n_full = max(0, (size - offset) // (nx * ny * dtype.itemsize))
+        raise CryosipInputError(
+            path,
+            f"truncated MRC file: header says {nz} images of {ny}x{nx} ({expected} bytes) but the "
+            f"file has {size} bytes ({n_full} complete images)",
+        )
 
 
 def mrc_pixel_size(path: str | os.PathLike) -> float:
@@ -103,17 +215,66 @@ def read_mrcs(path: str | os.PathLike) -> np.ndarray:
     Gzip/bzip2-compressed files cannot be memory-mapped; they are decompressed into memory.
     """
     path = Path(path)
-    if path.exists() and path.stat().st_size > 0 and _is_compressed(path):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with mrcfile.open(path, mode="r", permissive=True) as mrc:
-                    data = np.asarray(mrc.data)
-        except Exception as e:
-            raise CryosipInputError(path, f"cannot read compressed MRC ({e})") from None
-        return data.reshape((-1,) + data.shape[-2:])
+    if path.exists() and path.is_file() and path.stat().st_size > 0 and _is_compressed(path):
+        return _read_compressed(path)
     dtype, offset, shape = mrc_layout(path)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _data_dtype(path: Path, header) -> np.dtype:
+    try:
+        dtype = mrcfile.utils.data_dtype_from_header(header)
+    except Exception as e:
+        raise CryosipInputError(path, f"unsupported MRC mode {int(header.mode)} ({e})") from None
+    if dtype.kind == "c":
+        raise CryosipInputError(path, f"complex MRC mode {int(header.mode)} is not an image stack")
+    return dtype
+
+
+def _read_compressed(path: Path, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """Decompress a gzip/bzip2 stack into memory, chunk by chunk: memory grows with the data
+    actually present (a header announcing more is a truncated file), never beyond what the
+    header announces (trailing data is not decompressed), and never beyond
+    :data:`MAX_DECOMPRESSED_BYTES`."""
+    header = read_mrc_header(path)
+    dtype = _data_dtype(path, header)
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    nbytes = _data_nbytes(header, dtype)
+    if nbytes > MAX_DECOMPRESSED_BYTES:
+        raise CryosipInputError(
+            path,
+            f"compressed stack announces {nbytes / 2**30:.1f} GiB (more than "
+            f"{MAX_DECOMPRESSED_BYTES / 2**30:.0f} GiB in memory): decompress it first",
+        )
+    skip = _HEADER_BYTES + int(header.nsymbt)
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        with _open_raw(path) as f:
+            while skip > 0:  # header and extended header, read and dropped in chunks
+                b = f.read(min(skip, chunk_bytes))
+                if not b:
+                    break
+                skip -= len(b)
+            while got < nbytes and skip <= 0:
+                b = f.read(min(nbytes - got, chunk_bytes))
+                if not b:
+                    break
+                chunks.append(b)
+                got += len(b)
+    except Exception as e:  # corrupt gzip/bzip2 stream
+        raise CryosipInputError(
+            path, f"cannot read compressed MRC ({type(e).__name__}: {e})"
+        ) from None
+    if got < nbytes:
+        n_full = got // (nx * ny * dtype.itemsize)
+        raise CryosipInputError(
+            path,
+            f"truncated MRC file: header says {nz} images of {ny}x{nx} ({nbytes} data bytes) but "
+            f"the compressed file holds {got} ({n_full} complete images)",
+        )
+    data = np.frombuffer(b"".join(chunks) if len(chunks) != 1 else chunks[0], dtype=dtype)
+    return data.reshape(nz, ny, nx)
 
 
 def mrc_layout(path: str | os.PathLike, header=None) -> tuple[np.dtype, int, tuple[int, int, int]]:
@@ -122,26 +283,12 @@ def mrc_layout(path: str | os.PathLike, header=None) -> tuple[np.dtype, int, tup
     path = Path(path)
     if header is None:
         header = read_mrc_header(path)
-    try:
-        dtype = mrcfile.utils.data_dtype_from_header(header)
-    except Exception as e:
-        raise CryosipInputError(path, f"unsupported MRC mode {int(header.mode)} ({e})") from None
-    if dtype.kind == "c":
-        raise CryosipInputError(path, f"complex MRC mode {int(header.mode)} is not an image stack")
+    dtype = _data_dtype(path, header)
     nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
     if nx < 1 or ny < 1 or nz < 1:
         raise CryosipInputError(path, f"invalid dimensions nx={nx} ny={ny} nz={nz}")
-    offset = _HEADER_BYTES + int(header.nsymbt)
-    expected = offset + nx * ny * nz * dtype.itemsize
-    size = path.stat().st_size
-    if size < expected:
-        n_full = max(0, (size - offset) // (nx * ny * dtype.itemsize))
-        raise CryosipInputError(
-            path,
-            f"truncated MRC file: header says {nz} images of {ny}x{nx} ({expected} bytes) but the "
-            f"file has {size} bytes ({n_full} complete images)",
-        )
-    return dtype, offset, (nz, ny, nx)
+    _check_size(path, header, dtype, path.stat().st_size)
+    return dtype, _HEADER_BYTES + int(header.nsymbt), (nz, ny, nx)
 
 
 class MrcsWriter:
@@ -434,6 +581,14 @@ class LazyImageStack(AbstractImages):
     ``files[file_index[i]]``. Files whose box differs from ``box_size`` are Fourier-cropped to it
     as they are read. Every chunk is checked for NaN/Inf pixels (a
     :class:`CryosipInputError` naming the file and the 1-based image number).
+
+    The constructor checks the indices against the files' headers, O(1) per file (one header
+    read and a vectorised max per file, never per image): every referenced file must be a
+    square MRC stack holding all the data its header announces, with at least
+    ``max(image_index) + 1`` images, whose box equals ``file_boxes[k]`` (when given) and the
+    box the metadata announces for its particles (``expected_boxes``: one int, or one per
+    particle, e.g. a ``.cs`` file's ``blob/shape``). ``validate=False`` skips this (views of an
+    already checked stack).
     """
 
     def __init__(
@@ -446,17 +601,74 @@ class LazyImageStack(AbstractImages):
         file_boxes=None,
         check_finite: bool = True,
         max_open: int = 256,
+        expected_boxes=None,
+        validate: bool = True,
     ):
         self.files = [Path(f) for f in files]
         self.file_index = np.asarray(file_index, dtype=np.int64)
         self.image_index = np.asarray(image_index, dtype=np.int64)
         if self.file_index.shape != self.image_index.shape or self.file_index.ndim != 1:
             raise ValueError("file_index and image_index must be 1-D arrays of equal length")
+        if self.file_index.size and (
+            self.file_index.min() < 0 or self.file_index.max() >= len(self.files)
+        ):
+            raise ValueError(f"file_index out of range for {len(self.files)} files")
         self.box_size = int(box_size)
+        if not 1 <= self.box_size <= MAX_BOX:
+            raise ValueError(f"box_size must be in [1, {MAX_BOX}], got {self.box_size}")
         self.file_boxes = None if file_boxes is None else [int(b) for b in file_boxes]
         self.check_finite = check_finite
         self.max_open = max_open
         self._maps: dict[int, np.ndarray] = {}
+        if validate:
+            self._validate(expected_boxes)
+
+    def _validate(self, expected_boxes) -> None:
+        """Indices and boxes against the headers, one header read per referenced file."""
+        n_files = len(self.files)
+        top = np.full(n_files, -1, np.int64)
+        low = np.zeros(n_files, np.int64)
+        np.maximum.at(top, self.file_index, self.image_index)
+        np.minimum.at(low, self.file_index, self.image_index)
+        exp_lo = exp_hi = None
+        if expected_boxes is not None:
+            exp = np.asarray(expected_boxes, np.int64)
+            if exp.ndim == 0:
+                exp = np.broadcast_to(exp, self.file_index.shape)
+            if exp.shape != self.file_index.shape:
+                raise ValueError("expected_boxes must be one int or one per particle")
+            exp_lo = np.full(n_files, np.iinfo(np.int64).max, np.int64)
+            exp_hi = np.full(n_files, np.iinfo(np.int64).min, np.int64)
+            np.minimum.at(exp_lo, self.file_index, exp)
+            np.maximum.at(exp_hi, self.file_index, exp)
+        for k in np.unique(self.file_index):
+            f = self.files[k]
+            if low[k] < 0:
+                raise CryosipInputError(f, f"negative image index {int(low[k])} (0-based)")
+            h = read_mrc_header(f)
+            nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+            if not _is_compressed(f):
+                mrc_layout(f, h)  # unsupported modes and short files, before any read
+            if nx != ny:
+                raise CryosipInputError(f, f"images are not square ({ny}x{nx})")
+            if top[k] >= nz:
+                raise CryosipInputError(
+                    f, f"image index {int(top[k]) + 1} out of range (stack has {nz} images)"
+                )
+            D = self.box_size
+            if nx != D and (nx < D or nx % 2 or D % 2):
+                raise CryosipInputError(
+                    f, f"has {nx}-pixel images, which cannot be Fourier-cropped to {D} pixels"
+                )
+            if self.file_boxes is not None and self.file_boxes[k] > 0 and self.file_boxes[k] != nx:
+                raise CryosipInputError(
+                    f, f"has {nx}-pixel images but {self.file_boxes[k]} were expected"
+                )
+            if exp_lo is not None and not exp_lo[k] == exp_hi[k] == nx:
+                bad = int(exp_lo[k]) if exp_lo[k] != nx else int(exp_hi[k])
+                raise CryosipInputError(
+                    f, f"has {nx}-pixel images but the metadata says {bad} for its particles"
+                )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -487,6 +699,7 @@ class LazyImageStack(AbstractImages):
             file_boxes=self.file_boxes,
             check_finite=self.check_finite,
             max_open=self.max_open,
+            validate=False,
         )
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
