@@ -65,6 +65,7 @@ CORE_FILES = {
     "objective.png": "objective per step",
     "trajectories.png": "particle trajectories of the flow",
     "fit_check.png": "fit check figure",
+    "noise_spectrum.csv": "the estimated noise power per shell and optics group (working grid)",
 }
 
 

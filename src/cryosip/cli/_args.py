@@ -102,6 +102,7 @@ CRYOSIP_OUTPUTS = {
         "*.npz",
         "*.pkl",
         "particles_cv.star",
+        "particles_cv.cs",
         "volumes/",
     ),
     "simulate": ("config.json", "particles.star", "particles_*.mrcs", "truth.csv", "montage.png"),

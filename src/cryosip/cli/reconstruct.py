@@ -94,7 +94,8 @@ def add_args(p):
         "--sigma",
         type=positive_float,
         default=None,
-        help="noise sd (default: estimated from the particle background)",
+        help="pixel noise sd of the input images: white noise of this sd (default: a noise "
+        "spectrum estimated from the images)",
     )
     p.add_argument(
         "--contrast",
@@ -103,10 +104,37 @@ def add_args(p):
         help="image contrast: auto detects inverted (white-protein) data and flips it",
     )
     p.add_argument(
-        "--fit-scale", action="store_true", help="profile a per-image contrast scale and offset"
+        "--fit-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="profile a per-image contrast scale and offset (default on: real images carry both; "
+        "--no-fit-scale holds them fixed)",
     )
     p.add_argument(
-        "--box", type=positive_int, default=None, help="Fourier-crop to this working box"
+        "--noise",
+        default="coloured",
+        choices=["coloured", "white"],
+        help="noise model: a power spectrum per optics group estimated from the residuals "
+        "(default), or white",
+    )
+    p.add_argument(
+        "--pose-error",
+        type=_pose_error,
+        default=None,
+        metavar="DEG,A",
+        help="average the likelihood over pose errors of this rms angle (degrees) and shift "
+        "(Angstrom) around the given poses, e.g. 1.5,0.7 (kl only; 16x the tabulation time)",
+    )
+    p.add_argument(
+        "--no-envelope",
+        action="store_true",
+        help="do not estimate a B-factor envelope (by default one is fitted to the images)",
+    )
+    p.add_argument(
+        "--box",
+        type=positive_int,
+        default=None,
+        help="working box (default: chosen from the CV's signal, docs/noise.md)",
     )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument(
@@ -151,6 +179,38 @@ def _print_result(res, out: str) -> None:
     print(line)  # noqa: T201
 
 
+def _problem_summary(problem, res, out: str, seed: int) -> dict:
+    """What the calibration found and the fit check (summary.json, fit_check.png)."""
+    import pandas as pd
+
+    from .. import _atomic
+    from ..pipeline.fitcheck import fit_check, plot_fit_check
+
+    cal = problem.calibration
+    check = fit_check(problem, res, key=jax.random.fold_in(jax.random.key(seed), 99))
+    os.makedirs(out, exist_ok=True)
+    plot_fit_check(os.path.join(out, "fit_check.png"), check)
+    _atomic.write_csv(os.path.join(out, "noise_spectrum.csv"), pd.DataFrame(cal.noise.to_table()))
+    return {
+        "calibration": cal.summary(),
+        "noise_sigma": float(np.mean(cal.input_noise_sigma)),
+        "fit_scale": bool(problem.operator.fit_scale),
+        "fit_check": check.summary(),
+    }
+
+
+def _pose_error(text: str) -> tuple[float, float]:
+    try:
+        rot, shift = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--pose-error takes DEG,A (e.g. 1.5,0.7), got {text!r}"
+        ) from None
+    if not (rot >= 0 and shift >= 0):
+        raise argparse.ArgumentTypeError(f"--pose-error values must be >= 0, got {text!r}")
+    return rot, shift
+
+
 def _devices(text: str):
     if text == "all":
         return "all"
@@ -193,6 +253,9 @@ def _main_streamed(args, stack, model, settings) -> int:
             sigma=args.sigma,
             contrast=args.contrast,
             fit_scale=args.fit_scale,
+            box_size=args.box,
+            noise=args.noise,
+            envelope=not args.no_envelope,
             n_nodes=args.nodes,
             pilot_images=args.pilot_images,
             entropy=args.entropy,
@@ -216,7 +279,7 @@ def _main_streamed(args, stack, model, settings) -> int:
         res,
         model.cv_names,
         settings,
-        summary_extra=extra,
+        summary_extra={**extra, **_problem_summary(problem, res, args.out, args.seed)},
         stack=stack,
         model=model,
         posterior=None,
@@ -237,7 +300,7 @@ def main(args) -> int:
     from ..data.particles import read_particles
     from ..reconstruction import posterior_cv, prepare, run_method
 
-    stack = read_particles(args.particles, datadir=args.datadir, box_size=args.box)
+    stack = read_particles(args.particles, datadir=args.datadir)
     model, model_description = model_from_args(args)
     logger.info("model: %s", model_description)
     prepare_output_dir(
@@ -251,11 +314,16 @@ def main(args) -> int:
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)
     if args.stream:
         return _main_streamed(args, stack, model, settings)
-    if args.devices not in (None, 1):
-        from ..data.errors import CryosipInputError
+    from ..data.errors import CryosipInputError
 
+    if args.devices not in (None, 1):
         raise CryosipInputError(
             args.particles, "--devices needs --stream (the tabulated path runs on one device)"
+        )
+    if args.pose_error is not None and (args.objective != "kl" or model.dim != 1):
+        raise CryosipInputError(
+            args.particles,
+            "--pose-error needs --objective kl and a 1-D CV (a tabulated likelihood)",
         )
     progress = not args.no_progress
     problem = prepare(
@@ -266,6 +334,10 @@ def main(args) -> int:
         contrast=args.contrast,
         n_nodes=args.nodes,
         progress=progress,
+        box_size=args.box,
+        noise=args.noise,
+        envelope=not args.no_envelope,
+        pose_error=args.pose_error,
     )
     ck = (
         os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
@@ -293,6 +365,7 @@ def main(args) -> int:
         res,
         model.cv_names,
         settings,
+        summary_extra=_problem_summary(problem, res, args.out, args.seed),
         stack=stack,
         model=model,
         posterior=posterior_cv(problem, res) if problem.table is not None else None,

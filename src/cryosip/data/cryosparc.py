@@ -94,7 +94,9 @@ def load_cs_array(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         raise CryosipInputError(path, "empty file")
     try:
-        data = np.load(path, allow_pickle=False)
+        # memory-mapped: NumPy checks the file holds the rows the header claims before reading
+        data = np.load(path, allow_pickle=False, mmap_mode="r")
+        data = np.array(data) if isinstance(data, np.memmap) else data
     except Exception as e:  # ValueError, OSError, EOFError, ... for non-.npy bytes
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CryosipInputError(
