@@ -138,8 +138,12 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             results["cases"][f"snr={snr}"] = run_case(Path(tmp), a.n_images, snr, a.seed)
         _atomic.write_json(a.out, results)
-    print(json.dumps({k: {m: v[m]["w1"] for m in ("default", "em-grid", "per-image", "oracle-files", "oracle-truth")}
-                      for k, v in results["cases"].items()}, indent=1))  # fmt: skip
+    for case, rows in results["cases"].items():
+        w = {
+            m: round(rows[m]["w1"], 4)
+            for m in ("default", "em-grid", "per-image", "oracle-files", "oracle-truth")
+        }
+        print(case, w, "target met" if rows["target_met"] else "target missed")
 
 
 if __name__ == "__main__":

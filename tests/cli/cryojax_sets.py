@@ -239,14 +239,22 @@ def grid_em_oracle(data: dict, n_nodes: int = 33, *, knows_truth: bool, batch: i
         envelope = (
             cxn.FourierGaussian(amplitude=1.0, b_factor=spec.bfactor) if spec.bfactor else None
         )
-    else:
-        pose = (
-            -star["rlnOriginXAngst"].to_numpy(), -star["rlnOriginYAngst"].to_numpy(),
-            star["rlnAngleRot"].to_numpy(), star["rlnAngleTilt"].to_numpy(),
-            star["rlnAnglePsi"].to_numpy(),
+    else:  # the files as cryospax reads them (its Euler and origin conventions)
+        import cryospax as spx
+
+        written = spx.RelionParticleParameterFile(root / "particles.star", mode="r")[np.arange(n)]
+        p, c = written["pose"], written["transfer_theory"].ctf
+        pose = tuple(
+            np.asarray(a, np.float64)
+            for a in (p.offset_x_in_angstroms, p.offset_y_in_angstroms, p.phi_angle,
+                      p.theta_angle, p.psi_angle)
         )  # fmt: skip
-        du, dv = star["rlnDefocusU"].to_numpy(), star["rlnDefocusV"].to_numpy()
-        ctf = (0.5 * (du + dv), du - dv, (90.0 - star["rlnDefocusAngle"].to_numpy()) % 180.0)
+        # the STAR carries RELION's azimuth (mended after writing); cryojax's is 90 - it
+        ctf = (
+            np.asarray(c.defocus_in_angstroms, np.float64),
+            np.asarray(c.astigmatism_in_angstroms, np.float64),
+            (90.0 - np.asarray(c.astigmatism_angle, np.float64)) % 180.0,
+        )
         envelope = None
     config = cxs.BasicImageConfig((spec.box, spec.box), spec.pixel_size, voltage_in_kilovolts=300.0)
 
