@@ -32,35 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests" / "cli"))
 
+from cli_helpers import write_adk_ca_ends  # noqa: E402
 from cryojax_sets import ForeignSpec, grid_em_oracle, make_foreign_set  # noqa: E402
 
 from cryosip import _atomic  # noqa: E402
 from cryosip.analysis.metrics import w1  # noqa: E402
 from cryosip.cli.main import main as cli  # noqa: E402
-from cryosip.data.adk import adk_model, load_adk_arrays  # noqa: E402
 from cryosip.data.models import load_model_with_description  # noqa: E402
-from cryosip.data.outputs import write_ensemble_pdb  # noqa: E402
-
-
-def write_ends(root: Path) -> list[str]:
-    model, a = adk_model(ca_only=True), load_adk_arrays()
-    ca = a["names"] == "CA"
-    files = []
-    for name, s in (("A.pdb", 0.0), ("B.pdb", 1.0)):
-        xyz = np.asarray(model(jnp.array([s])), np.float64)
-        write_ensemble_pdb(
-            root / name, xyz, [1.0], ["C"] * int(ca.sum()), a["names"][ca], a["resnames"][ca],
-            a["resids"][ca],
-        )  # fmt: skip
-        files.append(str(root / name))
-    return files
 
 
 def recovered(out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +56,7 @@ def recovered(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_case(root: Path, n_images: int, snr: float, seed: int) -> dict:
-    ends = write_ends(root)
+    ends = write_adk_ca_ends(root)
     model, _ = load_model_with_description(ends, atoms="ca")
     t0 = time.perf_counter()
     data = make_foreign_set(

@@ -39,3 +39,25 @@ def simulate_adk(
     ]
     assert main(argv) == 0
     return out
+
+
+def write_adk_ca_ends(root) -> list[str]:
+    """The C-alpha AdK path's closed (s = 0) and open (s = 1) structures as A.pdb and B.pdb
+    in ``root`` (what a user brings as ``--model A.pdb B.pdb``); returns their paths."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cryosip.data.adk import adk_model, load_adk_arrays
+    from cryosip.data.outputs import write_ensemble_pdb
+
+    model, a = adk_model(ca_only=True), load_adk_arrays()
+    ca = a["names"] == "CA"
+    files = []
+    for name, s in (("A.pdb", 0.0), ("B.pdb", 1.0)):
+        xyz = np.asarray(model(jnp.array([s])), np.float64)
+        write_ensemble_pdb(
+            f"{root}/{name}", xyz, [1.0], ["C"] * int(ca.sum()), a["names"][ca],
+            a["resnames"][ca], a["resids"][ca],
+        )  # fmt: skip
+        files.append(f"{root}/{name}")
+    return files

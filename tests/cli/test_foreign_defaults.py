@@ -13,31 +13,18 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import write_adk_ca_ends
 from cryojax_sets import ForeignSpec, make_foreign_set
 
 from cryosip.cli.main import main
-from cryosip.data.adk import adk_model, load_adk_arrays
 from cryosip.data.models import load_model_with_description
-from cryosip.data.outputs import write_ensemble_pdb
 
 
 @pytest.fixture(scope="module")
 def ends(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ends")
-    model, a = adk_model(ca_only=True), load_adk_arrays()
-    ca = a["names"] == "CA"
-    files = []
-    for name, s in (("A.pdb", 0.0), ("B.pdb", 1.0)):
-        xyz = np.asarray(model(jnp.array([s])), np.float64)
-        write_ensemble_pdb(
-            root / name, xyz, [1.0], ["C"] * int(ca.sum()), a["names"][ca], a["resnames"][ca],
-            a["resids"][ca],
-        )  # fmt: skip
-        files.append(str(root / name))
-    return files
+    return write_adk_ca_ends(tmp_path_factory.mktemp("ends"))
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from cli_helpers import simulate_adk
+from cli_helpers import simulate_adk, write_adk_ca_ends
 
 from cryosip.cli.main import main
 from cryosip.conformations.path import kabsch_superpose
-from cryosip.data.adk import adk_model, load_adk_arrays
-from cryosip.data.outputs import write_ensemble_pdb
+from cryosip.data.adk import adk_model
 
 N_IMAGES = 300
 
@@ -31,17 +30,7 @@ def data(tmp_path_factory):
     """(particles.star, truth.csv, A.pdb, B.pdb): 300 images and the path's end structures."""
     root = tmp_path_factory.mktemp("model_cli")
     sim = simulate_adk(root / "sim", N_IMAGES)
-    model = adk_model(ca_only=True)
-    a = load_adk_arrays()
-    ca = a["names"] == "CA"
-    ends = []
-    for name, s in (("A.pdb", 0.0), ("B.pdb", 1.0)):
-        xyz = np.asarray(model(jnp.array([s])), np.float64)
-        write_ensemble_pdb(
-            root / name, xyz, [1.0], ["C"] * int(ca.sum()), a["names"][ca], a["resnames"][ca],
-            a["resids"][ca],
-        )  # fmt: skip
-        ends.append(str(root / name))
+    ends = write_adk_ca_ends(root)
     return str(sim / "particles.star"), sim / "truth.csv", *ends
 
 

@@ -117,6 +117,18 @@ def write_reconstruction_report(
             )
     for c, v in (summary.get("per_image_cv_sd_median") or {}).items():
         rows.append((f"median per-image posterior sd of {c}", v))
+    cal = summary.get("calibration") or {}
+    if cal:
+        box = f"{cal['input_box']} px at {cal['input_pixel_size_A']:.3g} A/px"
+        work = f"{cal['working_box']} px at {cal['working_pixel_size_A']:.3g} A/px"
+        rows += [
+            ("contrast", cal.get("contrast")),
+            ("noise model", cal.get("noise_model")),
+            ("envelope B (A^2, estimated)", cal.get("envelope_bfactor_A2")),
+            ("per-image scale and offset", "profiled" if summary.get("fit_scale") else "fixed"),
+            ("input box", box),
+            (f"working box ({cal.get('working_box_rule')})", work),
+        ]
     rows = [(k, v) for k, v in rows if v is not None]
     figs = [
         (os.path.join(out_dir, "density.png"), "recovered density (static)"),

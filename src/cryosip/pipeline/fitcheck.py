@@ -178,28 +178,29 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     signal_shells = valid & (sig > 0.05 * np.nanmax(np.where(valid, sig, np.nan)))
     dev = np.where(valid, (ratio - 1.0) / se_shell, 0.0)
     bad = valid & (np.abs(dev) > Z_LIMIT) & (np.abs(ratio - 1.0) > SHELL_TOLERANCE)
-    excess = bad & signal_shells & (ratio > 1.0)
     freq = np.arange(D_sh) / (D * cal.pixel_size)
+    dev_max = np.nanmax(np.abs(np.where(valid, ratio - 1.0, np.nan)))
     stats.update(
-        residual_spectrum_max_deviation=float(
-            np.nanmax(np.abs(np.where(valid, ratio - 1.0, np.nan)))
-        ),
+        residual_spectrum_max_deviation=float(dev_max),
         residual_spectrum_bad_shells=int(bad.sum()),
     )
-    if excess.any() or (z_chi2 > Z_LIMIT and rel > CHI2_TOLERANCE):
+    excess = bad & signal_shells & (ratio > 1.0)
+    colour = bad & ~excess
+    if colour.any():
+        f = freq[bad]
+        warnings.append(
+            f"noise colour: the residual power departs from the noise model at {f.min():.3g}-"
+            f"{f.max():.3g} 1/A (try --noise coloured, or check the particle normalisation)"
+        )
+    # excess power where the model has signal is the model's only when the noise model holds
+    # elsewhere (a wrong noise colour puts excess there too)
+    if (excess.any() and not colour.any()) or (z_chi2 > Z_LIMIT and rel > CHI2_TOLERANCE):
         f = freq[excess]
         where = f" at {f.min():.3g}-{f.max():.3g} 1/A" if f.size else ""
         warnings.append(
             f"signal left in the residuals{where} (residual power {100 * rel:+.1f}% against the "
             f"noise, z = {z_chi2:.1f}): pose or CTF errors, an envelope, or structures that do "
             "not match the particles"
-        )
-    colour = bad & ~excess
-    if colour.any():
-        f = freq[colour]
-        warnings.append(
-            f"noise colour: the residual power departs from the noise model at {f.min():.3g}-"
-            f"{f.max():.3g} 1/A (try --noise coloured, or check the particle normalisation)"
         )
 
     # 5. MAP conformations at the ends of the domain
@@ -251,26 +252,17 @@ def plot_fit_check(path, check: FitCheck) -> None:
     ax[0].set_ylabel("residual power (whitened; noise = 1)")
     ax[0].set_title("residual spectrum")
     ax[0].legend()
-    bins = np.linspace(
-        min(c["chi2"].min(), c["chi2_predicted"].min()),
-        max(c["chi2"].max(), c["chi2_predicted"].max()),
-        40,
-    )
-    ax[1].hist(c["chi2"], bins, alpha=0.6, label="data")
-    ax[1].hist(c["chi2_predicted"], bins, alpha=0.6, label="predicted")
-    ax[1].set_xlabel("residual power per mode")
-    ax[1].set_title("per-image residuals")
-    ax[1].legend()
-    bins = np.linspace(
-        min(c["scale"].min(), c["scale_predicted"].min()),
-        max(c["scale"].max(), c["scale_predicted"].max()),
-        40,
-    )
-    ax[2].hist(c["scale"], bins, alpha=0.6, label="data")
-    ax[2].hist(c["scale_predicted"], bins, alpha=0.6, label="predicted")
-    ax[2].set_xlabel("fitted per-image scale")
-    ax[2].set_title("per-image amplitude")
-    ax[2].legend()
+    for axis, key, xlabel, title in (
+        (ax[1], "chi2", "residual power per mode", "per-image residuals"),
+        (ax[2], "scale", "fitted per-image scale", "per-image amplitude"),
+    ):
+        data, rep = c[key], c[f"{key}_predicted"]
+        bins = np.linspace(min(data.min(), rep.min()), max(data.max(), rep.max()), 40)
+        axis.hist(data, bins, alpha=0.6, label="data")
+        axis.hist(rep, bins, alpha=0.6, label="predicted")
+        axis.set_xlabel(xlabel)
+        axis.set_title(title)
+        axis.legend()
     verdict = (
         "fit check: OK"
         if check.ok
