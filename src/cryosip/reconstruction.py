@@ -408,6 +408,10 @@ def run_streamed(
     fisher_rao: float | None = None,
     prefetch: int = 2,
     progress: bool = True,
+    checkpoint=None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop=None,
 ) -> tuple[Problem, MethodResult]:
     """The particle flow on the direct operator, fed one minibatch read from disk per step.
 
@@ -420,9 +424,19 @@ def run_streamed(
     the kernel bandwidth and the step size. ``devices`` > 1 splits each minibatch over that many devices
     (:mod:`cryosip.sip.sharding`; particles replicated): ``batch_size`` must be a multiple of it.
 
+    Several processes (``jax.distributed`` initialised, ``jax.process_count()`` > 1): every
+    process calls this with the same arguments; each minibatch is split over every process's
+    devices and each process reads only its own rows of it; the calibration, the pilot's choices
+    and the initial particles are process 0's (broadcast), so every process takes the same
+    steps. ``devices`` is then ignored (all devices of all processes are used).
+
+    ``checkpoint`` (a path) with ``checkpoint_every`` k: the flow's state and the stream position
+    are saved every k steps (process 0 writes); ``resume`` continues from it (same particles as
+    an uninterrupted run). ``stop(step)`` True ends the flow early (tests).
+
     Returns the pilot :class:`Problem` (its operator is the direct one) and the flow's result.
     Not available here: bootstrap bands and per-image posteriors (both need passes over every
-    image); checkpoints (a stream's position is not checkpointed).
+    image).
     """
     from .data.streaming import MinibatchStream
     from .sip import sharding
@@ -433,11 +447,12 @@ def run_streamed(
     t0 = time.perf_counter()
     n = len(stack)
     batch_size = int(min(batch_size, n))
-    n_dev = 1 if devices is None else int(devices)
+    multi = jax.process_count() > 1
+    n_dev = len(jax.devices()) if multi else (1 if devices is None else int(devices))
     if n_dev > 1 and batch_size % n_dev:
         raise ValueError(f"batch size {batch_size} does not split evenly over {n_dev} devices")
     k_pilot, k_init, k_flow, k_stream = jax.random.split(key, 4)
-    stack, cal = calibrate(
+    working, cal = calibrate(
         stack,
         conformation,
         contrast=contrast,
@@ -447,6 +462,18 @@ def run_streamed(
         envelope=envelope,
         n_pilot=pilot_images,
     )
+    if multi:  # every process must whiten, sign-correct and blur exactly as process 0 does
+        spec, inverted, bfactor = sharding.broadcast_from_first_process(
+            (cal.noise, np.int32(cal.inverted), np.float32(cal.bfactor_in_angstroms2))
+        )
+        cal = dataclasses.replace(
+            cal, noise=spec, inverted=bool(inverted), bfactor_in_angstroms2=float(bfactor)
+        )
+        nu = working.nuisance
+        b0 = np.asarray(stack.nuisance.ctf.bfactor_in_angstroms2)
+        ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=b0 + np.float32(bfactor))
+        working = dataclasses.replace(working, nuisance=dataclasses.replace(nu, ctf=ctf))
+    stack = working
     pilot_idx = np.sort(
         np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
     )
@@ -466,21 +493,43 @@ def run_streamed(
         pilot, disc, m0, k_flow, n_steps, min(batch_size, len(pilot_idx)), entropy, fisher_rao
     )
     op = pilot.operator
+    if multi:  # the same start, objective, operator and step sizes on every process
+        op, disc, m0, flow = sharding.broadcast_from_first_process((op, disc, m0, flow))
+        pilot = dataclasses.replace(pilot, operator=op)
     shard = None
     if n_dev > 1:
-        if n_dev > len(jax.devices()):
+        if not multi and n_dev > len(jax.devices()):
             raise ValueError(
                 f"{n_dev} devices asked for, {len(jax.devices())} available: {jax.devices()}"
             )
-        mesh = sharding.make_mesh(jax.devices()[:n_dev])
+        mesh = sharding.make_mesh(jax.devices() if multi else jax.devices()[:n_dev])
         op = sharding.DataParallelOperator(op, mesh)
         m0 = sharding.replicate(m0, mesh)
+        if multi:
+            op, disc = sharding.replicate((op, disc), mesh)
         shard = sharding.data_sharding(mesh)
     setup = time.perf_counter() - t0
     pilot = dataclasses.replace(pilot, setup_seconds=setup)
     t1 = time.perf_counter()
-    with MinibatchStream(stack, batch_size, k_stream, prefetch=prefetch, sharding=shard) as stream:
-        batches = (cal.transform(b) for b in stream)
+    transform = jax.jit(lambda b: cal.transform(b))  # one compiled program, global arrays too
+    streams = []
+
+    def batches(start: int):
+        s = MinibatchStream(
+            stack, batch_size, k_stream, prefetch=prefetch, sharding=shard, start=start
+        ).start()
+        streams.append(s)
+        return (transform(b) for b in s)
+
+    tag = {
+        "flow_key": jax.random.key_data(k_flow),
+        "stream_key": jax.random.key_data(k_stream),
+        "n_images": n,
+        "batch_size": batch_size,
+        "n_particles": n_particles,
+        "n_steps": n_steps,
+    }
+    try:
         res = run_streaming(
             flow,
             disc,
@@ -488,14 +537,27 @@ def run_streamed(
             batches,
             m0,
             key=k_flow,
-            progress=TqdmProgress(f"wgf {objective} (streamed)") if progress else None,
+            progress=TqdmProgress(f"wgf {objective} (streamed)")
+            if progress and jax.process_index() == 0
+            else None,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            checkpoint_tag=tag,
+            stop=stop,
         )
+    finally:
+        for s in streams:
+            s.close()
+    for s in streams:
         logger.info(
-            "streamed %d minibatches of %d images: reader busy %.1f s, flow waited %.1f s for data",
-            stream.n_batches,
+            "streamed %d minibatches of %d images (%d read here): reader busy %.1f s, flow "
+            "waited %.1f s for data",
+            s.n_batches,
             batch_size,
-            stream.read_seconds,
-            stream.wait_seconds,
+            s.rows_per_batch,
+            s.read_seconds,
+            s.wait_seconds,
         )
     out = MethodResult(
         "wgf",

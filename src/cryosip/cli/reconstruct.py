@@ -15,6 +15,8 @@ Examples:
   $ cryosip reconstruct job/particles.cs --datadir job/ --model traj.pdb --objective kl+mmd --out rec/
   $ cryosip reconstruct big/particles.star --model adk --stream --batch-size 256 --steps 2000 --out rec-big/
   $ cryosip reconstruct big/particles.star --model adk --stream --devices 4 --out rec-4gpu/
+  $ cryosip reconstruct big/particles.star --model adk --stream --checkpoint-every 100 --out rec-big/   # then --resume
+  $ cryosip reconstruct big/particles.star --model adk --stream --coordinator node1:61234 --num-processes 2 --process-id 0 --out rec/   # and --process-id 1 elsewhere
 
 --stream reads one random minibatch of images from disk per step (prefetched in a background
 thread) and runs the flow on the direct operator, so memory does not grow with the number of
@@ -22,7 +24,13 @@ images; a random pilot subset (--pilot-images) is tabulated to choose the contra
 initial particles, the kernel bandwidth and the step size. --devices N splits each minibatch
 over N devices (GPUs, or CPU devices forced with
 XLA_FLAGS=--xla_force_host_platform_device_count=N). Streamed runs write no bootstrap bands
-and no per-image results (both need passes over every image).
+and no per-image results (both need passes over every image). --checkpoint-every K saves the
+streamed flow (particles, weights, step sizes, stream position) every K steps to
+out/checkpoint.npz; --resume continues from it with the same result as an uninterrupted run.
+Several cooperating processes (hosts): --coordinator HOST:PORT --num-processes N --process-id I
+in each, or under srun (SLURM) nothing: each process reads only its own rows of every minibatch,
+the particles are replicated, gradients are summed across processes, and process 0 writes the
+outputs (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import os
 import jax
 import numpy as np
 
+from . import _distributed
 from ._args import (
     fraction,
     nonnegative_float,
@@ -161,6 +170,7 @@ def add_args(p):
         default=512,
         help="with --stream: images tabulated to choose contrast, start, bandwidth and step size",
     )
+    _distributed.add_args(p)  # --coordinator, --num-processes, --process-id (with --stream)
     p.add_argument("--out", required=True)
     p.add_argument(
         "--overwrite",
@@ -225,7 +235,29 @@ def _devices(text: str):
     return n
 
 
-def _main_streamed(args, stack, model, settings) -> int:
+def _main_distributed(args, dist) -> int:
+    """One process of a multi-process streamed run: reads what ``main`` reads; only process 0
+    checks and writes the output folder."""
+    from .. import _atomic
+    from ..data.particles import read_particles
+
+    stack = read_particles(args.particles, datadir=args.datadir)
+    model, model_description = model_from_args(args)
+    logger.info("model: %s (%s)", model_description, dist.describe())
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    if dist.is_writer:
+        prepare_output_dir(
+            args.out,
+            overwrite=args.overwrite,
+            command="reconstruct",
+            resume=args.resume,
+            inputs=[args.particles],
+        )
+        _atomic.write_json(os.path.join(args.out, "config.json"), settings)
+    return _main_streamed(args, stack, model, settings, dist=dist)
+
+
+def _main_streamed(args, stack, model, settings, dist=None) -> int:
     from ..analysis.outputs import write_reconstruction
     from ..data.errors import CryosipInputError
     from ..reconstruction import run_streamed
@@ -234,12 +266,17 @@ def _main_streamed(args, stack, model, settings) -> int:
         raise CryosipInputError(
             args.particles, f"--stream runs the particle flow (wgf), not {args.method}"
         )
-    if args.resume or args.checkpoint_every:
-        raise CryosipInputError(
-            args.particles, "--stream does not checkpoint (a stream's position is not saved)"
-        )
-    devices = len(jax.devices()) if args.devices == "all" else args.devices
+    writer = dist is None or dist.is_writer
+    n_proc = 1 if dist is None else dist.num_processes
+    if dist is not None:
+        devices = len(jax.devices())
+    else:
+        devices = len(jax.devices()) if args.devices == "all" else args.devices
     batch = args.batch_size or 256
+    ck = (
+        os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
+    )
+    resumed = bool(args.resume and ck is not None and os.path.exists(ck))
     try:
         problem, res = run_streamed(
             stack,
@@ -261,17 +298,29 @@ def _main_streamed(args, stack, model, settings) -> int:
             entropy=args.entropy,
             fisher_rao=args.fisher_rao,
             progress=not args.no_progress,
+            checkpoint=ck,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
         )
     except CryosipInputError:
         raise
     except ValueError as e:
         raise CryosipInputError(args.particles, str(e)) from None
+    if not writer:
+        logger.info(
+            "%s done: %s (streamed); process 0 writes the outputs", dist.describe(), res.label
+        )
+        return 0
     extra = {
         "n_images": len(stack),
         "streamed": True,
+        "processes": n_proc,
         "devices": devices or 1,
         "batch_size": batch,
+        "images_read_per_step_per_process": min(batch, len(stack)) // n_proc,
         "pilot_images": min(args.pilot_images, len(stack)),
+        "checkpoint_every": args.checkpoint_every,
+        "resumed": resumed,
     }
     summary = write_reconstruction(
         args.out,
@@ -300,6 +349,10 @@ def main(args) -> int:
     from ..data.particles import read_particles
     from ..reconstruction import posterior_cv, prepare, run_method
 
+    dist = _distributed.from_args(args)  # several processes: --coordinator ... or srun
+    if dist is not None:
+        _distributed.initialize(dist)
+        return _distributed.run(dist, lambda: _main_distributed(args, dist))
     stack = read_particles(args.particles, datadir=args.datadir)
     model, model_description = model_from_args(args)
     logger.info("model: %s", model_description)

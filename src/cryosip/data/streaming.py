@@ -25,6 +25,13 @@ dropped from the process (``madvise(MADV_DONTNEED)``; they stay in the page cach
 lost for a read-only map), so the RSS is bounded by one batch's folios.
 ``release_pages=False`` turns both off (plain ``images[idx]``).
 
+``start`` skips the first ``start`` batches (a resumed run continues where its checkpoint
+left off: the batches are a deterministic function of ``key``, so the position is a count).
+With a ``sharding`` that spans several processes (``jax.distributed``), each process reads
+only its own rows of every batch (:func:`cryosip.sip.sharding.process_rows`) and the batch is
+assembled as one global array (:func:`cryosip.sip.sharding.global_rows`); every process must
+iterate the same stream (same ``key``, ``batch_size`` and ``start``).
+
 A reader thread fills a bounded queue of ``prefetch`` batches (converted to device arrays, with
 an optional ``sharding`` for data-parallel flows); the consumer blocks only when the reader falls
 behind. ``wait_seconds`` (consumer blocked) and ``read_seconds`` (reader busy) give the I/O part
@@ -147,6 +154,7 @@ class MinibatchStream:
     ``sharding``: a ``jax.sharding.Sharding`` for the batch arrays (e.g.
     :func:`cryosip.sip.sharding.data_sharding`), default the default device.
     ``release_pages``: drop read pages of read-only memory maps after each batch (above).
+    ``start``: batches to skip (the stream position of a checkpoint; :attr:`position`).
     """
 
     def __init__(
@@ -160,6 +168,7 @@ class MinibatchStream:
         prefetch: int = 2,
         sharding=None,
         release_pages: bool = True,
+        start: int = 0,
     ):
         from .particles import ParticleStack
 
@@ -183,6 +192,16 @@ class MinibatchStream:
         self._file = _whole_file_map(self.images) if self.release_pages else None
         self._fd: int | None = None
         self.batches_per_epoch = -(-self.n_images // self.batch_size)
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.start_batch = int(start)
+        self._local = None  # this process's rows of a batch, when the sharding spans processes
+        if sharding is not None and not sharding.is_fully_addressable:
+            from ..sip.sharding import process_rows
+
+            self._local = process_rows(sharding, self.batch_size)
+        self.rows_per_batch = self.batch_size if self._local is None else int(self._local.size)
+        self.rows_read = 0
         self.wait_seconds = 0.0
         self.read_seconds = 0.0
         self.n_batches = 0
@@ -192,7 +211,25 @@ class MinibatchStream:
 
     # ---- reading ------------------------------------------------------------------------------
     def read(self, idx: np.ndarray, weight: np.ndarray | None = None) -> Observations:
-        """One batch: the images and nuisances of rows ``idx`` (sorted for sequential reads)."""
+        """One batch: the images and nuisances of rows ``idx`` (sorted for sequential reads).
+
+        With a sharding over several processes, only this process's part of ``idx`` is read."""
+        n_batch = idx.shape[0]
+        w = np.ones(n_batch, np.float32) if weight is None else weight
+        if self._local is not None:
+            from ..sip.sharding import global_rows
+
+            idx, w = idx[self._local], w[self._local]
+
+            def put(a):
+                return global_rows(self.sharding, a, n_batch)
+        elif self.sharding is not None:
+
+            def put(a):
+                return jax.device_put(a, self.sharding)
+        else:
+            put = jnp.asarray
+        self.rows_read += int(idx.shape[0])
         if self._file is not None:
             path, offset, dtype, row_shape = self._file
             if self._fd is None:
@@ -204,26 +241,20 @@ class MinibatchStream:
             values = np.array(self.images[idx], np.float32)  # a copy: owns its memory
             if self.release_pages:
                 release_pages(self.images)
-        put = (
-            (lambda a: jax.device_put(a, self.sharding))
-            if self.sharding is not None
-            else jnp.asarray
-        )
         nuisance = None
         if self.nuisance is not None:
             nuisance = jax.tree_util.tree_map(lambda a: put(np.asarray(a)[idx]), self.nuisance)
-        w = np.ones(idx.shape[0], np.float32) if weight is None else weight
         return Observations(put(values), nuisance, put(idx.astype(np.int32)), put(w))
 
     def _batches(self):
-        epoch = 0
+        epoch, first = divmod(self.start_batch, self.batches_per_epoch)
         while self.n_epochs is None or epoch < self.n_epochs:
             idx, w = epoch_batches(
                 jax.random.fold_in(self.key, epoch), self.n_images, self.batch_size
             )
-            for b in range(idx.shape[0]):
+            for b in range(first, idx.shape[0]):
                 yield idx[b], w[b]
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def _reader(self):
         try:
@@ -280,9 +311,14 @@ class MinibatchStream:
         return item
 
     @property
+    def position(self) -> int:
+        """Batches consumed since the start of the stream (``start`` included)."""
+        return self.start_batch + self.n_batches
+
+    @property
     def epoch(self) -> int:
         """Epochs completed by the consumer."""
-        return self.n_batches // self.batches_per_epoch
+        return self.position // self.batches_per_epoch
 
     def close(self) -> None:
         self._stop.set()
@@ -308,4 +344,4 @@ class MinibatchStream:
     def __len__(self) -> int:
         if self.n_epochs is None:
             raise TypeError("an endless stream has no length")
-        return self.n_epochs * self.batches_per_epoch
+        return max(0, self.n_epochs * self.batches_per_epoch - self.start_batch)

@@ -15,6 +15,7 @@ checkpoints and an exact resume (every step's randomness is ``fold_in(key, step)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -158,24 +159,14 @@ class WassersteinGradientFlow(eqx.Module):
             jnp.asarray(0),
         )
 
+        records = _Records(losses, held, traj, wtraj)
         if resume and checkpoint is not None and os.path.exists(checkpoint):
-            with np.load(checkpoint) as z:
-                state = _State(
-                    jnp.asarray(z["positions"]),
-                    jnp.asarray(z["log_weights"]),
-                    jnp.asarray(int(z["step"])),
-                    jnp.asarray(z["scale"]),
-                    jnp.asarray(int(z["backoffs"])),
-                )
-                losses[:], held[:], traj[:], wtraj[:] = (
-                    z["losses"],
-                    z["heldout"],
-                    z["trajectory"],
-                    z["wtrajectory"],
-                )
+            state, _ = load_checkpoint(checkpoint, records)
             logger.info("resumed from %s at step %d", checkpoint, int(state.step))
+        if checkpoint_every and checkpoint_every % self.chunk_size:
+            raise ValueError("checkpoint_every must be a multiple of chunk_size")
 
-        def run_chunk(state):
+        def advance(state):
             return _run_chunk(self, discrepancy, operator, observations, key, lower, upper, state)
 
         held_fn = None
@@ -184,57 +175,28 @@ class WassersteinGradientFlow(eqx.Module):
                 lambda pos, logw, k: discrepancy(k, operator, _measure(pos, logw), heldout)
             )
 
-        start = int(state.step)
-        if progress is not None:
-            progress.start(self.n_steps, start)
-        prev_backoffs = int(state.backoffs)
-        try:
-            while int(state.step) < self.n_steps:
-                s0 = int(state.step)
-                if checkpoint_every and checkpoint_every % self.chunk_size:
-                    raise ValueError("checkpoint_every must be a multiple of chunk_size")
-                state, (ls, ps, ws) = run_chunk(state)
-                n = min(self.chunk_size, self.n_steps - s0)
-                ls, ps, ws = np.asarray(ls), np.asarray(ps), np.asarray(ws)
-                for j in range(n):
-                    s = s0 + j
-                    if s % self.record_every == 0 and s // self.record_every < n_rec:
-                        r = s // self.record_every
-                        losses[r], traj[r], wtraj[r] = ls[j], ps[j], ws[j]
-                if (
-                    held_fn is not None
-                    and self.heldout_every
-                    and (
-                        int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps
-                    )
-                ):
-                    r = min((int(state.step) - 1) // self.record_every, n_rec - 1)
-                    held[r] = float(
-                        held_fn(
-                            state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1)
-                        )
-                    )
-                b = int(state.backoffs)
-                if b > prev_backoffs:
-                    logger.warning(
-                        "non-finite step: skipped %d step(s) and halved the step size (now x%.3g)",
-                        b - prev_backoffs,
-                        float(state.scale),
-                    )
-                    prev_backoffs = b
-                if progress is not None:
-                    progress.update(n, float(ls[-1]))
-                if (
-                    checkpoint is not None
-                    and checkpoint_every
-                    and int(state.step) % checkpoint_every == 0
-                ):
-                    _save_checkpoint(checkpoint, state, losses, held, traj, wtraj)
-                if stop is not None and stop(int(state.step)):
-                    break
-        finally:
-            if progress is not None:
-                progress.close()
+        def after_chunk(state):
+            if (
+                held_fn is not None
+                and self.heldout_every
+                and (int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps)
+            ):
+                r = min((int(state.step) - 1) // self.record_every, n_rec - 1)
+                held[r] = float(
+                    held_fn(state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1))
+                )
+
+        state = drive(
+            self,
+            state,
+            records,
+            advance,
+            progress=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            stop=stop,
+            after_chunk=after_chunk,
+        )
         return FlowResult(
             _measure(state.positions, state.log_weights),
             jnp.asarray(losses),
@@ -325,22 +287,142 @@ def _measure(pos, logw) -> ParticleMeasure:
     return m
 
 
-def _save_checkpoint(path, state: _State, losses, held, traj, wtraj):
+@dataclasses.dataclass
+class _Records:
+    """The per-record arrays of a run (NaN where not reached), filled in place."""
+
+    losses: np.ndarray
+    heldout: np.ndarray
+    trajectory: np.ndarray
+    wtrajectory: np.ndarray
+
+    def put(self, s0: int, n: int, record_every: int, ls, ps, ws) -> None:
+        """Store steps ``s0 .. s0 + n - 1`` of a chunk's outputs (every ``record_every``-th)."""
+        ls, ps, ws = np.asarray(ls), np.asarray(ps), np.asarray(ws)
+        n_rec = self.losses.shape[0]
+        for j in range(n):
+            s = s0 + j
+            if s % record_every == 0 and s // record_every < n_rec:
+                r = s // record_every
+                self.losses[r], self.trajectory[r], self.wtrajectory[r] = ls[j], ps[j], ws[j]
+
+
+def drive(
+    flow: WassersteinGradientFlow,
+    state: _State,
+    records: _Records,
+    advance: Callable,
+    *,
+    progress=None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    stop: Callable[[int], bool] | None = None,
+    after_chunk: Callable[[_State], None] | None = None,
+    checkpoint_extra: Callable[[_State], dict] | None = None,
+    write_checkpoint: bool = True,
+) -> _State:
+    """The flow's outer loop, shared by :meth:`WassersteinGradientFlow.run` and
+    :func:`cryosip.sip.streaming_flow.run_streaming`: ``advance(state)`` runs the next compiled
+    chunk (``(state, (losses, positions, log_weights))``, or None when its data ran out); this
+    records it, warns about skipped non-finite steps, updates ``progress``, writes a checkpoint
+    every ``checkpoint_every`` steps (with ``checkpoint_extra(state)``'s arrays; only where
+    ``write_checkpoint``) and stops when ``stop(step)`` says so."""
+    if progress is not None:
+        progress.start(flow.n_steps, int(state.step))
+    prev_backoffs = int(state.backoffs)
+    try:
+        while int(state.step) < flow.n_steps:
+            s0 = int(state.step)
+            out = advance(state)
+            if out is None:
+                break
+            state, (ls, ps, ws) = out
+            n = min(flow.chunk_size, flow.n_steps - s0)
+            records.put(s0, n, flow.record_every, ls, ps, ws)
+            if after_chunk is not None:
+                after_chunk(state)
+            b = int(state.backoffs)
+            if b > prev_backoffs:
+                logger.warning(
+                    "non-finite step: skipped %d step(s) and halved the step size (now x%.3g)",
+                    b - prev_backoffs,
+                    float(state.scale),
+                )
+                prev_backoffs = b
+            if progress is not None:
+                progress.update(n, float(np.asarray(ls)[n - 1]))
+            step = int(state.step)
+            if (
+                checkpoint is not None
+                and checkpoint_every
+                and write_checkpoint
+                and step % checkpoint_every == 0
+            ):
+                extra = checkpoint_extra(state) if checkpoint_extra is not None else {}
+                save_checkpoint(checkpoint, state, records, **extra)
+            if stop is not None and stop(step):
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+    return state
+
+
+def save_checkpoint(path, state: _State, records: _Records, **extra) -> None:
+    """Write the flow's state and records (and ``extra`` arrays) to ``path`` atomically
+    (a temporary file in the same folder, then ``os.replace``)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
     os.close(fd)
-    np.savez(
-        tmp,
-        positions=np.asarray(state.positions),
-        log_weights=np.asarray(state.log_weights),
-        step=int(state.step),
-        scale=np.asarray(state.scale),
-        backoffs=int(state.backoffs),
-        losses=losses,
-        heldout=held,
-        trajectory=traj,
-        wtrajectory=wtraj,
-    )
-    os.replace(tmp, path)
+    try:
+        np.savez(
+            tmp,
+            positions=np.asarray(state.positions),
+            log_weights=np.asarray(state.log_weights),
+            step=int(state.step),
+            scale=np.asarray(state.scale),
+            backoffs=int(state.backoffs),
+            losses=records.losses,
+            heldout=records.heldout,
+            trajectory=records.trajectory,
+            wtrajectory=records.wtrajectory,
+            **{k: np.asarray(v) for k, v in extra.items()},
+        )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_STATE_KEYS = (
+    "positions",
+    "log_weights",
+    "step",
+    "scale",
+    "backoffs",
+    "losses",
+    "heldout",
+    "trajectory",
+    "wtrajectory",
+)
+
+
+def load_checkpoint(path, records: _Records) -> tuple[_State, dict]:
+    """The state in a checkpoint of :func:`save_checkpoint`; fills ``records`` in place and
+    returns the extra arrays."""
+    with np.load(path) as z:
+        state = _State(
+            jnp.asarray(z["positions"]),
+            jnp.asarray(z["log_weights"]),
+            jnp.asarray(int(z["step"])),
+            jnp.asarray(z["scale"]),
+            jnp.asarray(int(z["backoffs"])),
+        )
+        records.losses[:], records.heldout[:] = z["losses"], z["heldout"]
+        records.trajectory[:], records.wtrajectory[:] = z["trajectory"], z["wtrajectory"]
+        extra = {k: z[k] for k in z.files if k not in _STATE_KEYS}
+    return state, extra

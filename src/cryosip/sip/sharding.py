@@ -14,9 +14,13 @@ particle gradients. The engine's code does not change::
     init = replicate(init, mesh)
     result = flow.run(disc, op, obs, init, key=key)     # same particles as one device
 
-Several hosts: call ``jax.distributed.initialize()`` first in every process; ``jax.devices()``
-then lists the devices of all hosts and the same code runs data-parallel over all of them
-(``docs/scaling.md`` has a SLURM recipe). The mesh uses ``AxisType.Auto`` (classic sharding
+Several processes (hosts): call ``jax.distributed.initialize()`` first in every process
+(``cryosip.cli._distributed`` does, for ``cryosip reconstruct --stream --num-processes N``);
+``jax.devices()`` then lists the devices of all processes, :func:`make_mesh` spans them, and the
+same code runs data-parallel over all of them. Each process builds only its own rows of a
+batch (:func:`process_rows`, :func:`global_rows`); what every process must agree on (the
+particles, the operator, the step sizes) is made identical with
+:func:`broadcast_from_first_process` (``docs/scaling.md`` has the recipe, SLURM included). The mesh uses ``AxisType.Auto`` (classic sharding
 propagation; ``jax.make_mesh`` defaults to ``Explicit`` in recent JAX).
 """
 
@@ -38,8 +42,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DATA_AXIS",
     "DataParallelOperator",
+    "broadcast_from_first_process",
     "data_sharding",
+    "global_rows",
     "make_mesh",
+    "process_rows",
     "replicate",
     "replicated_sharding",
     "shard_observations",
@@ -71,6 +78,63 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree_util.tree_map(
         lambda a: jax.device_put(a, sh) if isinstance(a, (jax.Array, np.ndarray)) else a, tree
     )
+
+
+def process_rows(sharding, n: int) -> np.ndarray:
+    """The rows of an ``(n, ...)`` array split by ``sharding`` that live on this process's
+    devices (sorted; all of ``range(n)`` in a single process)."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((n,)).values():
+        sl = index[0] if index else slice(None)
+        rows.update(range(*sl.indices(n)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def global_rows(sharding, local, n: int) -> jax.Array:
+    """The global ``(n, ...)`` array, split by ``sharding``, of which this process holds the rows
+    :func:`process_rows` (``local``, in that order); other processes supply theirs."""
+    local = np.asarray(local)
+    if sharding.is_fully_addressable:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, (n,) + local.shape[1:])
+
+
+def _is_numeric(leaf) -> bool:
+    if isinstance(leaf, bool) or leaf is None:
+        return False
+    if isinstance(leaf, (int, float, np.generic)):
+        return True
+    if isinstance(leaf, (np.ndarray, jax.Array)):
+        return not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    return False
+
+
+def broadcast_from_first_process(tree: PyTree) -> PyTree:
+    """``tree`` with every numeric leaf (arrays, Python numbers) replaced by process 0's value,
+    bit for bit (sent as raw bytes, so float64 stays float64); identity in a single process.
+
+    Every process must call it with a tree of the same structure and leaf shapes (what each
+    computes from the same inputs). Key arrays and non-numeric leaves are kept as they are.
+    """
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    where = [i for i, leaf in enumerate(leaves) if _is_numeric(leaf)]
+    arrays = [np.array(leaves[i], order="C") for i in where]  # keeps 0-d arrays 0-d
+    raw = [a.reshape(-1).view(np.uint8) for a in arrays]
+    got = multihost_utils.broadcast_one_to_all(raw)
+    for i, a, r in zip(where, arrays, got, strict=True):
+        v = np.asarray(r, np.uint8).view(a.dtype).reshape(a.shape)
+        old = leaves[i]
+        if isinstance(old, jax.Array):
+            leaves[i] = jnp.asarray(v)
+        elif isinstance(old, np.ndarray):
+            leaves[i] = v
+        else:  # Python or NumPy scalar
+            leaves[i] = type(old)(v[()])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _pad_rows(a, n_pad: int):
