@@ -171,9 +171,10 @@ def _pair_means(op, points, nuisance):
 
 
 class _Pilot:
-    """Pilot images with their model renderings at the probe points (native grid, no filter)."""
+    """Pilot images (float32, input grid) and their nuisances; renders the model at the probe
+    points chunk by chunk, so memory stays at ``chunk x points`` images whatever the box."""
 
-    def __init__(self, stack, conformation, idx, *, chunk=64):
+    def __init__(self, stack, conformation, idx, *, chunk=32):
         self.D, self.p = stack.box_size, float(stack.pixel_size)
         self.groups = group_ids(stack)[idx]
         self.images = np.asarray(stack.images[idx], np.float32)
@@ -182,8 +183,8 @@ class _Pilot:
         self.conformation = conformation
         self.chunk = chunk
 
-    def render(self, bfactor: float):
-        """(n, K, D, D) model images at the probe points with an added envelope B."""
+    def chunks(self, bfactor: float, n: int | None = None):
+        """(start, model images (c, K, D, D) at the probe points) with an added envelope B."""
         from ..cryoem.operator import CryoEMOperator
 
         op = CryoEMOperator(
@@ -195,31 +196,35 @@ class _Pilot:
         )
         nu = dataclasses.replace(nu, ctf=ctf)
         pts = jnp.asarray(self.points)
-        out = []
-        n = len(self.images)
+        n = len(self.images) if n is None else min(n, len(self.images))
         for s in range(0, n, self.chunk):
-            sub = jax.tree_util.tree_map(lambda a: jnp.asarray(a[s : s + self.chunk]), nu)
-            out.append(np.asarray(_pair_means(op, pts, sub)))
-        return np.concatenate(out)
+            sub = jax.tree_util.tree_map(lambda a: jnp.asarray(a[s : min(n, s + self.chunk)]), nu)
+            yield s, np.asarray(_pair_means(op, pts, sub), np.float64)
 
 
 def _residual_pass(pilot: _Pilot, bfactor: float):
-    """Best probe per image, LS fits, residual spectra, and the shell statistics for B."""
-    M = pilot.render(bfactor)  # (n, K, D, D)
-    n, K, D = M.shape[0], M.shape[1], pilot.D
-    y = pilot.images.reshape(n, -1).astype(np.float64)
-    m = M.reshape(n, K, -1).astype(np.float64)
-    a, b, gain = _ls_fit(y[:, None, :], m)  # (n, K)
-    best = np.argmax(gain, axis=1)
-    rows = np.arange(n)
-    a_b, b_b = a[rows, best], b[rows, best]
-    mb = m[rows, best]  # (n, pixels)
-    resid = (y - a_b[:, None] * mb - b_b[:, None]).reshape(n, D, D)
-    Y = np.fft.rfft2(pilot.images.astype(np.float64))
-    Mb = np.fft.rfft2(mb.reshape(n, D, D))
-    cross = radial_average((Y * np.conj(Mb)).real, D) * 1.0  # (n, shells), per-mode means
-    gram = radial_average(np.abs(Mb) ** 2, D)
-    return dict(M=M, a=a_b, b=b_b, best=best, resid=resid, cross=cross, gram=gram)
+    """Best probe per image, its LS scale and offset, the residual images, and the per-shell
+    cross and Gram statistics of the best model image for the envelope fit."""
+    n, D = len(pilot.images), pilot.D
+    a_b, b_b = np.empty(n), np.empty(n)
+    best = np.empty(n, np.int64)
+    resid = np.empty((n, D, D), np.float32)
+    cross, gram = np.empty((n, n_shells(D))), np.empty((n, n_shells(D)))
+    for s, M in pilot.chunks(bfactor):
+        c, K = M.shape[0], M.shape[1]
+        y = pilot.images[s : s + c].reshape(c, -1).astype(np.float64)
+        m = M.reshape(c, K, -1)
+        a, b, gain = _ls_fit(y[:, None, :], m)  # (c, K)
+        k = np.argmax(gain, axis=1)
+        rows = np.arange(c)
+        best[s : s + c], a_b[s : s + c], b_b[s : s + c] = k, a[rows, k], b[rows, k]
+        mb = m[rows, k]
+        resid[s : s + c] = (y - a[rows, k][:, None] * mb - b[rows, k][:, None]).reshape(c, D, D)
+        Y = np.fft.rfft2(y.reshape(c, D, D))
+        Mb = np.fft.rfft2(mb.reshape(c, D, D))
+        cross[s : s + c] = radial_average((Y * np.conj(Mb)).real, D)  # per-mode shell means
+        gram[s : s + c] = radial_average(np.abs(Mb) ** 2, D)
+    return dict(a=a_b, b=b_b, best=best, resid=resid, cross=cross, gram=gram)
 
 
 def _fit_bfactor(stats, noise: RadialNoiseSpectrum, groups, box: int, pixel: float) -> float:
@@ -240,15 +245,23 @@ def _fit_bfactor(stats, noise: RadialNoiseSpectrum, groups, box: int, pixel: flo
     return best
 
 
-def _information(stats, noise: RadialNoiseSpectrum, groups, box: int) -> np.ndarray:
-    """CV signal per shell: variance across probe points of the whitened model images."""
-    M = stats["M"]
-    F = np.fft.rfft2(M.astype(np.float64))  # (n, K, D, D/2+1)
-    var = (np.abs(F - F.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)
-    var = var * (stats["a"] ** 2)[:, None, None]
-    P = np.asarray(noise.grid(), np.float64)[groups] * box**2
-    per_mode = (var / P).mean(axis=0) * rfft_mode_counts(box)
-    return np.bincount(shell_index(box).ravel(), weights=per_mode.ravel(), minlength=n_shells(box))
+def _information(
+    pilot: _Pilot, stats, bfactor: float, noise: RadialNoiseSpectrum, n_images: int = 64
+) -> np.ndarray:
+    """CV signal per shell: the variance across probe points of the whitened model images
+    (scaled by each image's fitted amplitude), summed over modes, averaged over images."""
+    D = pilot.D
+    P = np.asarray(noise.grid(), np.float64) * D**2
+    total, count = np.zeros((D, D // 2 + 1)), 0
+    for s, M in pilot.chunks(bfactor, n_images):
+        c = M.shape[0]
+        F = np.fft.rfft2(M)  # (c, K, D, D/2+1)
+        var = (np.abs(F - F.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)
+        var *= (stats["a"][s : s + c] ** 2)[:, None, None]
+        total += (var / P[pilot.groups[s : s + c]]).sum(axis=0)
+        count += c
+    per_mode = total / max(count, 1) * rfft_mode_counts(D)
+    return np.bincount(shell_index(D).ravel(), weights=per_mode.ravel(), minlength=n_shells(D))
 
 
 def calibrate(
@@ -274,6 +287,7 @@ def calibrate(
         raise ValueError(f"noise must be coloured or white, got {noise!r}")
     D, p = stack.box_size, float(stack.pixel_size)
     n = len(stack)
+    n_pilot = min(n_pilot, max(64, 2**26 // (D * D)))  # pilot images in memory: <= 256 MB
     idx = np.unique(np.linspace(0, n - 1, min(n, n_pilot)).round().astype(np.int64))
     pilot = _Pilot(stack, conformation, idx)
     groups_all = group_ids(stack)
@@ -307,7 +321,7 @@ def calibrate(
             stats = _residual_pass(pilot, bfactor)
             spec = spectrum(stats)
             bfactor += _fit_bfactor(stats, spec, pilot.groups, D, p)  # what the first missed
-    info = _information(stats, spec, pilot.groups, D)
+    info = _information(pilot, stats, bfactor, spec)
     total = float(info.sum())
     if total > 0:
         cum = np.cumsum(info) / total
