@@ -110,7 +110,7 @@ def prepare(
     noise: str = "coloured",
     envelope: bool = True,
     keep_box: bool = False,
-    pose_error: tuple[float, float] | None = None,
+    pose_error: tuple[float, float] | str | None = None,
     calibration: Calibration | None = None,
 ) -> Problem:
     """Calibrate (contrast, noise spectrum, envelope, working box: :mod:`cryosip.pipeline.calibrate`)
@@ -118,7 +118,9 @@ def prepare(
     operator in whitened working units with the per-image scale and offset profiled
     (``fit_scale``), and tabulate 1-D CVs.
 
-    ``pose_error`` = (rms angle in degrees, rms shift in Angstrom): tabulate the likelihood
+    ``pose_error`` = "auto": the calibration's estimate when it says it matters
+    (:attr:`~cryosip.pipeline.calibrate.Calibration.pose_error_matters`), else none;
+    (rms angle in degrees, rms shift in Angstrom): tabulate the likelihood
     averaged over pose errors of that size around the given poses
     (:class:`~cryosip.cryoem.pose_marginal.PoseMarginalOperator`, 16 antithetic draws per image:
     16x the tabulation's cost); KL-based methods only (paired MMD needs images)."""
@@ -133,6 +135,18 @@ def prepare(
             sigma=sigma,
             envelope=envelope,
         )
+    if isinstance(pose_error, str):
+        if pose_error != "auto":
+            raise ValueError(
+                f"pose_error must be 'auto', (degrees, Angstrom) or None, got {pose_error!r}"
+            )
+        pose_error = calibration.pose_error_matters
+        if pose_error is not None:
+            logger.warning(
+                "the given poses are off by ~%.1f degrees / %.1f A (local search on the pilot): "
+                "the likelihood is averaged over pose errors of that size (16x the tabulation)",
+                *pose_error,
+            )
     op = CryoEMOperator(
         conformation, calibration.image_model(conformation.atoms), 1.0, fit_scale=fit_scale
     )

@@ -57,3 +57,28 @@ def test_working_box_keeps_the_cv_signal_and_crops_smooth_models():
         got[name] = cal.box_size
     assert got["dumbbell"] < 64, got
     assert got["adk-ca"] > got["dumbbell"], got
+
+
+def test_pose_error_estimate_separates_consensus_errors_from_large_ones(tmp_path):
+    """Local search on the pilot against a noise-only replicate. Written Euler angles off by
+    N(0, 3 degrees) each (an rms rotation of ~5 degrees) and shifts by N(0, 1.5 A) per axis
+    (rms length 2.1 A): the estimate is large and significant, so the default averages the
+    likelihood over it. Exact poses: the estimate stays below the 3-degree threshold (measured
+    ~1 degree: the search's own resolution and the coarse conformation), and nothing is averaged.
+    """
+    model = adk_model(ca_only=True)
+    common = dict(n_images=160, box=64, pixel_size=2.0, snr=0.5, coloured=False, bfactor=0.0)
+    off = ForeignSpec(angle_error_deg=3.0, shift_error_A=1.5, seed=7, **common)
+    exact = ForeignSpec(
+        angle_error_deg=0.0, shift_error_A=0.0, defocus_error_A=0.0, seed=8, **common
+    )
+    got = {}
+    for name, spec in (("off", off), ("exact", exact)):
+        make_foreign_set(tmp_path / name, model, spec)
+        _, cal = calibrate(read_particles(tmp_path / name / "particles.star"), model, box_size=64)
+        got[name] = cal
+    e = got["off"].pose_error
+    assert got["off"].pose_error_matters is not None, e
+    assert 3.0 <= e["rotation_deg"] <= 9.0 and e["rotation_deg_z"] > 4, e
+    np.testing.assert_allclose(e["shift_A"], 2.1, atol=0.8)
+    assert got["exact"].pose_error_matters is None, got["exact"].pose_error

@@ -129,10 +129,12 @@ def add_args(p):
     p.add_argument(
         "--pose-error",
         type=_pose_error,
-        default=None,
-        metavar="DEG,A",
+        default="auto",
+        metavar="auto|off|DEG,A",
         help="average the likelihood over pose errors of this rms angle (degrees) and shift "
-        "(Angstrom) around the given poses, e.g. 1.5,0.7 (kl only; 16x the tabulation time)",
+        "(Angstrom) around the given poses, e.g. 1.5,0.7 (kl with a 1-D CV; 16x the tabulation "
+        "time). auto (default): when a local search on the pilot finds the poses off by 3 "
+        "degrees or more; off: never",
     )
     p.add_argument(
         "--no-envelope",
@@ -209,7 +211,9 @@ def _problem_summary(problem, res, out: str, seed: int) -> dict:
     }
 
 
-def _pose_error(text: str) -> tuple[float, float]:
+def _pose_error(text: str):
+    if text in ("auto", "off"):
+        return None if text == "off" else text
     try:
         rot, shift = (float(x) for x in text.split(","))
     except ValueError:
@@ -373,7 +377,12 @@ def main(args) -> int:
         raise CryosipInputError(
             args.particles, "--devices needs --stream (the tabulated path runs on one device)"
         )
-    if args.pose_error is not None and (args.objective != "kl" or model.dim != 1):
+    tabulated_kl = args.objective == "kl" and model.dim == 1
+    if args.pose_error == "auto" and not tabulated_kl:
+        args.pose_error = (
+            None  # averaging needs a tabulated KL likelihood; the estimate is reported
+        )
+    if args.pose_error is not None and not tabulated_kl:
         raise CryosipInputError(
             args.particles,
             "--pose-error needs --objective kl and a 1-D CV (a tabulated likelihood)",

@@ -57,6 +57,10 @@ INFORMATION_FRACTION = 0.98
 NYQUIST_FRACTION = 0.75
 MIN_WORKING_BOX = 24
 BFACTOR_GRID = np.arange(0.0, 501.0, 10.0)
+# a rotation error this large (rms, degrees) is averaged over in the likelihood by default: at
+# 25-30 A radius it moves atoms by ~1.5 A per image, beyond what a mean blur (the envelope)
+# describes; typical consensus refinements (1-2 degrees) stay below it
+POSE_ERROR_MATTERS_DEG = 3.0
 
 
 def group_ids(stack: ParticleStack) -> np.ndarray:
@@ -90,6 +94,18 @@ class Calibration:
     information_kept: float | None
     n_pilot: int
     input_noise_sigma: tuple[float, ...]  # pixel sd of each group's noise in the input images
+    pose_error: dict | None = None  # estimate_pose_error's result (None: not estimated)
+
+    @property
+    def pose_error_matters(self) -> tuple[float, float] | None:
+        """(rms degrees, rms Angstrom) when the estimated pose error is large enough that the
+        envelope no longer stands for it (see POSE_ERROR_MATTERS_DEG), else None."""
+        e = self.pose_error
+        if e is None or not (
+            e["rotation_deg"] >= POSE_ERROR_MATTERS_DEG and e["rotation_deg_z"] > 4
+        ):
+            return None
+        return e["rotation_deg"], e["shift_A"]
 
     def image_model(self, atoms) -> ImageModel:
         """Renders on the working grid, anti-aliased when cropped, whitened like the data."""
@@ -136,6 +152,7 @@ class Calibration:
             "information_cutoff_per_A": self.information_cutoff_per_A,
             "information_kept": self.information_kept,
             "n_pilot_images": self.n_pilot,
+            "pose_error_estimate": self.pose_error,
         }
 
 
@@ -264,6 +281,87 @@ def _information(
     return np.bincount(shell_index(D).ravel(), weights=per_mode.ravel(), minlength=n_shells(D))
 
 
+def _candidate_perturbations():
+    """Local-search candidates: 48 rotations (16 Fibonacci axes x 1.5/3/4.5 degrees) and 48
+    in-plane shifts (7 x 7 grid of 0.5 A steps), each with the identity first."""
+    from ..cryoem.pose import axis_angle_to_matrix
+
+    i = np.arange(16) + 0.5
+    z = 1 - 2 * i / 16
+    r, phi = np.sqrt(1 - z * z), np.pi * (1 + 5**0.5) * i
+    axes = np.stack([r * np.cos(phi), r * np.sin(phi), z], 1)
+    vecs = np.concatenate([np.zeros((1, 3))] + [axes * np.deg2rad(a) for a in (1.5, 3.0, 4.5)])
+    g = np.arange(-3, 4) * 0.5
+    shifts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    shifts = shifts[np.argsort(np.hypot(*shifts.T), kind="stable")]  # identity first
+    rots = np.asarray(axis_angle_to_matrix(jnp.asarray(vecs, jnp.float32)))
+    return rots, np.degrees(np.linalg.norm(vecs, axis=1)), shifts
+
+
+@eqx.filter_jit
+def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
+    """LS fit gain of each image on its model under each candidate perturbation: (c, R)."""
+    from ..cryoem.pose_marginal import perturb_nuisance
+
+    def one(t, nu, yi):
+        ms = jax.vmap(lambda r, d: op.mean(t, perturb_nuisance(nu, r, d)))(rots, shifts)
+        yc = yi.reshape(-1) - yi.mean()
+        mc = ms.reshape(ms.shape[0], -1)
+        mc = mc - mc.mean(axis=1, keepdims=True)
+        return (mc @ yc) ** 2 / jnp.maximum(jnp.sum(mc * mc, axis=1), 1e-30)
+
+    return jax.vmap(one)(theta, nuisance, y)
+
+
+def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=None):
+    """Rms rotation (degrees) and shift (Angstrom) errors of the given poses, by local search.
+
+    Each of ``n_images`` pilot images (whitened) is fitted at its best coarse conformation under
+    every candidate rotation (then shift) perturbation, and the best candidate's size is kept.
+    Noise alone moves the best candidate too, so the same search runs on a replicate: each
+    image's model at its given pose, scaled as fitted, plus noise from the noise model. The
+    estimate is ``sqrt(max(0, rms_data^2 - rms_replicate^2))`` with its standard error.
+    """
+    from ..cryoem.operator import CryoEMOperator
+
+    m = min(n_images, len(pilot.images))
+    op = CryoEMOperator(
+        pilot.conformation,
+        ImageModel.for_atoms(
+            pilot.D, pilot.p, pilot.conformation.atoms, fourier_filter=spec.whitening()
+        ),
+        1.0,
+    )
+    nu = jax.tree_util.tree_map(lambda a: jnp.asarray(a[:m]), pilot.nuisance)
+    ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2 + bfactor)
+    nu = dataclasses.replace(nu, ctf=ctf, group=jnp.asarray(pilot.groups[:m], jnp.int32))
+    theta = jnp.asarray(pilot.points[stats["best"][:m]])
+    y = jnp.asarray(spec.whiten(pilot.images[:m], pilot.groups[:m]))
+    clean = jax.jit(jax.vmap(op.mean))(theta, nu)
+    a = jnp.asarray(stats["a"][:m], jnp.float32)[:, None, None]
+    key = jax.random.key(0) if key is None else key
+    null = a * clean + jax.random.normal(key, clean.shape, clean.dtype)  # whitened: unit noise
+    rots, angles, shifts = _candidate_perturbations()
+    eye, zero = (
+        np.broadcast_to(np.eye(3, dtype=np.float32), (len(shifts), 3, 3)),
+        np.zeros((len(rots), 2), np.float32),
+    )
+    out = {}
+    for name, r, d, size in (
+        ("rotation_deg", rots, zero, angles),
+        ("shift_A", eye, shifts.astype(np.float32), np.hypot(*shifts.T)),
+    ):
+        best = {}
+        for label, images in (("data", y), ("replicate", null)):
+            g = np.asarray(_perturbed_fits(op, theta, nu, images, jnp.asarray(r), jnp.asarray(d)))
+            best[label] = size[np.argmax(g, axis=1)]
+        ms_d, ms_r = np.mean(best["data"] ** 2), np.mean(best["replicate"] ** 2)
+        se = np.sqrt((np.var(best["data"] ** 2) + np.var(best["replicate"] ** 2)) / m)
+        out[name] = float(np.sqrt(max(ms_d - ms_r, 0.0)))
+        out[name + "_z"] = float((ms_d - ms_r) / max(se, 1e-30))
+    return out
+
+
 def calibrate(
     stack: ParticleStack,
     conformation: AbstractConformationModel,
@@ -274,12 +372,14 @@ def calibrate(
     sigma: float | None = None,
     envelope: bool = True,
     n_pilot: int = 512,
+    estimate_pose: bool = True,
 ) -> tuple[ParticleStack, Calibration]:
     """Estimate the nuisances the files do not state; return the working stack and calibration.
 
     ``contrast``: auto | as-is | invert. ``box_size``: working box (None: the rule in the module
     doc). ``noise``: coloured | white. ``sigma``: the input images' pixel noise sd (white noise,
     not estimated). ``envelope``: estimate the B-factor envelope (else none is added).
+    ``estimate_pose``: estimate the rms pose error by a local search (:func:`estimate_pose_error`).
     """
     if contrast not in ("auto", "as-is", "invert"):
         raise ValueError(f"contrast must be auto, as-is or invert, got {contrast!r}")
@@ -321,6 +421,7 @@ def calibrate(
             stats = _residual_pass(pilot, bfactor)
             spec = spectrum(stats)
             bfactor += _fit_bfactor(stats, spec, pilot.groups, D, p)  # what the first missed
+    pose = estimate_pose_error(pilot, stats, bfactor, spec) if estimate_pose else None
     info = _information(pilot, stats, bfactor, spec)
     total = float(info.sum())
     if total > 0:
@@ -364,6 +465,7 @@ def calibrate(
         information_kept=kept,
         n_pilot=len(idx),
         input_noise_sigma=tuple(float(x) for x in spec.pixel_sigma()),
+        pose_error=pose,
     )
     # the particles carry their noise group and the envelope in their CTF
     nu = working.nuisance
