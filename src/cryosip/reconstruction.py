@@ -378,26 +378,32 @@ def _llm_weighted(op, pos, logw, obs):
     return op.log_likelihood_matrix(pos, obs) + logw[None, :]
 
 
-def posterior_cv(problem: Problem, result: MethodResult) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image posterior mean and sd of the CV under the recovered distribution (1-D tabulated path)."""
+def posterior_responsibilities(
+    problem: Problem, result: MethodResult, chunk: int = 1024
+) -> np.ndarray:
+    """(N, K) float32 posterior probability of each image over the K recovered particles
+    (the recovered weights as the prior, the engine's likelihood)."""
     op, obs = problem.engine_operator, problem.engine_observations
     pos = jnp.asarray(result.positions, jnp.float32)
     logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
-
-    def f(o):
-        return _llm_weighted(op, pos, logw, o)
-
     n = len(obs)
-    means, sds = [], []
-    for s in range(0, n, 1024):
-        idx = jnp.arange(s, min(n, s + 1024))
-        lj = f(obs.take(idx))
-        r = jax.nn.softmax(lj, axis=1)
-        m = r @ pos
-        v = r @ (pos**2) - m**2
-        means.append(np.asarray(m))
-        sds.append(np.sqrt(np.maximum(np.asarray(v), 0.0)))
-    return np.concatenate(means), np.concatenate(sds)
+    out = []
+    for s in range(0, n, chunk):
+        lj = _llm_weighted(op, pos, logw, obs.take(jnp.arange(s, min(n, s + chunk))))
+        out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32))
+    return np.concatenate(out)
+
+
+def posterior_cv(
+    problem: Problem, result: MethodResult
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image posterior mean and sd of the CV under the recovered distribution, and the
+    responsibilities they come from (:func:`posterior_responsibilities`)."""
+    r = posterior_responsibilities(problem, result).astype(np.float64)
+    pos = np.asarray(result.positions, np.float64)
+    m = r @ pos
+    v = r @ (pos**2) - m**2
+    return m, np.sqrt(np.maximum(v, 0.0)), r.astype(np.float32)
 
 
 def run_streamed(

@@ -97,7 +97,7 @@ def write_reconstruction(
     """Write everything a reconstruction produces (see the module docstring); returns the summary.
 
     ``stack``: the input ParticleStack (per-image tables keep its columns); ``model``: the
-    conformation model (structures, maps, report viewer); ``posterior``: ``(mean, sd)`` (N, d)
+    conformation model (structures, maps, report viewer); ``posterior``: ``(mean, sd, responsibilities)``
     per image, or None (e.g. streamed runs: no per-image outputs).
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -243,9 +243,10 @@ def _write_per_image(out_dir, problem, result, cv_names, stack, posterior, files
         write_particles_cv_cs,
         write_particles_cv_star,
     )
-    from .posterior import posterior_responsibilities, write_posterior_npz
+    from .posterior import write_posterior_npz
 
-    mean, sd = (np.asarray(a, np.float64) for a in posterior)
+    mean, sd, resp = posterior
+    mean, sd = np.asarray(mean, np.float64), np.asarray(sd, np.float64)
     mean = mean.reshape(mean.shape[0], -1)
     sd = sd.reshape(sd.shape[0], -1)
     n = len(stack)
@@ -285,7 +286,6 @@ def _write_per_image(out_dir, problem, result, cv_names, stack, posterior, files
         )
     write_latent_pkl(os.path.join(out_dir, "z.pkl"), mean)
     files["z.pkl"] = "cryoDRGN-style latents: float32 (N, d) CV posterior means"
-    resp = posterior_responsibilities(problem, result)
     write_posterior_npz(
         os.path.join(out_dir, "posterior.npz"),
         positions=result.positions,

@@ -18,26 +18,7 @@ import os
 
 import numpy as np
 
-__all__ = ["posterior_responsibilities", "write_posterior_npz", "read_posterior_npz"]
-
-
-def posterior_responsibilities(problem, result, chunk: int = 1024) -> np.ndarray:
-    """(N, K) float32 posterior of each image over the recovered particles (tabulated path)."""
-    import jax
-    import jax.numpy as jnp
-
-    from ..reconstruction import _llm_weighted
-
-    op, obs = problem.engine_operator, problem.engine_observations
-    pos = jnp.asarray(result.positions, jnp.float32)
-    logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
-    n = len(obs)
-    out = []
-    for s in range(0, n, chunk):
-        idx = jnp.arange(s, min(n, s + chunk))
-        lj = _llm_weighted(op, pos, logw, obs.take(idx))
-        out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32))
-    return np.concatenate(out)
+__all__ = ["write_posterior_npz", "read_posterior_npz"]
 
 
 def write_posterior_npz(
