@@ -252,6 +252,22 @@ def _auto_flow(
     )
 
 
+def default_grid_nodes(dim: int) -> int:
+    """Grid nodes per CV for grid methods in ``dim`` dimensions: at most ~400 nodes in all
+    (20 per CV in 2-D, 7 in 3-D, 5 in 4-D; 33 in 1-D, the tabulated path's grid)."""
+    return 33 if dim == 1 else max(5, int(np.floor(400 ** (1.0 / dim) + 1e-9)))
+
+
+def product_grid(lower, upper, per_cv: int | None) -> np.ndarray:
+    """(per_cv^d, d) nodes on a regular grid over the (bounded) CV box."""
+    lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError("grid methods need a bounded CV domain")
+    k = default_grid_nodes(lo.size) if per_cv is None else int(per_cv)
+    axes = [np.linspace(a, b, k) for a, b in zip(lo, hi)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, lo.size).astype(np.float32)
+
+
 def default_fisher_rao(objective: str) -> float:
     """Fisher-Rao weights by default for KL only: its first variation -R_i/w_i has a natural
     scale (0.3 is a damped EM step); for MMD terms the scale is arbitrary and minibatch noise in
@@ -278,6 +294,7 @@ def run_method(
     resume: bool = False,
     n_components: int = 2,
     heldout_fraction: float = 0.0,
+    grid_nodes: int | None = None,
 ) -> MethodResult:
     t0 = time.perf_counter()
     op, obs = problem.engine_operator, problem.engine_observations
@@ -336,13 +353,21 @@ def run_method(
                     (np.asarray(r.measure.positions), np.asarray(r.measure.weights))
                 )
     elif method in ("em-grid", "per-image"):
-        if problem.fine_loglik is None:
-            raise ValueError(f"{method} needs a 1-D CV (the tabulated path)")
-        if method == "em-grid":
-            nodes = np.asarray(problem.table.nodes)
+        if problem.fine_loglik is not None:  # 1-D: the tabulated likelihood on its nodes
+            nodes = np.asarray(problem.table.nodes)[:, None]
             L = problem.fine_loglik[:, :: (len(problem.fine_grid) - 1) // (len(nodes) - 1)]
+        else:  # any d: the direct likelihood on a product grid (grid_nodes per CV)
+            nodes = product_grid(problem.lower, problem.upper, grid_nodes)
+            logger.info(
+                "%s: %d grid nodes (%d per CV)",
+                method,
+                len(nodes),
+                len(nodes) ** (1 / nodes.shape[1]),
+            )
+            L = dto.loglik_on_nodes(op, obs, nodes, batch_size=max(1, 4096 // len(nodes)))
+        if method == "em-grid":
             w, _ = dto.em_weights(L)
-            out = MethodResult("em-grid", "kl", nodes[:, None], w, 0.0)
+            out = MethodResult("em-grid", "kl", nodes, w, 0.0)
             for b in range(n_bootstrap):
                 kb = jax.random.fold_in(key, b)
                 counts = np.bincount(
@@ -350,14 +375,19 @@ def run_method(
                     minlength=L.shape[0],
                 )
                 wb, _ = dto.em_weights(L, obs_weight=counts)
-                out.replicates.append((nodes[:, None], wb))
+                out.replicates.append((nodes, wb))
         else:
-            m = problem.per_image_map()
-            out = MethodResult("per-image", None, m[:, None], np.full(m.size, 1.0 / m.size), 0.0)
+            m = (
+                problem.per_image_map()
+                if problem.fine_loglik is not None
+                else nodes[np.argmax(L, 1)]
+            )
+            m = m.reshape(m.shape[0], -1)
+            out = MethodResult("per-image", None, m, np.full(len(m), 1.0 / len(m)), 0.0)
             rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
             for _ in range(n_bootstrap):
-                mb = rng.choice(m, m.size)
-                out.replicates.append((mb[:, None], np.full(m.size, 1.0 / m.size)))
+                mb = m[rng.integers(0, len(m), len(m))]
+                out.replicates.append((mb, np.full(len(m), 1.0 / len(m))))
     elif method == "map-classes":
         meas = dto.map_classes(op, obs, n_particles, key=key)
         out = MethodResult(

@@ -96,8 +96,9 @@ def add_args(p):
     p.add_argument(
         "--nodes",
         type=positive_int,
-        default=33,
-        help="CV grid nodes of the tabulated path (1-D CVs)",
+        default=None,
+        help="grid nodes per CV: of the tabulated path (1-D, default 33) and of em-grid and "
+        "per-image in any dimension (default: ~400 nodes in all, e.g. 20 x 20 in 2-D)",
     )
     p.add_argument(
         "--sigma",
@@ -297,7 +298,7 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
             box_size=args.box,
             noise=args.noise,
             envelope=not args.no_envelope,
-            n_nodes=args.nodes,
+            n_nodes=args.nodes or 33,
             pilot_images=args.pilot_images,
             entropy=args.entropy,
             fisher_rao=args.fisher_rao,
@@ -394,7 +395,7 @@ def main(args) -> int:
         sigma=args.sigma,
         fit_scale=args.fit_scale,
         contrast=args.contrast,
-        n_nodes=args.nodes,
+        n_nodes=args.nodes or 33,
         progress=progress,
         box_size=args.box,
         noise=args.noise,
@@ -420,6 +421,7 @@ def main(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         heldout_fraction=args.heldout,
+        grid_nodes=args.nodes,
     )
     summary = write_reconstruction(
         args.out,
