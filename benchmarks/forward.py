@@ -45,9 +45,9 @@ import numpy as np
 
 import cryosip
 from cryosip.cryoem.image_model import CryoNuisance, ImageModel, NuisancePrior
-from cryosip.cryoem.operator import CryoEMOperator
 from cryosip.cryoem.pose import matrix_to_euler
 from cryosip.data.adk import adk_model
+from cryosip.pipeline.operator import CryoEMOperator
 
 FIELD_OF_VIEW_IN_ANGSTROMS = 128.0
 SIGMA = 0.05  # noise standard deviation (the images' contrast is ~0.01-0.1 in these units)

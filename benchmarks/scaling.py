@@ -234,7 +234,7 @@ def make_problem(
     import jax
 
     from cryosip.cryoem.image_model import ImageModel, NuisancePrior
-    from cryosip.cryoem.operator import CryoEMOperator
+    from cryosip.pipeline.operator import CryoEMOperator
     from cryosip.sip.operator import Observations
 
     model = _model(structure)
@@ -483,7 +483,7 @@ def run_cost(quick: bool, reps: int) -> dict:
 # end to end: cryosip vs cryojax-backed operator
 # ---------------------------------------------------------------------------------------------
 def run_e2e(images: int, particles: int, rounds: int) -> dict:
-    from cryosip.cryoem.cryojax_operator import CryojaxOperator
+    from cryosip.pipeline.cryojax_operator import CryojaxOperator
 
     op, obs, _, prior, pixel = make_problem("adk_all", 64, images)
     ops = {"cryosip": op}
@@ -546,7 +546,7 @@ def run_w1(n_images: int, particles: int, n_steps: int) -> dict:
     import jax.numpy as jnp
 
     from cryosip.analysis.metrics import w1
-    from cryosip.cryoem.cryojax_operator import CryojaxOperator
+    from cryosip.pipeline.cryojax_operator import CryojaxOperator
     from cryosip.sip.discrepancies import KL
     from cryosip.sip.flow import WassersteinGradientFlow
     from cryosip.sip.measure import ParticleMeasure

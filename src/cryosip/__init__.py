@@ -19,13 +19,13 @@ from .cryoem.image_model import (
 from .cryoem.image_model import (
     NuisancePrior as NuisancePrior,
 )
-from .cryoem.operator import CryoEMOperator as CryoEMOperator
 from .cryoem.pose import euler_to_matrix as euler_to_matrix
 from .cryoem.pose import matrix_to_euler as matrix_to_euler
-from .cryoem.simulate import simulate_dataset as simulate_dataset
 from .data.adk import adk_model as adk_model
 from .data.errors import CryosipInputError as CryosipInputError
 from .data.particles import ParticleStack as ParticleStack
+from .pipeline.operator import CryoEMOperator as CryoEMOperator
+from .pipeline.simulate import simulate_dataset as simulate_dataset
 from .reconstruction import prepare as prepare
 from .reconstruction import run_method as run_method
 from .sip.discrepancies import (

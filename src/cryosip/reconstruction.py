@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .conformations.base import AbstractConformationModel
-from .cryoem.operator import CryoEMOperator
-from .cryoem.pose_marginal import PoseMarginalOperator
 from .data.particles import ParticleStack
 from .pipeline.calibrate import Calibration, calibrate
+from .pipeline.operator import CryoEMOperator
+from .pipeline.pose_marginal import PoseMarginalOperator
 from .sip import dto
 from .sip.discrepancies import (
     KL,
@@ -122,7 +122,7 @@ def prepare(
     (:attr:`~cryosip.pipeline.calibrate.Calibration.pose_error_matters`), else none;
     (rms angle in degrees, rms shift in Angstrom): tabulate the likelihood
     averaged over pose errors of that size around the given poses
-    (:class:`~cryosip.cryoem.pose_marginal.PoseMarginalOperator`, 16 antithetic draws per image:
+    (:class:`~cryosip.pipeline.pose_marginal.PoseMarginalOperator`, 16 antithetic draws per image:
     16x the tabulation's cost); KL-based methods only (paired MMD needs images)."""
     t0 = time.perf_counter()
     if calibration is None:
@@ -467,7 +467,7 @@ def run_streamed(
 
     For stacks larger than memory: the images are never loaded whole (peak memory does not grow
     with the number of images, ``benchmarks/scaling.py``). Every step renders and differentiates
-    ``batch_size x n_particles`` images (:class:`~cryosip.cryoem.operator.CryoEMOperator`), so
+    ``batch_size x n_particles`` images (:class:`~cryosip.pipeline.operator.CryoEMOperator`), so
     this path works for any CV dimension. A *pilot* subset of ``pilot_images`` random images is
     prepared first (:func:`prepare`; tabulated for 1-D CVs) to choose what the in-memory pipeline
     chooses from all images: the contrast sign, the initial particles (per-image-MAP quantiles),

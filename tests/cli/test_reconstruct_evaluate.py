@@ -79,11 +79,11 @@ def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
     import jax
 
     from cryosip.cryoem.image_model import ImageModel, NuisancePrior
-    from cryosip.cryoem.operator import CryoEMOperator
-    from cryosip.cryoem.simulate import simulate_dataset
     from cryosip.data.adk import adk_model
     from cryosip.data.distributions import make_distribution
     from cryosip.pipeline.calibrate import calibrate
+    from cryosip.pipeline.operator import CryoEMOperator
+    from cryosip.pipeline.simulate import simulate_dataset
     from cryosip.reconstruction import prepare, run_method
 
     model = adk_model(ca_only=True)

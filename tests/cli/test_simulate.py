@@ -14,8 +14,8 @@ import starfile
 from cryosip.cli.main import main
 from cryosip.cli.simulate import SimulateConfig, build_distribution, build_operator
 from cryosip.cryoem.pose import euler_to_matrix
-from cryosip.cryoem.simulate import render_clean, simulate_dataset
 from cryosip.data.star import read_star
+from cryosip.pipeline.simulate import render_clean, simulate_dataset
 
 ARGS = [
     "simulate",

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cryosip.cryoem.image_model import ImageModel, NuisancePrior
-from cryosip.cryoem.operator import CryoEMOperator
-from cryosip.cryoem.simulate import simulate_dataset
 from cryosip.data.adk import adk_model
 from cryosip.data.distributions import make_distribution
+from cryosip.pipeline.operator import CryoEMOperator
+from cryosip.pipeline.simulate import simulate_dataset
 from cryosip.sip.discrepancies import KL
 from cryosip.sip.measure import ParticleMeasure
 from cryosip.sip.table import TabulatedOperator

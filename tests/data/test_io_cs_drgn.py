@@ -184,5 +184,7 @@ def test_cryodrgn_ind_and_overrides(tmp_path, stack_on_disk):
     with pytest.raises(CryosipInputError, match="bad.pkl: pose 1 is not a rotation matrix"):
         apply_cryodrgn(s, pose=tmp_path / "bad.pkl")
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
-    with pytest.raises(CryosipInputError, match="junk.pkl: (not a readable pickle|refusing to load pickle)"):
+    with pytest.raises(
+        CryosipInputError, match="junk.pkl: (not a readable pickle|refusing to load pickle)"
+    ):
         read_cryodrgn(ctf=tmp_path / "junk.pkl")

@@ -8,13 +8,13 @@ import numpy as np
 from cryojax_sets import ForeignSpec, make_foreign_set
 
 from cryosip.cryoem.image_model import ImageModel, NuisancePrior
-from cryosip.cryoem.operator import CryoEMOperator
-from cryosip.cryoem.simulate import simulate_dataset
 from cryosip.data.adk import adk_model
 from cryosip.data.distributions import make_distribution
 from cryosip.data.models import load_model
 from cryosip.data.particles import read_particles
 from cryosip.pipeline.calibrate import calibrate
+from cryosip.pipeline.operator import CryoEMOperator
+from cryosip.pipeline.simulate import simulate_dataset
 
 
 def test_envelope_contrast_and_noise_of_cryojax_images(tmp_path):

@@ -233,11 +233,20 @@ def _posted_failures(dist: Distributed) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _exit(line: str, code: int) -> None:
+def _say(line: str) -> None:
     sys.stderr.write(line.rstrip() + "\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(code)  # skip JAX's shutdown barrier: the others are not coming
+
+
+def _exit(line: str | None, code: int, linger: float = 0.0) -> None:
+    """Print ``line`` and end this process now (JAX's shutdown barrier would wait for processes
+    that are not coming); ``linger`` seconds first, so that others can still read the store."""
+    if line:
+        _say(line)
+    if linger:
+        time.sleep(linger)
+    os._exit(code)
 
 
 def _watch(dist: Distributed, command: str, done: threading.Event) -> None:
@@ -249,6 +258,8 @@ def _watch(dist: Distributed, command: str, done: threading.Event) -> None:
                 f"cryosip {command}: error: process {pid} of {dist.num_processes} failed: {msg} "
                 f"(process {dist.process_id} stops too)",
                 1,
+                # process 0 hosts the coordination service: let the failed process end first
+                linger=GRACE_SECONDS + 1.0 if dist.process_id == 0 else 0.0,
             )
 
 
@@ -300,15 +311,15 @@ def run(dist: Distributed, fn: Callable[[], int], command: str = "reconstruct") 
         msg = _one_line(e)
         if isinstance(e, KeyboardInterrupt):
             msg = "interrupted"
+        if not isinstance(e, (CryosipInputError, KeyboardInterrupt)):
+            logger.exception("%s failed", dist.describe())
+        _say(f"cryosip {command}: error: {dist.describe()}: {msg}")
         try:
             _client().key_value_set(f"{FAILED_KEY}{dist.process_id}", msg)
         except Exception:  # noqa: BLE001 - the coordinator may be the one that failed
             pass
-        if not isinstance(e, (CryosipInputError, KeyboardInterrupt)):
-            logger.exception("%s failed", dist.describe())
-        time.sleep(GRACE_SECONDS)
         code = 2 if isinstance(e, CryosipInputError) else 130 if msg == "interrupted" else 1
-        _exit(f"cryosip {command}: error: {dist.describe()}: {msg}", code)
+        _exit(None, code, linger=GRACE_SECONDS)
         raise  # pragma: no cover - _exit does not return
     done.set()
     jd.shutdown()  # waits at the coordinator's barrier until every process is done

@@ -63,10 +63,10 @@ def main(args) -> int:
     from ..analysis.outputs import density_table
     from ..analysis.report import write_report
     from ..cryoem.image_model import ImageModel, NuisancePrior
-    from ..cryoem.operator import CryoEMOperator
-    from ..cryoem.simulate import simulate_dataset
     from ..data.distributions import make_distribution
     from ..data.models import load_model
+    from ..pipeline.operator import CryoEMOperator
+    from ..pipeline.simulate import simulate_dataset
     from ..reconstruction import EXACT_PHYSICS, prepare, run_method
 
     t_start = time.perf_counter()

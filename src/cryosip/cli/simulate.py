@@ -153,7 +153,7 @@ def conformation_model(dataset: str):
 def build_operator(cfg: SimulateConfig, model=None):
     """The cryo-EM operator (noise sigma 1; the simulation sets its own) for a config."""
     from ..cryoem.image_model import ImageModel, NuisancePrior
-    from ..cryoem.operator import CryoEMOperator
+    from ..pipeline.operator import CryoEMOperator
 
     model = conformation_model(cfg.dataset) if model is None else model
     prior = NuisancePrior(
@@ -445,10 +445,10 @@ def run_simulation(
     from tqdm import tqdm
 
     from .. import __version__
-    from ..cryoem.simulate import iter_simulation, plan_simulation
     from ..data.mrc import LazyImageStack
     from ..data.particles import ParticleStack
     from ..data.star import write_star
+    from ..pipeline.simulate import iter_simulation, plan_simulation
 
     # an existing file, or a folder with earlier results, is refused unless --overwrite (which
     # removes the earlier simulation's files first: the STAR file marks a complete simulation)

@@ -182,9 +182,9 @@ def simulate(
     it does not depend on which other data sets are simulated with it.
     """
     from ..cryoem.image_model import ImageModel, NuisancePrior
-    from ..cryoem.operator import CryoEMOperator
-    from ..cryoem.simulate import add_noise, render_clean, sigma_for_snr
     from ..data.adk import adk_model
+    from ..pipeline.operator import CryoEMOperator
+    from ..pipeline.simulate import add_noise, render_clean, sigma_for_snr
     from ..sip.noise import GaussianNoise
 
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ The consensus poses of real particles are not exact. Here AdK images (C-alpha by
 ``--all-atom`` for every atom; bimodal truth on the path CV s, 64 px, 2 A/px, SNR 0.01) are
 simulated with the true poses, and every method is then given poses perturbed by a rotation of
 ``--rot-errors`` degrees rms (a random angle about a uniformly random axis; see
-:func:`cryosip.cryoem.pose_marginal.sample_pose_perturbations`) and in-plane shifts of
+:func:`cryosip.pipeline.pose_marginal.sample_pose_perturbations`) and in-plane shifts of
 ``--shift-errors`` Angstrom rms. The error directions are the same for every condition, only
 their scale changes, and the noise is the same, so conditions differ by the error size alone.
 
@@ -12,7 +12,7 @@ Variants of the likelihood, for every condition (rot, shift):
 
 - ``given``: the given poses used as if exact: ``wgf-kl``, ``wgf-mmd``, ``em-grid``,
   ``per-image`` (image tables, as in the robustness study);
-- ``marginal``: the pose-marginalised likelihood of :class:`~cryosip.cryoem.pose_marginal.PoseMarginalOperator`,
+- ``marginal``: the pose-marginalised likelihood of :class:`~cryosip.pipeline.pose_marginal.PoseMarginalOperator`,
   K perturbations per image drawn with the matching scale (rot, shift) around the given pose,
   tabulated on the CV nodes per image and interpolated by a cubic in s
   (:class:`~cryosip.sip.loglik_table.LogLikTableOperator`): ``wgf-kl``, ``em-grid``,
@@ -49,7 +49,11 @@ import pandas as pd
 from jax.scipy.special import logsumexp
 
 from .. import _atomic
-from ..cryoem.pose_marginal import PoseMarginalOperator, perturb_nuisance, sample_pose_perturbations
+from ..pipeline.pose_marginal import (
+    PoseMarginalOperator,
+    perturb_nuisance,
+    sample_pose_perturbations,
+)
 from ..reconstruction import Problem
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator

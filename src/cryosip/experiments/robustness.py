@@ -50,9 +50,9 @@ import pandas as pd
 from .. import _atomic
 from ..analysis.metrics import w1, w2
 from ..cryoem.image_model import ImageModel, NuisancePrior
-from ..cryoem.operator import CryoEMOperator
 from ..data.distributions import make_distribution
 from ..data.models import load_model
+from ..pipeline.operator import CryoEMOperator
 from ..reconstruction import Problem, run_method
 from ..sip import dto
 from ..sip.discrepancies import median_distance

@@ -3,7 +3,7 @@
 1-D cases: every toy of :mod:`cryosip.conformations.toys` (dumbbell separation 10-40 A, hinge
 angle 30-150 degrees, square side 10-40 A) under every truth of
 :func:`cryosip.data.distributions.make_distribution` (``unimodal``, ``bimodal``, ``skewed``,
-``uniform``). Images are simulated by :func:`cryosip.cryoem.simulate.simulate_dataset` (40 px at
+``uniform``). Images are simulated by :func:`cryosip.pipeline.simulate.simulate_dataset` (40 px at
 2 A/px, random poses, shifts with sd 2 A and astigmatic CTF, known to every method) and
 reconstructed through the ordinary pipeline (:func:`cryosip.reconstruction.prepare` and
 :func:`~cryosip.reconstruction.run_method`): ``wgf-kl``, ``wgf-mmd``, ``em-grid``,
@@ -48,9 +48,9 @@ import pandas as pd
 from .. import _atomic
 from ..analysis.metrics import w1, w2
 from ..cryoem.image_model import ImageModel, NuisancePrior
-from ..cryoem.operator import CryoEMOperator
-from ..cryoem.simulate import simulate_dataset
 from ..data.distributions import make_distribution
+from ..pipeline.operator import CryoEMOperator
+from ..pipeline.simulate import simulate_dataset
 from ..reconstruction import EXACT_PHYSICS, prepare, run_method
 from ..sip import dto
 from . import common_parser, resolve, seeds_from

@@ -202,7 +202,7 @@ class _Pilot:
 
     def chunks(self, bfactor: float, n: int | None = None):
         """(start, model images (c, K, D, D) at the probe points) with an added envelope B."""
-        from ..cryoem.operator import CryoEMOperator
+        from .operator import CryoEMOperator
 
         op = CryoEMOperator(
             self.conformation, ImageModel.for_atoms(self.D, self.p, self.conformation.atoms), 1.0
@@ -301,7 +301,7 @@ def _candidate_perturbations():
 @eqx.filter_jit
 def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
     """LS fit gain of each image on its model under each candidate perturbation: (c, R)."""
-    from ..cryoem.pose_marginal import perturb_nuisance
+    from .pose_marginal import perturb_nuisance
 
     def one(t, nu, yi):
         ms = jax.vmap(lambda r, d: op.mean(t, perturb_nuisance(nu, r, d)))(rots, shifts)
@@ -322,7 +322,7 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
     image's model at its given pose, scaled as fitted, plus noise from the noise model. The
     estimate is ``sqrt(max(0, rms_data^2 - rms_replicate^2))`` with its standard error.
     """
-    from ..cryoem.operator import CryoEMOperator
+    from .operator import CryoEMOperator
 
     m = min(n_images, len(pilot.images))
     op = CryoEMOperator(

@@ -3,7 +3,7 @@
 :class:`~cryosip.sip.table.TabulatedOperator` tabulates *images* (their Gram matrices), which
 only works when log p(y | theta) is a Gaussian log-density of one interpolated image. Some
 likelihoods are not: a pose-marginalised likelihood (a log-mean-exp over pose perturbations,
-:mod:`cryosip.cryoem.pose_marginal`) or a Monte Carlo average over unknown nuisances. For a
+:mod:`cryosip.pipeline.pose_marginal`) or a Monte Carlo average over unknown nuisances. For a
 1-D CV such a likelihood is still a smooth function of theta per observation, so it can be
 tabulated directly,
 

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..cryoem.image_model import CryoNuisance
+from ..cryoem.pose import axis_angle_to_matrix
 from ..sip.loglik_table import LogLikTableOperator
 from ..sip.operator import AbstractRandomOperator, Observations, _map_chunks
-from .image_model import CryoNuisance
 from .operator import CryoEMOperator
-from .pose import axis_angle_to_matrix
 
 
 def sample_pose_perturbations(

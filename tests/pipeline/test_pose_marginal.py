@@ -11,8 +11,8 @@ from jax.scipy.special import logsumexp
 
 from cryosip.conformations.toys import Dumbbell
 from cryosip.cryoem.image_model import ImageModel, NuisancePrior
-from cryosip.cryoem.operator import CryoEMOperator
-from cryosip.cryoem.pose_marginal import (
+from cryosip.pipeline.operator import CryoEMOperator
+from cryosip.pipeline.pose_marginal import (
     PoseMarginalOperator,
     perturb_nuisance,
     sample_pose_perturbations,

@@ -3,7 +3,7 @@
 :class:`CryojaxOperator` is an :class:`~cryosip.sip.operator.AbstractRandomOperator` whose
 noise-free image ``mean(theta, nuisance)`` is built by cryojax (0.6) rather than by
 :class:`~cryosip.cryoem.image_model.ImageModel`: for users who want cryojax's physics, and as
-the peer of :class:`~cryosip.cryoem.operator.CryoEMOperator` in the benchmarks
+the peer of :class:`~cryosip.pipeline.operator.CryoEMOperator` in the benchmarks
 (``benchmarks/scaling.py``). Everything else -- nuisances, prior, noise, the derived
 likelihoods and paired distances -- is inherited, so both operators plug into the same
 discrepancies and flows unchanged.
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ..conformations.base import AbstractConformationModel
+from ..cryoem.image_model import CryoNuisance, NuisancePrior
 from ..sip.noise import GaussianNoise
 from ..sip.operator import AbstractRandomOperator
-from .image_model import CryoNuisance, NuisancePrior
 
 __all__ = ["CryojaxOperator", "INTEGRATORS"]
 
@@ -63,7 +63,7 @@ class CryojaxOperator(AbstractRandomOperator):
 
     ``integrator``: ``"default"`` (exact pixel integrals) or ``"fastest"`` (spreading with
     ``suggest_n_spread``). The other arguments are those of
-    :class:`~cryosip.cryoem.operator.CryoEMOperator`, with the box and pixel size given
+    :class:`~cryosip.pipeline.operator.CryoEMOperator`, with the box and pixel size given
     directly.
     """
 

@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("cryojax.simulator")
 
-from cryosip.cryoem.cryojax_operator import CryojaxOperator  # noqa: E402
 from cryosip.cryoem.image_model import ImageModel, NuisancePrior  # noqa: E402
-from cryosip.cryoem.operator import CryoEMOperator  # noqa: E402
+from cryosip.pipeline.cryojax_operator import CryojaxOperator  # noqa: E402
+from cryosip.pipeline.operator import CryoEMOperator  # noqa: E402
 from cryosip.sip.discrepancies import KL  # noqa: E402
 from cryosip.sip.measure import ParticleMeasure  # noqa: E402
 from cryosip.sip.operator import Observations  # noqa: E402

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ..conformations.base import AbstractConformationModel
+from ..cryoem.image_model import CryoNuisance, ImageModel, NuisancePrior
 from ..sip.noise import GaussianNoise
 from ..sip.operator import AbstractRandomOperator
-from .image_model import CryoNuisance, ImageModel, NuisancePrior
 
 
 class CryoEMOperator(AbstractRandomOperator):

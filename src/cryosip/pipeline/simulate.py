@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from ..cryoem.image_model import CryoNuisance
+from ..cryoem.noise import RadialNoiseSpectrum
 from ..data.particles import ParticleStack
-from .image_model import CryoNuisance
-from .noise import RadialNoiseSpectrum
 from .operator import CryoEMOperator
 
 
