@@ -2,7 +2,7 @@
 
 With the KL objective, J(rho) = -(1/N) sum_n log int p(y_n | theta) d rho(theta) is the negative
 mean marginal log-likelihood. Restricting rho to a finite family first and then optimising is
-what the usual MAP methods do (``method.md`` section 4):
+what the usual MAP methods do (``docs/method.md`` section 4):
 
 - :func:`em_grid`: fixed support (grid nodes or trajectory frames), free weights, EM on the
   marginal likelihood with an optional Dirichlet prior (ensemble reweighting);

@@ -11,7 +11,7 @@ outputs interpolated between grid nodes by a natural cubic spline (linear in the
 with the per-observation Gram matrix ``M_n[g, h] = <m_n(theta_g), m_n(theta_h)>`` and
 ``c_n[g] = <m_n(theta_g), y_n>``. One simulation per (observation, node) builds the table;
 each flow step then costs small matrix products, and gradients in theta are exact for the
-interpolated model. ``method.md`` section 3 calls this the tabulated path; the direct path
+interpolated model. ``docs/method.md`` section 3 calls this the tabulated path; the direct path
 (the base operator) remains for high-dimensional theta, and the tests compare the two.
 """
 

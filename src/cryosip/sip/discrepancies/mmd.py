@@ -1,7 +1,7 @@
 """Maximum mean discrepancy: unconditional (nuisances unknown) and nuisance-paired (known).
 
 Unconditional:  1/2 MMD^2(mu, nu) = 1/2 [E k(X,X') - 2 E k(X,Y) + E k(Y,Y')], X ~ mu[rho] with
-fresh nuisances and noise. Measured on AdK (method.md section 2): on raw pixels it sees only the
+fresh nuisances and noise. Measured on AdK (docs/method.md section 2): on raw pixels it sees only the
 mean of rho, because pose variability swamps the conformational signal.
 
 Paired (the kernel score, a proper scoring rule): each observation y_n is compared with model
