@@ -102,3 +102,26 @@ def test_sharded_flow_gives_the_single_device_particles(tmp_path):
 
 if __name__ == "__main__":
     _child(sys.argv[1])
+
+
+def test_single_process_helpers_are_identities():
+    """One process: all rows are local, a global batch is the local one, broadcast is identity
+    (the multi-process paths run in tests/cli/test_multiprocess.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cryosip.sip.sharding import (
+        broadcast_from_first_process,
+        data_sharding,
+        global_rows,
+        make_mesh,
+        process_rows,
+    )
+
+    sh = data_sharding(make_mesh())
+    np.testing.assert_array_equal(process_rows(sh, 8), np.arange(8))
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    np.testing.assert_array_equal(np.asarray(global_rows(sh, x, 8)), x)
+    tree = (jnp.ones(3), np.float32(2.5), 7, "kl", jax.random.key(0))
+    out = broadcast_from_first_process(tree)
+    assert out is tree
