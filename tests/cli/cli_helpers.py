@@ -61,3 +61,13 @@ def write_adk_ca_ends(root) -> list[str]:
         )  # fmt: skip
         files.append(f"{root}/{name}")
     return files
+
+
+def streamed_args(star, out, *extra, steps, pilot_images: int):
+    """`cryosip reconstruct ... --stream` on the C-alpha AdK model at small test settings."""
+    return [
+        "reconstruct", str(star), "--model", "adk-ca", "--objective", "kl", "--stream",
+        "--batch-size", "64", "--n-particles", "16", "--steps", str(steps), "--pilot-images",
+        str(pilot_images), "--nodes", "17", "--seed", "0", "--out", str(out), "--no-progress",
+        *map(str, extra),
+    ]  # fmt: skip

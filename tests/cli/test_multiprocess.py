@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from cli_helpers import simulate_adk
+from cli_helpers import simulate_adk, streamed_args
 
 from cryosip.cli import _distributed
 from cryosip.cli.main import main
@@ -40,31 +40,7 @@ def sim(tmp_path_factory):
 
 
 def _args(sim, out, *extra):
-    return [
-        "reconstruct",
-        str(sim / "particles.star"),
-        "--model",
-        "adk-ca",
-        "--objective",
-        "kl",
-        "--stream",
-        "--batch-size",
-        "64",
-        "--n-particles",
-        "16",
-        "--steps",
-        str(STEPS),
-        "--pilot-images",
-        "96",
-        "--nodes",
-        "17",
-        "--seed",
-        "0",
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+    return streamed_args(sim / "particles.star", out, *extra, steps=STEPS, pilot_images=96)
 
 
 def _env():

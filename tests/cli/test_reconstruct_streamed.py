@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from cli_helpers import simulate_adk
+from cli_helpers import simulate_adk, streamed_args
 
 from cryosip.cli.main import main
 
@@ -23,31 +23,7 @@ def sim(tmp_path_factory):
 
 
 def _reconstruct(sim, rec, *extra):
-    return [
-        "reconstruct",
-        str(sim / "particles.star"),
-        "--model",
-        "adk-ca",
-        "--objective",
-        "kl",
-        "--stream",
-        "--batch-size",
-        "64",
-        "--n-particles",
-        "16",
-        "--steps",
-        STEPS,
-        "--pilot-images",
-        "128",
-        "--nodes",
-        "17",
-        "--seed",
-        "0",
-        "--out",
-        str(rec),
-        "--no-progress",
-        *extra,
-    ]
+    return streamed_args(sim / "particles.star", rec, *extra, steps=STEPS, pilot_images=128)
 
 
 def test_streamed_reconstruction_recovers_the_truth(sim, tmp_path, capsys):
