@@ -143,6 +143,9 @@ def test_unknown_experiment_is_a_one_line_error(capsys):
 
 def test_experiment_help_is_the_module_docstring(capsys):
     with pytest.raises(SystemExit) as e:
-        study.main(["-h"])
+        cli_experiment.run_study("dto-consistency", study, ["-h"])
     assert e.value.code == 0
-    assert "W1(rho_K, rho*)" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "W1(rho_K, rho*)" in help_text
+    # flags generated from the Settings dataclass, with the default and the --quick value
+    assert "--n-class-steps" in help_text and "default 500; --quick 300" in help_text

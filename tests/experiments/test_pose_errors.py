@@ -62,7 +62,8 @@ def _w1(path):
     df = pd.read_csv(path)
     assert np.isfinite(df[["w1", "w2"]]).all().all()
     return df, {
-        (r.rot_error_deg, r.shift_error_A, r.variant, r.method): r.w1 for r in df.itertuples()
+        (r.rotation_error_in_degrees, r.shift_error_in_angstroms, r.variant, r.method): r.w1
+        for r in df.itertuples()
     }
 
 
@@ -73,9 +74,9 @@ def test_cli_tiny_grid_methods_recover_with_the_marginal(tmp_path):
             "pose-errors",
             "--out",
             str(out),
-            "--rot-errors",
+            "--rotation-errors-in-degrees",
             "0,10",
-            "--shift-errors",
+            "--shift-errors-in-angstroms",
             "0",
             "--methods",
             "em-grid,per-image",

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cryosip.cli import experiment as cli_experiment
+from cryosip.experiments import _common
 from cryosip.experiments import robustness as study
 from cryosip.reconstruction import run_method
 from cryosip.sip.table import TabulatedOperator
@@ -23,9 +24,9 @@ def _parser():
 
 def test_noise_free_tables_equal_tables_of_the_noisy_images():
     """The sweep's shortcut: a table at any sigma from one render is the table of c + sigma eps."""
-    scene = study.make_scene("adk-ca", "bimodal", box=32, pixel_size=4.0)
-    theta, nu, k_noise = study.draw_dataset(jax.random.key(0), scene, 8)
-    tabs = study.tabulate_noise_free(k_noise, scene.operator, theta, nu, 9, batch_size=8)
+    scene = _common.make_scene("adk-ca", "bimodal", box=32, pixel_size=4.0)
+    theta, nu, k_noise = _common.draw_dataset(jax.random.key(0), scene, 8)
+    tabs = _common.tabulate_noise_free(k_noise, scene.operator, theta, nu, 9, batch_size=8)
     assert len(tabs) == 8 and tabs.n_entries == 32 * 32
     s1, s2 = tabs.sigma_for_snr(0.1), tabs.sigma_for_snr(0.001)
     np.testing.assert_allclose(s2 / s1, 10.0, rtol=1e-12)
@@ -106,5 +107,7 @@ def test_cli_tiny_sweep_writes_csv_and_plots(tmp_path):
 
 
 def test_parsers():
-    assert study.parse_floats("0.1, 0.01,") == (0.1, 0.01)
-    assert study.parse_methods("wgf-kl, em-grid") == ("wgf-kl", "em-grid")
+    assert cli_experiment.parse_floats("0.1, 0.01,") == (0.1, 0.01)
+    assert cli_experiment.parse_names("wgf-kl, em-grid") == ("wgf-kl", "em-grid")
+    assert cli_experiment.parse_ints("2,4, 8") == (2, 4, 8)
+    assert cli_experiment.parse_seeds("0,3-5") == (0, 3, 4, 5)

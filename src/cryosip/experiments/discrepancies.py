@@ -33,6 +33,7 @@ examples:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -41,38 +42,45 @@ import jax
 import numpy as np
 import pandas as pd
 
-from .. import _atomic
-from ..reconstruction import Problem, run_method
-from . import common_parser, resolve, seeds_from
-from .robustness import (
-    add_adk_flow_options,
-    add_fisher_rao,
+from ..reconstruction import Problem
+from ._common import (
+    W1_SEEDS_LABEL,
+    AdkFlowSettings,
+    Results,
+    check_names,
     draw_dataset,
+    fisher_rao_used,
+    floor_line,
+    log_axes,
     make_scene,
-    parse_floats,
-    parse_methods,
-    pipeline_fisher_rao,
+    pyplot,
+    reconstruct,
     score,
-    summarise,
+    setting,
     tabulate_noise_free,
-    write_config,
 )
 
 logger = logging.getLogger(__name__)
 
 NAME = "discrepancies"
 OBJECTIVES = ("kl", "mmd-unconditional", "mmd", "kl+mmd")
-DEFAULTS = dict(
-    seeds=(0, 1),
-    snrs=(0.1, 0.01, 0.003, 0.001),
-    n_images=1000,
-    n_particles=64,
-    n_steps=200,
-    n_nodes=33,
-)
-QUICK = dict(
-    seeds=(0,), snrs=(0.1, 0.01, 0.001), n_images=500, n_particles=64, n_steps=100, n_nodes=33
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(AdkFlowSettings):
+    seeds: tuple[int, ...] = setting((0, 1), "seeds", quick=(0,))
+    snrs: tuple[float, ...] = setting((0.1, 0.01, 0.003, 0.001), "SNRs", quick=(0.1, 0.01, 0.001))
+    n_images: int = setting(1000, "images", quick=500)
+    n_steps: int = setting(200, "WGF steps", quick=100)
+    objectives: tuple[str, ...] = setting(OBJECTIVES, "objectives")
+    unconditional_batch: int = setting(256, "observed images per step of the unconditional MMD")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set(
+            snrs=tuple(sorted((float(x) for x in self.snrs), reverse=True)),
+            objectives=check_names(self.objectives, OBJECTIVES, "objectives"),
+        )
 
 
 def direct_problem(table_problem: Problem, observations) -> Problem:
@@ -81,237 +89,108 @@ def direct_problem(table_problem: Problem, observations) -> Problem:
     return Problem(p.operator, observations, None, p.lower, p.upper, None, None, p.bandwidth, 0.0)
 
 
-def run(
-    out_dir,
-    *,
-    seeds=None,
-    snrs=None,
-    n_images=None,
-    objectives=OBJECTIVES,
-    n_particles=None,
-    n_steps=None,
-    n_nodes=None,
-    all_atom: bool = False,
-    quick: bool = False,
-    fisher_rao=None,
-    unconditional_batch: int = 256,
-) -> pd.DataFrame:
-    t_start = time.perf_counter()
-    cfg = resolve(
-        QUICK if quick else DEFAULTS,
-        seeds=seeds,
-        snrs=snrs,
-        n_images=n_images,
-        n_particles=n_particles,
-        n_steps=n_steps,
-        n_nodes=n_nodes,
-    )
-    cfg["snrs"] = tuple(sorted((float(s) for s in cfg["snrs"]), reverse=True))
-    unknown = set(objectives) - set(OBJECTIVES)
-    if unknown:
-        raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {OBJECTIVES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_name = "adk" if all_atom else "adk-ca"
-    scene = make_scene(model_name, "bimodal")
-    write_config(
-        out,
-        experiment=NAME,
-        model=model_name,
+def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
+    t_start, s = time.perf_counter(), settings
+    scene = make_scene(s.model_name, "bimodal")
+    out = Results(
+        out_dir,
+        NAME,
+        s,
+        model=s.model_name,
         truth=scene.truth.params(),
-        objectives=list(objectives),
         init="uniform",
-        quick=bool(quick),
-        unconditional_batch=unconditional_batch,
-        fisher_rao=pipeline_fisher_rao() if fisher_rao is None else fisher_rao,
-        **cfg,
+        fisher_rao=fisher_rao_used(s),
     )
     ref = scene.reference()
-    N = int(cfg["n_images"])
+    N = s.n_images
     rows, shown = [], {}
-    for seed in cfg["seeds"]:
+    nan = dict(w1_start=np.nan, loss_first=np.nan, loss_last=np.nan)
+    for seed in s.seeds:
         theta, nu, k_noise = draw_dataset(jax.random.key(seed), scene, N)
-        tabs = tabulate_noise_free(
-            k_noise, scene.operator, theta, nu, cfg["n_nodes"], keep_images=N
-        )
-        rows.append(
-            dict(
-                seed=seed,
-                snr=np.nan,
-                objective="oracle",
-                **score(theta, None, ref),
-                w1_start=np.nan,
-                loss_first=np.nan,
-                loss_last=np.nan,
-                seconds=0.0,
-            )
-        )
-        k_run = jax.random.fold_in(
-            jax.random.key(seed), 500
-        )  # the same for every objective: the same initial particles
-        for snr in cfg["snrs"]:
+        tabs = tabulate_noise_free(k_noise, scene.operator, theta, nu, s.n_nodes, keep_images=N)
+        oracle = score(theta, None, ref)
+        rows.append(dict(seed=seed, snr=np.nan, objective="oracle", **oracle, **nan, seconds=0.0))
+        # the same key for every objective: the same initial particles
+        k_run = jax.random.fold_in(jax.random.key(seed), 500)
+        for snr in s.snrs:
             sigma = tabs.sigma_for_snr(snr)
             problem = tabs.problem(scene.operator, sigma)
-            direct = None
-            for obj in objectives:
-                if obj == "mmd-unconditional":
-                    if direct is None:
-                        direct = direct_problem(problem, tabs.observations(sigma, N))
-                    pb = direct
-                else:
-                    pb = problem
-                kw = {} if fisher_rao is None else {"fisher_rao": float(fisher_rao)}
-                if obj == "mmd-unconditional":
-                    kw["batch_size"] = min(
-                        N, int(unconditional_batch)
-                    )  # a fresh data minibatch per step
-                r = run_method(
+            for obj in s.objectives:
+                pb, kw = problem, {}
+                if obj == "mmd-unconditional":  # the direct operator, a fresh data minibatch a step
+                    pb = direct_problem(problem, tabs.observations(sigma, N))
+                    kw["batch_size"] = min(N, s.unconditional_batch)
+                r = reconstruct(
                     pb,
-                    "wgf",
-                    obj,
+                    "wgf-" + obj,
                     key=k_run,
-                    n_particles=cfg["n_particles"],
-                    n_steps=cfg["n_steps"],
+                    n_particles=s.n_particles,
+                    n_steps=s.n_steps,
                     init="uniform",
-                    progress=False,
+                    fisher_rao=s.fisher_rao,
                     **kw,
                 )
                 losses = np.asarray(r.losses)
                 losses = losses[np.isfinite(losses)]
-                start = np.asarray(r.trajectory[0])
+                m = score(r.positions, r.weights, ref)
                 rows.append(
                     dict(
                         seed=seed,
                         snr=snr,
                         objective=obj,
-                        **score(r.positions, r.weights, ref),
-                        w1_start=score(start, None, ref)["w1"],
+                        **m,
+                        w1_start=score(np.asarray(r.trajectory[0]), None, ref)["w1"],
                         loss_first=float(losses[0]) if losses.size else np.nan,
                         loss_last=float(losses[-1]) if losses.size else np.nan,
                         seconds=r.seconds,
                     )
                 )
-                logger.info(
-                    "seed %d SNR %g %s: W1 %.4f (start %.4f; %.0f s)",
-                    seed,
-                    snr,
-                    obj,
-                    rows[-1]["w1"],
-                    rows[-1]["w1_start"],
-                    r.seconds,
-                )
-                if seed == cfg["seeds"][0] and snr in (cfg["snrs"][0], cfg["snrs"][-1]):
+                logger.info("seed %d SNR %g %s: W1 %.4f", seed, snr, obj, m["w1"])
+                if seed == s.seeds[0] and snr in (s.snrs[0], s.snrs[-1]):
                     shown[(snr, obj)] = (np.asarray(r.positions)[:, 0], np.asarray(r.weights))
-            _atomic.write_csv(out / "discrepancies.csv", pd.DataFrame(rows))
-        if seed == cfg["seeds"][0]:
-            shown["theta"] = theta[:, 0]
-    df = pd.DataFrame(rows)
-    _atomic.write_csv(out / "discrepancies.csv", df)
-    summary = summarise(df, ["snr", "objective"], ("w1", "w2", "w1_start", "seconds"))
-    _atomic.write_csv(out / "discrepancies_summary.csv", summary)
-    plot(out, summary, shown, scene, cfg, model_name)
+            out.table("discrepancies", rows)
+    _, summary = out.tables(
+        "discrepancies", rows, ["snr", "objective"], ("w1", "w2", "w1_start", "seconds")
+    )
+    plot(out, summary, shown, scene, s)
     logger.info("discrepancies: done in %.0f s", time.perf_counter() - t_start)
-    return df
+    return pd.DataFrame(rows)
 
 
-def plot(out: Path, summary: pd.DataFrame, shown: dict, scene, cfg: dict, model_name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(out: Results, summary: pd.DataFrame, shown: dict, scene, s: Settings) -> Path:
     from ..analysis.density import kde
     from ..analysis.plots import COLORS
 
-    color = lambda o: COLORS.get(f"wgf-{o}", "0.5")  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    def color(objective):
+        return COLORS.get(f"wgf-{objective}", "0.5")
+
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    for obj in [o for o in summary["objective"].unique() if o != "oracle"]:
-        d = summary[summary["objective"] == obj].sort_values("snr")
+    flows = summary[summary["objective"] != "oracle"]
+    for obj in flows["objective"].unique():
+        d = flows[flows["objective"] == obj].sort_values("snr")
         ax.errorbar(
             d["snr"], d["w1_mean"], d["w1_sd"], marker="o", capsize=3, color=color(obj), label=obj
         )
-    d = summary[summary["objective"] != "oracle"]
-    if len(d):
-        ax.axhline(
-            float(d["w1_start_mean"].mean()), color="0.3", ls=":", lw=1, label="uniform start"
-        )
+    if len(flows):
+        floor_line(ax, flows["w1_start_mean"].mean(), "uniform start", ls=":")
     o = summary[summary["objective"] == "oracle"]
     if len(o):
-        ax.axhline(
-            float(o["w1_mean"].iloc[0]),
-            color="0.5",
-            ls="--",
-            lw=1,
-            label="true CVs (sampling floor)",
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("SNR")
-    ax.set_ylabel(r"$W_1(\hat\rho, \rho^*)$  (mean $\pm$ sd over seeds)")
-    ax.set_title(f"{cfg['n_images']} images, {len(cfg['seeds'])} seed(s), uniform start")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+        floor_line(ax, o["w1_mean"].iloc[0])
+    ax.set_ylabel(W1_SEEDS_LABEL)
+    title = f"{s.n_images} images, {len(s.seeds)} seed(s), uniform start"
+    log_axes(ax, "SNR", title, legend=True)
     grid = np.linspace(float(scene.lower[0]), float(scene.upper[0]), 201)
-    for ax, snr in zip(axes[1:], (cfg["snrs"][0], cfg["snrs"][-1])):
+    for ax, snr in zip(axes[1:], (s.snrs[0], s.snrs[-1])):
         ax.plot(grid, scene.truth.pdf(grid), "k--", lw=2, label="truth")
-        for obj in cfg.get("objectives_shown", OBJECTIVES):
+        for obj in OBJECTIVES:
             if (snr, obj) in shown:
                 pos, w = shown[(snr, obj)]
-                ax.plot(
-                    grid,
-                    kde(pos, w, grid, lower=grid[0], upper=grid[-1]),
-                    color=color(obj),
-                    lw=1.6,
-                    label=obj,
-                )
+                dens = kde(pos, w, grid, lower=grid[0], upper=grid[-1])
+                ax.plot(grid, dens, color=color(obj), lw=1.6, label=obj)
         ax.set_xlabel("s (0 = closed, 1 = open)")
         ax.set_ylabel("density")
-        ax.set_title(f"recovered densities, SNR {snr:g}, seed {cfg['seeds'][0]}")
+        ax.set_title(f"recovered densities, SNR {snr:g}, seed {s.seeds[0]}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"AdK ({model_name}): what each objective sees", fontsize=10)
-    fig.tight_layout()
-    p = out / "discrepancies.png"
-    _atomic.savefig(fig, p, dpi=120)
-    plt.close(fig)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(f"cryosip experiment {NAME}", __doc__)
-    p.add_argument(
-        "--snrs", type=parse_floats, default=None, help=f"SNRs (default {DEFAULTS['snrs']})"
-    )
-    p.add_argument(
-        "--n-images", type=int, default=None, help=f"images (default {DEFAULTS['n_images']})"
-    )
-    p.add_argument(
-        "--objectives",
-        type=parse_methods,
-        default=OBJECTIVES,
-        help=f"objectives (default {','.join(OBJECTIVES)})",
-    )
-    add_adk_flow_options(p, DEFAULTS)
-    p.add_argument(
-        "--unconditional-batch",
-        type=int,
-        default=256,
-        help="observed images per step of the unconditional MMD (default 256)",
-    )
-    add_fisher_rao(p)
-    a = p.parse_args(argv)
-    run(
-        a.out or NAME,
-        seeds=seeds_from(a),
-        snrs=a.snrs,
-        n_images=a.n_images,
-        objectives=a.objectives,
-        n_particles=a.n_particles,
-        n_steps=a.n_steps,
-        n_nodes=a.n_nodes,
-        all_atom=a.all_atom,
-        quick=a.quick,
-        fisher_rao=a.fisher_rao,
-        unconditional_batch=a.unconditional_batch,
-    )
-    return 0
+    fig.suptitle(f"AdK ({s.model_name}): what each objective sees", fontsize=10)
+    return out.figure(fig, "discrepancies.png")

@@ -36,11 +36,9 @@ examples:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -48,104 +46,104 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
+import pandas as pd
 
+from ..analysis.metrics import w1
+from ..cryoem.image_model import ImageModel, NuisancePrior
+from ..data.adk import adk_model
+from ..data.distributions import Beta, TwoModeMixture, Uniform, as_rng
+from ..pipeline.operator import CryoEMOperator
+from ..pipeline.simulate import add_noise, render_clean, sigma_for_snr
 from ..sip import dto
 from ..sip.discrepancies import KL
 from ..sip.flow import WassersteinGradientFlow
 from ..sip.measure import ParticleMeasure
+from ..sip.noise import GaussianNoise
 from ..sip.operator import Observations
 from ..sip.table import TabulatedOperator
-from . import common_parser, parse_ints, resolve, seeds_from
+from ._common import (
+    N_REFERENCE,
+    W1_LABEL,
+    Results,
+    initial_speed,
+    pyplot,
+    setting,
+)
+from ._common import Settings as _Settings
 
 logger = logging.getLogger(__name__)
 
 NAME = "dto-consistency"
-
-# sizes: the default study, and --quick (explicit arguments override both)
-DEFAULTS = dict(
-    seeds=(0, 1, 2),
-    ks=(2, 4, 8, 16, 32, 64, 128),
-    n_images=2000,
-    snr=0.01,
-    box=64,
-    pixel_size=2.0,
-    n_particles=128,
-    n_flow_steps=400,
-    n_class_steps=500,
-    n_nodes=33,
-    n_boot=20,
-)
-QUICK = dict(
-    seeds=(0, 1),
-    ks=(2, 4, 8, 16, 32, 64),
-    n_images=500,
-    snr=0.01,
-    box=64,
-    pixel_size=2.0,
-    n_particles=64,
-    n_flow_steps=200,
-    n_class_steps=300,
-    n_nodes=33,
-    n_boot=10,
-)
 FINE_GRID = 257  # quadrature / per-image-MAP grid on [0, 1]
-N_REFERENCE = 200_000  # draws of rho* used as the truth in W1
-
+CASES = ("consistency", "mismatch")
 
 # ------------------------------------------------------------------------------------------------
 # Truths on the AdK path coordinate s in [0, 1]
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Truth:
-    """A CV distribution on [0, 1]: a truncated Gaussian mixture, a uniform on [a, b] or a Beta."""
+class _DrawnInBlocks(TwoModeMixture):
+    """The truncated mixture, drawn as this study always drew it (rejection in blocks of 2n), so
+    that its published numbers reproduce; its density is the shared one."""
 
-    name: str
-    kind: str
-    params: tuple
+    def sample(self, key, n: int) -> np.ndarray:
+        rng, w, mu, sd = as_rng(key), self.weights, self.means[:, 0], self.sds[:, 0]
+        out = np.empty(0)
+        while out.size < n:
+            c = rng.choice(w.size, size=2 * n, p=w)
+            x = rng.normal(mu[c], sd[c])
+            out = np.concatenate([out, x[(x >= 0) & (x <= 1)]])
+        return out[:n, None]
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        if self.kind == "mixture":
-            w, mu, sd = (np.asarray(x, np.float64) for x in self.params)
-            out = np.empty(0)
-            while (
-                out.size < n
-            ):  # rejection: draw from the untruncated mixture, keep what is in [0, 1]
-                c = rng.choice(w.size, size=2 * n, p=w / w.sum())
-                x = rng.normal(mu[c], sd[c])
-                out = np.concatenate([out, x[(x >= 0) & (x <= 1)]])
-            return out[:n]
-        if self.kind == "uniform":
-            a, b = self.params
-            return rng.uniform(a, b, n)
-        if self.kind == "beta":
-            return rng.beta(*self.params, size=n)
-        raise ValueError(self.kind)
 
-    def pdf(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        if self.kind == "mixture":
-            w, mu, sd = (np.asarray(v, np.float64) for v in self.params)
-            w = w / w.sum()
-            mass = np.sum(w * (stats.norm.cdf((1 - mu) / sd) - stats.norm.cdf(-mu / sd)))
-            p = np.sum(
-                w[:, None] * stats.norm.pdf((x[None] - mu[:, None]) / sd[:, None]) / sd[:, None],
-                axis=0,
-            )
-            return np.where((x >= 0) & (x <= 1), p / mass, 0.0)
-        if self.kind == "uniform":
-            a, b = self.params
-            return np.where((x >= a) & (x <= b), 1.0 / (b - a), 0.0)
-        return stats.beta(*self.params).pdf(x)
+def _named(distribution, name: str):
+    object.__setattr__(distribution, "name", name)
+    return distribution
 
 
 TRUTHS = {
-    "bimodal": Truth("bimodal", "mixture", ((0.6, 0.4), (0.25, 0.72), (0.07, 0.06))),
-    "flat": Truth("flat", "uniform", (0.1, 0.9)),
-    "skewed": Truth("skewed", "beta", (2.0, 6.0)),
+    "bimodal": _DrawnInBlocks(0.0, 1.0, (0.25, 0.72), (0.07, 0.06), (0.6, 0.4)),
+    "flat": _named(Uniform(0.1, 0.9), "flat"),
+    "skewed": _named(Beta(0.0, 1.0, 2.0, 6.0), "skewed"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(_Settings):
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds", quick=(0, 1))
+    ks: tuple[int, ...] = setting(
+        (2, 4, 8, 16, 32, 64, 128), "K values", quick=(2, 4, 8, 16, 32, 64)
+    )
+    n_images: int = setting(2000, "images per data set", quick=500)
+    snr: float = setting(0.01, "signal-to-noise ratio")
+    box: int = setting(64, "box size in pixels")
+    pixel_size: float = setting(2.0, "pixel size in Angstrom")
+    all_atom: bool = setting(False, "all 3,341 atoms instead of the 214 C-alphas (slower)")
+    n_particles: int = setting(128, "WGF particles", quick=64)
+    n_flow_steps: int = setting(400, "WGF steps", quick=200)
+    n_class_steps: int = setting(500, "map-classes Adam steps", quick=300)
+    n_nodes: int = setting(33, "table nodes on the CV")
+    n_boot: int = setting(20, "bootstrap replicates for the em-grid band", quick=10)
+    mismatch_truth: str = setting(
+        "flat",
+        "the truth of the family-mismatch case (flat: uniform on [0.1, 0.9])",
+        choices=("flat", "skewed"),
+    )
+    fisher_rao: float = setting(1.0, "weight step of the Wasserstein-Fisher-Rao reference flow")
+    cases: tuple[str, ...] = setting(CASES, "which cases: consistency, mismatch or both")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set(ks=tuple(sorted(int(k) for k in self.ks)), cases=tuple(self.cases))
+        if any(k < 2 for k in self.ks):
+            raise ValueError(f"every K must be >= 2, got {self.ks}")
+        if self.mismatch_truth not in TRUTHS or self.mismatch_truth == "bimodal":
+            raise ValueError(
+                f"mismatch_truth must be one of {sorted(set(TRUTHS) - {'bimodal'})}, "
+                f"got {self.mismatch_truth!r}"
+            )
+        if set(self.cases) - set(CASES) or not self.cases:
+            raise ValueError(f"cases must be among {CASES}, got {self.cases!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,41 +160,23 @@ class Dataset:
     seconds: float
 
 
-def simulate(
-    key,
-    truths,
-    *,
-    streams=None,
-    n_images: int,
-    snr: float,
-    box: int,
-    pixel_size: float,
-    all_atom: bool,
-    n_nodes: int,
-) -> list[Dataset]:
-    """AdK images from each truth, known poses and CTF, at ``snr``; tabulated on ``n_nodes`` nodes.
+def simulate(key, truths, s: Settings, streams=None) -> list[Dataset]:
+    """AdK images from each truth, known poses and CTF, at ``s.snr``; tabulated on ``s.n_nodes`` nodes.
 
-    One data set of ``n_images`` per truth, each with its own sigma (SNR = mean variance of its
+    One data set of ``s.n_images`` per truth, each with its own sigma (SNR = mean variance of its
     clean images / sigma^2); the data sets are rendered and tabulated in one pass (one compilation).
     Data set i draws its CVs, nuisances and noise from ``fold_in(key, streams[i])`` (default i), so
     it does not depend on which other data sets are simulated with it.
     """
-    from ..cryoem.image_model import ImageModel, NuisancePrior
-    from ..data.adk import adk_model
-    from ..pipeline.operator import CryoEMOperator
-    from ..pipeline.simulate import add_noise, render_clean, sigma_for_snr
-    from ..sip.noise import GaussianNoise
-
     t0 = time.perf_counter()
-    model = adk_model(ca_only=not all_atom)
-    op = CryoEMOperator(model, ImageModel.for_atoms(box, pixel_size, model.atoms), 1.0)
+    n_images, model = s.n_images, adk_model(ca_only=not s.all_atom)
+    op = CryoEMOperator(model, ImageModel.for_atoms(s.box, s.pixel_size, model.atoms), 1.0)
     streams = list(range(len(truths))) if streams is None else list(streams)
     sample_nuisance = eqx.filter_jit(NuisancePrior().sample)
     thetas, nuisances, noise_keys = [], [], []
     for truth, stream in zip(truths, streams):
         k_theta, k_nu, k_noise = jax.random.split(jax.random.fold_in(key, stream), 3)
-        seed = np.asarray(jax.random.key_data(k_theta)).astype(np.uint32).ravel().tolist()
-        thetas.append(truth.sample(np.random.default_rng(seed), n_images))
+        thetas.append(truth.sample(k_theta, n_images)[:, 0])
         nuisances.append(sample_nuisance(k_nu, n_images))
         noise_keys.append(k_noise)
     nuisance = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *nuisances)
@@ -205,9 +185,9 @@ def simulate(
     sigmas = []
     for i in range(len(truths)):
         sl = slice(i * n_images, (i + 1) * n_images)
-        sigmas.append(sigma_for_snr(clean[sl], snr))
+        sigmas.append(sigma_for_snr(clean[sl], s.snr))
         images[sl] = add_noise(noise_keys[i], clean[sl], sigmas[-1])
-    table = TabulatedOperator.build(op, Observations(jnp.asarray(images), nuisance), n_nodes)
+    table = TabulatedOperator.build(op, Observations(jnp.asarray(images), nuisance), s.n_nodes)
     out = []
     for i, sigma in enumerate(sigmas):
         sl = slice(i * n_images, (i + 1) * n_images)
@@ -233,18 +213,6 @@ def simulate(
 # ------------------------------------------------------------------------------------------------
 # Methods
 # ------------------------------------------------------------------------------------------------
-
-
-def w1(positions, weights, reference: np.ndarray, reference_weights=None) -> float:
-    """1-D Wasserstein-1 distance between a weighted atomic measure and a reference sample."""
-    return float(
-        stats.wasserstein_distance(
-            np.asarray(positions, np.float64).ravel(),
-            np.asarray(reference).ravel(),
-            np.asarray(weights, np.float64).ravel(),
-            reference_weights,
-        )
-    )
 
 
 def mean_loglik(loglik: np.ndarray, weights: np.ndarray) -> float:
@@ -276,14 +244,8 @@ def run_flow(
     """
     m0 = ParticleMeasure(jnp.asarray(init, jnp.float32)[:, None])
     disc = KL()
-
-    def objective(p):
-        return disc(key, data.table, ParticleMeasure(p, m0.log_weights), data.obs)
-
-    v = m0.n_particles * np.abs(np.asarray(jax.grad(objective)(m0.positions))[:, 0])
-    med = float(np.median(v[v > 0])) if np.any(v > 0) else 1.0
     flow = WassersteinGradientFlow(
-        step_size=step_fraction / med,
+        step_size=step_fraction / initial_speed(disc, data.table, data.obs, m0, key),
         n_steps=n_steps,
         max_displacement=0.02,
         schedule="cosine",
@@ -294,22 +256,10 @@ def run_flow(
 
 
 def analyse(
-    data: Dataset,
-    *,
-    case: str,
-    truth: Truth,
-    seed: int,
-    ks,
-    reference: np.ndarray,
-    key,
-    n_particles: int,
-    n_flow_steps: int,
-    n_class_steps: int,
-    n_boot: int,
-    fisher_rao: float = 1.0,
-    with_k: bool = True,
+    data: Dataset, s: Settings, *, case: str, truth, seed: int, reference, key, with_k: bool = True
 ) -> tuple[list[dict], dict]:
     """Every method on one data set: rows for the CSV, and the estimates (for the density plot)."""
+    ks, n_particles, n_boot = s.ks, s.n_particles, s.n_boot
     rows: list[dict] = []
     est: dict = {}
     grid = np.linspace(0.0, 1.0, FINE_GRID)
@@ -327,10 +277,10 @@ def analyse(
     # the particle flows, from the per-image-MAP quantiles: the references
     init = np.quantile(pim, (np.arange(n_particles) + 0.5) / n_particles)
     flows = {}
-    for name, fr, k in (("wgf", 0.0, 1), ("wfr", fisher_rao, 2)):
+    for name, fr, k in (("wgf", 0.0, 1), ("wfr", s.fisher_rao, 2)):
         t0 = time.perf_counter()
         m = run_flow(
-            data, init, key=jax.random.fold_in(key, k), n_steps=n_flow_steps, fisher_rao=fr
+            data, init, key=jax.random.fold_in(key, k), n_steps=s.n_flow_steps, fisher_rao=fr
         )
         pos, wts = np.asarray(m.positions)[:, 0], np.asarray(m.weights, np.float64)
         flows[name] = (pos, wts, ll_of(pos, wts), time.perf_counter() - t0)
@@ -345,9 +295,9 @@ def analyse(
                 seed=seed,
                 method=method,
                 K=K,
-                w1_truth=w1(pos, wts, reference),
-                w1_wgf=w1(pos, wts, *wgf) if refs and method != "wgf" else np.nan,
-                w1_wfr=w1(pos, wts, *wfr) if refs and method != "wfr" else np.nan,
+                w1_truth=w1(pos, reference, wts),
+                w1_wgf=w1(pos, wgf[0], wts, wgf[1]) if refs and method != "wgf" else np.nan,
+                w1_wfr=w1(pos, wfr[0], wts, wfr[1]) if refs and method != "wfr" else np.nan,
                 loglik_gap=ll_ref - ll if ll is not None else np.nan,
                 seconds=seconds,
             )
@@ -404,7 +354,7 @@ def analyse(
             est["em-grid"] = (nodes, w, boot)
         t0 = time.perf_counter()
         m = dto.map_classes(
-            data.table, data.obs, K, key=jax.random.fold_in(key, 100 + K), n_steps=n_class_steps
+            data.table, data.obs, K, key=jax.random.fold_in(key, 100 + K), n_steps=s.n_class_steps
         )
         pos, wts = np.asarray(m.positions)[:, 0], np.asarray(m.weights, np.float64)
         add("map-classes", K, pos, wts, ll_of(pos, wts), time.perf_counter() - t0)
@@ -425,201 +375,79 @@ def analyse(
 # The study
 # ------------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class StudyResult:
-    rows: list[dict]
-    summary: list[dict]
-    csv: Path
-    summary_csv: Path
-    figures: list[Path]
-    seconds: float
+METRICS = ("w1_truth", "w1_wgf", "w1_wfr", "loglik_gap", "seconds")
 
 
-def run(
-    out_dir,
-    *,
-    seeds=None,
-    ks=None,
-    n_images=None,
-    snr=None,
-    box=None,
-    pixel_size=None,
-    all_atom: bool = False,
-    quick: bool = False,
-    n_particles=None,
-    n_flow_steps=None,
-    n_class_steps=None,
-    n_nodes=None,
-    n_boot=None,
-    mismatch_truth: str = "flat",
-    fisher_rao: float = 1.0,
-    cases: tuple[str, ...] = ("consistency", "mismatch"),
-) -> StudyResult:
+def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
     """Run the study; write its CSVs, plots and config into ``out_dir`` (see the module docstring).
 
-    Arguments left as None take the default size (``DEFAULTS``), or ``QUICK`` with ``quick``.
-    ``fisher_rao``: the weight step of the Wasserstein-Fisher-Rao reference flow (``wfr``).
-    ``cases``: ``consistency`` (bimodal truth, the K sweep; also the matched case for gmm-2)
-    and/or ``mismatch`` (``mismatch_truth``, no K sweep).
+    ``settings.cases``: ``consistency`` (bimodal truth, the K sweep; also the matched case for
+    gmm-2) and/or ``mismatch`` (``settings.mismatch_truth``, no K sweep).
     """
-    t_start = time.perf_counter()
-    cfg = resolve(
-        QUICK if quick else DEFAULTS,
-        seeds=seeds,
-        ks=ks,
-        n_images=n_images,
-        snr=snr,
-        box=box,
-        pixel_size=pixel_size,
-        n_particles=n_particles,
-        n_flow_steps=n_flow_steps,
-        n_class_steps=n_class_steps,
-        n_nodes=n_nodes,
-        n_boot=n_boot,
-    )
-    cfg["seeds"], cfg["ks"] = (
-        tuple(int(s) for s in cfg["seeds"]),
-        tuple(sorted(int(k) for k in cfg["ks"])),
-    )
-    if any(k < 2 for k in cfg["ks"]):
-        raise ValueError(f"every K must be >= 2, got {cfg['ks']}")
-    if mismatch_truth not in TRUTHS or mismatch_truth == "bimodal":
-        raise ValueError(
-            f"mismatch_truth must be one of {sorted(set(TRUTHS) - {'bimodal'})}, "
-            f"got {mismatch_truth!r}"
-        )
-    unknown = set(cases) - {"consistency", "mismatch"}
-    if unknown or not cases:
-        raise ValueError(f"cases must be among ('consistency', 'mismatch'), got {cases!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(
-        experiment=NAME,
-        all_atom=bool(all_atom),
-        quick=bool(quick),
-        mismatch_truth=mismatch_truth,
-        truths={n: dataclasses.asdict(TRUTHS[n]) for n in ("bimodal", mismatch_truth)},
-        fine_grid=FINE_GRID,
-        n_reference=N_REFERENCE,
-        fisher_rao=float(fisher_rao),
-        cases=list(cases),
-        **cfg,
-    )
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-
+    t_start, s = time.perf_counter(), settings
+    truths = {n: TRUTHS[n].params() for n in ("bimodal", s.mismatch_truth)}
+    out = Results(out_dir, NAME, s, truths=truths, fine_grid=FINE_GRID, n_reference=N_REFERENCE)
     all_cases = {
         "consistency": (0, TRUTHS["bimodal"], True),
-        "mismatch": (1, TRUTHS[mismatch_truth], False),
+        "mismatch": (1, TRUTHS[s.mismatch_truth], False),
     }
-    cases = [(c, *all_cases[c]) for c in ("consistency", "mismatch") if c in cases]
+    cases = [(c, *all_cases[c]) for c in CASES if c in s.cases]
     refs = {t.name: t.sample(np.random.default_rng(12345), N_REFERENCE) for _, _, t, _ in cases}
     rows: list[dict] = []
     estimates: dict = {}
-    for seed in cfg["seeds"]:
-        datasets = simulate(
-            jax.random.key(seed),
-            [t for _, _, t, _ in cases],
-            streams=[i for _, i, _, _ in cases],
-            n_images=cfg["n_images"],
-            snr=cfg["snr"],
-            box=cfg["box"],
-            pixel_size=cfg["pixel_size"],
-            all_atom=all_atom,
-            n_nodes=cfg["n_nodes"],
-        )
+    for seed in s.seeds:
+        truths, streams = [t for _, _, t, _ in cases], [i for _, i, _, _ in cases]
+        datasets = simulate(jax.random.key(seed), truths, s, streams)
         for (case, stream, truth, with_k), data in zip(cases, datasets):
             key = jax.random.fold_in(jax.random.key(seed), stream)
             logger.info(
                 "%s seed %d: %d images simulated and tabulated in %.1f s (sigma %.4g)",
-                case,
-                seed,
-                cfg["n_images"],
-                data.seconds,
-                data.sigma,
+                *(case, seed, s.n_images, data.seconds, data.sigma),
             )
             r, est = analyse(
                 data,
+                s,
                 case=case,
                 truth=truth,
                 seed=seed,
-                ks=cfg["ks"],
                 reference=refs[truth.name],
                 key=jax.random.fold_in(key, 7),
-                n_particles=cfg["n_particles"],
-                n_flow_steps=cfg["n_flow_steps"],
-                n_class_steps=cfg["n_class_steps"],
-                n_boot=cfg["n_boot"],
-                fisher_rao=fisher_rao,
                 with_k=with_k,
             )
             for row in r:
                 row["simulate_seconds"] = data.seconds
             rows.extend(r)
-            if seed == cfg["seeds"][0]:
+            if seed == s.seeds[0]:
                 estimates[case] = (truth, est)
-    csv_path = out / "dto_consistency.csv"
-    _write_csv(csv_path, rows)
-    summary = summarise(rows)
-    summary_path = out / "dto_summary.csv"
-    _write_csv(summary_path, summary)
-    figures = plot(out, summary, estimates, cfg)
-    seconds = time.perf_counter() - t_start
-    logger.info("dto-consistency: done in %.0f s; %s", seconds, csv_path)
-    return StudyResult(rows, summary, csv_path, summary_path, figures, seconds)
+    by = ["case", "truth", "method", "K"]
+    df, summary = out.tables("dto_consistency", rows, by, METRICS, summary="dto_summary")
+    plot(out, summary.to_dict("records"), estimates, dataclasses.asdict(s))
+    logger.info("dto-consistency: done in %.0f s", time.perf_counter() - t_start)
+    return df
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and sd (ddof 1; 0 for one seed) over seeds of each (case, method, K)."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["case"], r["truth"], r["method"], r["K"]), []).append(r)
-    out = []
-    for (case, truth, method, K), rs in groups.items():
-        row = dict(case=case, truth=truth, method=method, K=K, n_seeds=len(rs))
-        for m in ("w1_truth", "w1_wgf", "w1_wfr", "loglik_gap", "seconds"):
-            x = np.array([r[m] for r in rs], np.float64)
-            row[f"{m}_mean"] = float(np.mean(x))
-            row[f"{m}_sd"] = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
-        out.append(row)
-    return out
-
-
-def plot(out: Path, summary: list[dict], estimates: dict, cfg: dict) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(out: Results, summary: list[dict], estimates: dict, cfg: dict) -> list[Path]:
+    """The figures from the summary rows (records) and the first seed's estimates (may be empty)."""
 
     def get(case, method):
-        rs = sorted(
-            (r for r in summary if r["case"] == case and r["method"] == method),
-            key=lambda r: r["K"],
-        )
-        return rs
+        rs = (r for r in summary if r["case"] == case and r["method"] == method)
+        return sorted(rs, key=lambda r: r["K"])
 
-    paths = []
-    # 1. W1 against K
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    title = f"{cfg['n_images']} images, SNR {cfg['snr']}, {len(cfg['seeds'])} seeds"
+    paths = [_plot_against_k(out, get, cfg, title), _plot_family(out, summary, get, title)]
+    if estimates:
+        paths.append(_plot_estimates(out, estimates, cfg))
+    return paths
+
+
+def _plot_against_k(out: Results, get, cfg: dict, title: str) -> Path:
+    """W1 to the truth and to the two flows, and the objective gap, against K."""
+    fig, axes = pyplot().subplots(2, 2, figsize=(12, 8.5))
     panels = (
-        (axes[0, 0], "w1_truth", r"$W_1(\hat\rho_K, \rho^*)$"),
-        (
-            axes[0, 1],
-            "loglik_gap",
-            "objective gap: mean log-likelihood per image,\nNPMLE(257) minus method",
-        ),
-        (axes[1, 0], "w1_wgf", r"$W_1(\hat\rho_K, \hat\rho_{WGF})$ (Wasserstein flow)"),
-        (axes[1, 1], "w1_wfr", r"$W_1(\hat\rho_K, \hat\rho_{WFR})$ (Wasserstein-Fisher-Rao flow)"),
+        ("w1_truth", r"$W_1(\hat\rho_K, \rho^*)$"),
+        ("loglik_gap", "objective gap: mean log-likelihood per image,\nNPMLE(257) minus method"),
+        ("w1_wgf", r"$W_1(\hat\rho_K, \hat\rho_{WGF})$ (Wasserstein flow)"),
+        ("w1_wfr", r"$W_1(\hat\rho_K, \hat\rho_{WFR})$ (Wasserstein-Fisher-Rao flow)"),
     )
     P = cfg["n_particles"]
     refs = [
@@ -629,26 +457,18 @@ def plot(out: Path, summary: list[dict], estimates: dict, cfg: dict) -> list[Pat
         ("npmle-257", "C4", "NPMLE, 257 nodes"),
         ("oracle", "0.5", "true CVs (sampling floor)"),
     ]
-    for ax, metric, title in panels:
+    for ax, (metric, panel_title) in zip(axes.ravel(), panels):
+        mean, sd = f"{metric}_mean", f"{metric}_sd"
         for method, color, marker in (("em-grid", "C0", "o"), ("map-classes", "C1", "s")):
-            rs = get("consistency", method)
-            if rs:
-                ax.errorbar(
-                    [r["K"] for r in rs],
-                    [r[f"{metric}_mean"] for r in rs],
-                    [r[f"{metric}_sd"] for r in rs],
-                    color=color,
-                    marker=marker,
-                    capsize=3,
-                    label=method,
-                )
+            if rs := get("consistency", method):
+                x, y, e = ([r[c] for r in rs] for c in ("K", mean, sd))
+                ax.errorbar(x, y, e, color=color, marker=marker, capsize=3, label=method)
         for method, color, label in refs:
             rs = get("consistency", method)
-            value = rs[0][f"{metric}_mean"] if rs else np.nan
-            if np.isfinite(value) and (value > 0 or metric == "loglik_gap"):
-                m, sd = rs[0][f"{metric}_mean"], rs[0][f"{metric}_sd"]
+            m, e = (rs[0][mean], rs[0][sd]) if rs else (np.nan, 0.0)
+            if np.isfinite(m) and (m > 0 or metric == "loglik_gap"):
                 ax.axhline(m, color=color, ls="--", lw=1, label=f"{label}: {m:.3g}")
-                ax.axhspan(m - sd, m + sd, color=color, alpha=0.12, lw=0)
+                ax.axhspan(m - e, m + e, color=color, alpha=0.12, lw=0)
         ax.set_xscale("log", base=2)
         if metric == "loglik_gap":  # may dip just below 0: free atoms can beat the 257-node grid
             ax.set_yscale("symlog", linthresh=1e-3)
@@ -656,121 +476,87 @@ def plot(out: Path, summary: list[dict], estimates: dict, cfg: dict) -> list[Pat
         else:
             ax.set_yscale("log")
         ax.set_xlabel("K (nodes or classes)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(
-        f"AdK, bimodal truth, {cfg['n_images']} images, SNR {cfg['snr']}, "
-        f"{len(cfg['seeds'])} seeds (mean $\\pm$ sd)",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    p = out / "dto_consistency.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    fig.suptitle(f"AdK, bimodal truth, {title} (mean $\\pm$ sd)", fontsize=11)
+    return out.figure(fig, "dto_consistency.png", dpi=120)
 
-    # 2. family comparison
-    methods = [
-        ("gmm-1-best", "gmm-1\n(best fit to $\\rho^*$,\nno images)"),
-        ("gmm-2-best", "gmm-2\n(best fit to $\\rho^*$,\nno images)"),
-        ("gmm-1", "gmm-1"),
-        ("gmm-2", "gmm-2"),
-        ("wgf", "WGF"),
-        ("wfr", "WFR"),
-        ("npmle-257", "NPMLE\n(em-grid 257)"),
-        ("per-image", "per-image\nMAP"),
-        ("oracle", "true CVs\n(sampling floor)"),
-    ]
-    fig, ax = plt.subplots(figsize=(10, 4))
+
+FAMILY = [  # the bars of the family comparison: (method, label)
+    ("gmm-1-best", "gmm-1\n(best fit to $\\rho^*$,\nno images)"),
+    ("gmm-2-best", "gmm-2\n(best fit to $\\rho^*$,\nno images)"),
+    ("gmm-1", "gmm-1"),
+    ("gmm-2", "gmm-2"),
+    ("wgf", "WGF"),
+    ("wfr", "WFR"),
+    ("npmle-257", "NPMLE\n(em-grid 257)"),
+    ("per-image", "per-image\nMAP"),
+    ("oracle", "true CVs\n(sampling floor)"),
+]
+
+
+def _plot_family(out: Results, summary: list[dict], get, title: str) -> Path:
+    """W1 to the truth of the Gaussian mixtures, the flows and the references, in both cases."""
+    from matplotlib.patches import Patch
+
+    fig, ax = pyplot().subplots(figsize=(10, 4))
     mismatch = next((r["truth"] for r in summary if r["case"] == "mismatch"), "?")
     cases = [("consistency", "matched: bimodal truth"), ("mismatch", f"mismatch: {mismatch} truth")]
-    width = 0.38
+    # one-component bars on a bimodal truth are off the scale: labelled
     shown = [
         r["w1_truth_mean"] + r["w1_truth_sd"]
         for r in summary
-        if r["method"] in {m for m, _ in methods}
+        if r["method"] in {m for m, _ in FAMILY}
         and not (r["case"] == "consistency" and r["method"] in ("gmm-1", "gmm-1-best"))
     ]
-    top = (
-        max(shown) * 1.1 if shown else 0.05
-    )  # one-component bars on a bimodal truth are off the scale: labelled
+    top, width = (max(shown) * 1.1 if shown else 0.05), 0.38
     for i, (case, label) in enumerate(cases):
-        vals = [get(case, m)[0] if get(case, m) else None for m, _ in methods]
-        x = np.arange(len(methods)) + (i - 0.5) * width
+        vals = [(get(case, m) or [None])[0] for m, _ in FAMILY]
         bars = ax.bar(
-            x,
+            np.arange(len(FAMILY)) + (i - 0.5) * width,
             [v["w1_truth_mean"] if v else np.nan for v in vals],
             width,
             color=f"C{i}",
             yerr=[v["w1_truth_sd"] if v else 0 for v in vals],
             capsize=3,
-            label=label,
         )
-        for bar, (m, _), v in zip(bars, methods, vals):
+        for bar, (m, _), v in zip(bars, FAMILY, vals):
             if m.endswith("-best") or m == "oracle":
                 bar.set_hatch("//")
                 bar.set_alpha(0.6)
             if v is not None:
-                y = v["w1_truth_mean"]
-                ax.text(
-                    bar.get_x() + bar.get_width() / 2,
-                    min(y + v["w1_truth_sd"], top) + 0.0004,
-                    f"{y:.4f}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=6,
-                    rotation=90,
-                )
+                y, x = v["w1_truth_mean"], bar.get_x() + bar.get_width() / 2
+                y_text = min(y + v["w1_truth_sd"], top) + 0.0004
+                ax.text(x, y_text, f"{y:.4f}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_ylim(0, top * 1.25)
-    from matplotlib.patches import Patch
-
     ax.legend(
-        handles=[Patch(color=f"C{i}", label=label) for i, (_, label) in enumerate(cases)],
-        fontsize=8,
+        handles=[Patch(color=f"C{i}", label=lab) for i, (_, lab) in enumerate(cases)], fontsize=8
     )
-    ax.set_xticks(np.arange(len(methods)), [lbl for _, lbl in methods], fontsize=8)
-    ax.set_ylabel(r"$W_1(\hat\rho, \rho^*)$")
+    ax.set_xticks(np.arange(len(FAMILY)), [lbl for _, lbl in FAMILY], fontsize=8)
+    ax.set_ylabel(W1_LABEL)
     ax.set_title(
-        f"Gaussian mixtures vs the flow ({cfg['n_images']} images, SNR {cfg['snr']}, "
-        f"{len(cfg['seeds'])} seeds, mean $\\pm$ sd; hatched: references, not estimators)",
+        f"Gaussian mixtures vs the flow ({title}, mean $\\pm$ sd; hatched: references, "
+        "not estimators)",
         fontsize=9,
     )
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p = out / "dto_family.png"
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    paths.append(p)
+    return out.figure(fig, "dto_family.png", dpi=130)
 
-    # 3. the estimates of the first seed
-    if not estimates:
-        return paths
-    fig, axes = plt.subplots(1, len(estimates), figsize=(6 * len(estimates), 4), squeeze=False)
-    grid = np.linspace(0.0, 1.0, FINE_GRID)
-    bins = np.linspace(0, 1, 41)
+
+def _plot_estimates(out: Results, estimates: dict, cfg: dict) -> Path:
+    """The estimates of the first seed against the truth, one panel per case."""
+    n = len(estimates)
+    fig, axes = pyplot().subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    grid, bins = np.linspace(0.0, 1.0, FINE_GRID), np.linspace(0, 1, 41)
+    step = dict(density=True, histtype="step")
     for ax, (case, (truth, est)) in zip(axes[0], estimates.items()):
         ax.plot(grid, truth.pdf(grid), "k-", lw=2, label=f"truth ({truth.name})")
-        ax.hist(
-            est["per-image"],
-            bins=bins,
-            density=True,
-            histtype="step",
-            color="C3",
-            label="per-image MAP",
-        )
+        ax.hist(est["per-image"], bins=bins, color="C3", label="per-image MAP", **step)
         for name, color, label in (("wgf", "C2", "WGF"), ("wfr", "C6", "WFR")):
             pos, wts = est[name]
-            ax.hist(
-                pos,
-                bins=bins[::2],
-                weights=wts,
-                density=True,
-                histtype="step",
-                color=color,
-                lw=1.5,
-                label=f"{label} ({pos.size} particles)",
-            )
+            label = f"{label} ({pos.size} particles)"
+            ax.hist(pos, bins=bins[::2], weights=wts, color=color, lw=1.5, label=label, **step)
         dg = grid[1] - grid[0]
         for C, ls in ((1, ":"), (2, "-.")):
             ax.plot(grid, est[f"gmm-{C}"] / dg, color="C5", ls=ls, label=f"gmm-{C}")
@@ -779,133 +565,27 @@ def plot(out: Path, summary: list[dict], estimates: dict, cfg: dict) -> list[Pat
             dk = nodes[1] - nodes[0]
             ax.step(nodes, w / dk, where="mid", color="C0", label=f"em-grid K={nodes.size}")
             if boot is not None:
-                lo, hi = np.quantile(boot, [0.05, 0.95], axis=0)
-                ax.fill_between(
-                    nodes,
-                    lo / dk,
-                    hi / dk,
-                    step="mid",
-                    color="C0",
-                    alpha=0.2,
-                    label="bootstrap 5-95%",
-                )
+                lo, hi = np.quantile(boot, [0.05, 0.95], axis=0) / dk
+                band = dict(step="mid", color="C0", alpha=0.2, label="bootstrap 5-95%")
+                ax.fill_between(nodes, lo, hi, **band)
         if "map-classes" in est:
             pos, wts = est["map-classes"]
             ax2 = ax.twinx()
-            ax2.vlines(
-                pos, 0, wts, color="C1", lw=2, label=f"map-classes K={pos.size} (weights, right)"
-            )
+            label = f"map-classes K={pos.size} (weights, right)"
+            ax2.vlines(pos, 0, wts, color="C1", lw=2, label=label)
             ax2.set_ylim(0, max(0.8, 1.2 * wts.max()))
             ax2.legend(fontsize=7, loc="upper center")
         ax.set_xlabel("s (closed 0 -> open 1)")
         ax.set_ylabel("density")
         ax.set_title(f"{case}, seed {cfg['seeds'][0]}")
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    p = out / "dto_densities.png"
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return out.figure(fig, "dto_densities.png", dpi=130)
 
 
 def replot(out_dir) -> list[Path]:
     """Redraw ``dto_consistency.png`` and ``dto_family.png`` from ``dto_summary.csv`` and
     ``config.json`` in ``out_dir`` (the per-seed estimates behind ``dto_densities.png`` are not
     stored; that figure is left as it is)."""
-    out = Path(out_dir)
+    out = Results(out_dir)
     cfg = json.loads((out / "config.json").read_text())
-    with open(out / "dto_summary.csv", newline="") as f:
-        summary = [
-            {k: (v if k in ("case", "truth", "method") else float(v)) for k, v in r.items()}
-            for r in csv.DictReader(f)
-        ]
-    for r in summary:
-        r["K"] = int(r["K"])
-    return plot(out, summary, {}, cfg)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(f"cryosip experiment {NAME}", __doc__)
-    p.add_argument(
-        "--ks", type=parse_ints, default=None, help=f"K values (default {DEFAULTS['ks']})"
-    )
-    p.add_argument(
-        "--n-images",
-        type=int,
-        default=None,
-        help=f"images per data set (default {DEFAULTS['n_images']})",
-    )
-    p.add_argument(
-        "--snr", type=float, default=None, help=f"signal-to-noise ratio (default {DEFAULTS['snr']})"
-    )
-    p.add_argument(
-        "--box", type=int, default=None, help=f"box size in pixels (default {DEFAULTS['box']})"
-    )
-    p.add_argument(
-        "--pixel-size", type=float, default=None, help="pixel size in Angstrom (default 2.0)"
-    )
-    p.add_argument(
-        "--all-atom",
-        action="store_true",
-        help="all 3,341 atoms instead of the 214 C-alphas (slower)",
-    )
-    p.add_argument("--n-particles", type=int, default=None, help="WGF particles (default 128)")
-    p.add_argument("--n-flow-steps", type=int, default=None, help="WGF steps (default 400)")
-    p.add_argument(
-        "--n-class-steps", type=int, default=None, help="map-classes Adam steps (default 500)"
-    )
-    p.add_argument("--n-nodes", type=int, default=None, help="table nodes on the CV (default 33)")
-    p.add_argument(
-        "--n-boot",
-        type=int,
-        default=None,
-        help="bootstrap replicates for the em-grid band (default 20)",
-    )
-    p.add_argument(
-        "--mismatch-truth",
-        choices=sorted(set(TRUTHS) - {"bimodal"}),
-        default="flat",
-        help="the truth of the family-mismatch case (default flat: uniform on [0.1, 0.9])",
-    )
-    p.add_argument(
-        "--fisher-rao",
-        type=float,
-        default=1.0,
-        help="weight step of the Wasserstein-Fisher-Rao reference flow (default 1.0)",
-    )
-    p.add_argument(
-        "--cases",
-        type=lambda t: tuple(c.strip() for c in t.split(",") if c.strip()),
-        default=("consistency", "mismatch"),
-        help="which cases: consistency, mismatch or both (default consistency,mismatch)",
-    )
-    p.add_argument(
-        "--replot",
-        action="store_true",
-        help="only redraw the summary figures from --out's dto_summary.csv",
-    )
-    a = p.parse_args(argv)
-    if a.replot:
-        replot(a.out or NAME)
-        return 0
-    run(
-        a.out or NAME,
-        seeds=seeds_from(a),
-        ks=a.ks,
-        n_images=a.n_images,
-        snr=a.snr,
-        box=a.box,
-        pixel_size=a.pixel_size,
-        all_atom=a.all_atom,
-        quick=a.quick,
-        n_particles=a.n_particles,
-        n_flow_steps=a.n_flow_steps,
-        n_class_steps=a.n_class_steps,
-        n_nodes=a.n_nodes,
-        n_boot=a.n_boot,
-        mismatch_truth=a.mismatch_truth,
-        fisher_rao=a.fisher_rao,
-        cases=a.cases,
-    )
-    return 0
+    return plot(out, pd.read_csv(out / "dto_summary.csv").to_dict("records"), {}, cfg)

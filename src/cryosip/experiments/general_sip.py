@@ -32,6 +32,7 @@ examples:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -41,37 +42,60 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import _atomic
 from ..analysis.metrics import w1
+from ..data.distributions import TwoModeMixture
 from ..sip import dto
 from ..sip.discrepancies import KL, GaussianKernel, PairedMMD, median_distance
 from ..sip.examples import DecayOperator
 from ..sip.flow import WassersteinGradientFlow
 from ..sip.measure import ParticleMeasure, uniform_measure
 from ..sip.operator import Observations
-from . import common_parser, resolve, seeds_from
-from .robustness import parse_floats, parse_methods, summarise, write_config
+from ._common import (
+    Results,
+    check_names,
+    initial_speed,
+    log_axes,
+    pyplot,
+    setting,
+)
+from ._common import Settings as _Settings
 
 logger = logging.getLogger(__name__)
 
 NAME = "general-sip"
 METHODS = ("wgf-kl", "wgf-mmd", "wgf-mmd-median", "em-grid", "per-curve")
-DEFAULTS = dict(
-    seeds=(0, 1, 2),
-    sigmas=(0.05, 0.1, 0.3),
-    n_curves=1000,
-    n_particles=64,
-    n_steps=300,
-    fisher_rao=0.3,
-)
-QUICK = dict(DEFAULTS, seeds=(0,), sigmas=(0.1,), n_steps=200)
 WEIGHTS, MEANS, SDS = (0.6, 0.4), (0.8, 2.0), (0.15, 0.2)
+COLORS = {"wgf-kl": "C0", "wgf-mmd": "C1", "wgf-mmd-median": "C5", "em-grid": "C3"}
+COLORS.update({"per-curve": "C7", "oracle": "0.5", "start": "0.3"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(_Settings):
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds", quick=(0,))
+    sigmas: tuple[float, ...] = setting((0.05, 0.1, 0.3), "noise levels", quick=(0.1,))
+    n_curves: int = setting(1000, "curves per data set")
+    n_particles: int = setting(64, "WGF particles")
+    n_steps: int = setting(300, "WGF steps", quick=200)
+    fisher_rao: float = setting(0.3, "Fisher-Rao weight step (0: pure Wasserstein flow)")
+    methods: tuple[str, ...] = setting(METHODS, "methods")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set(
+            sigmas=tuple(sorted(float(x) for x in self.sigmas)),
+            methods=check_names(self.methods, METHODS),
+        )
+
+
+def truth(lower: float = 0.1, upper: float = 3.0) -> TwoModeMixture:
+    """rho*: 0.6 N(0.8, 0.15^2) + 0.4 N(2.0, 0.2^2) truncated to [lower, upper]."""
+    return TwoModeMixture(lower, upper, MEANS, SDS, WEIGHTS)
 
 
 def sample_truth(
     rng: np.random.Generator, n: int, lower: float = 0.1, upper: float = 3.0
 ) -> np.ndarray:
-    """rho*: the two-component mixture truncated to [lower, upper] (rejection)."""
+    """Draws of rho* by rejection (this study's own stream of draws, kept for its numbers)."""
     out = np.empty(0)
     while out.size < n:
         first = rng.uniform(size=2 * n) < WEIGHTS[0]
@@ -83,25 +107,16 @@ def sample_truth(
 
 
 def truth_pdf(x: np.ndarray, lower: float = 0.1, upper: float = 3.0) -> np.ndarray:
-    from scipy import stats
-
-    p = sum(w * stats.norm.pdf(x, m, s) for w, m, s in zip(WEIGHTS, MEANS, SDS))
-    mass = sum(
-        w * (stats.norm.cdf(upper, m, s) - stats.norm.cdf(lower, m, s))
-        for w, m, s in zip(WEIGHTS, MEANS, SDS)
-    )
-    return np.where((x >= lower) & (x <= upper), p / mass, 0.0)
+    return truth(lower, upper).pdf(x)
 
 
 def auto_flow(
     disc, op, obs, init: ParticleMeasure, key, n_steps: int, fisher_rao: float, move: float = 0.03
 ):
-    """The step size that moves the median particle ``move`` of the domain at the start."""
-    g = jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), obs))(init.positions)
-    speed = float(np.median(np.abs(np.asarray(g)))) * init.n_particles
+    """The flow whose step moves the median particle ``move`` of the domain at the start."""
     lo, hi = (float(b[0]) for b in op.domain)
     return WassersteinGradientFlow(
-        step_size=move * (hi - lo) / max(speed, 1e-30),
+        step_size=move * (hi - lo) / max(initial_speed(disc, op, obs, init, key), 1e-30),
         n_steps=int(n_steps),
         max_displacement=0.05 * (hi - lo),
         fisher_rao=float(fisher_rao),
@@ -109,26 +124,25 @@ def auto_flow(
 
 
 def run_case(
-    sigma: float, seed: int, cfg: dict, methods, reference: np.ndarray
+    sigma: float, seed: int, s: Settings, reference: np.ndarray
 ) -> tuple[list[dict], dict]:
     op = DecayOperator(sigma=sigma)
     lo, hi = (float(b[0]) for b in op.domain)
     key = jax.random.fold_in(jax.random.key(seed), int(round(sigma * 1e6)))
     k_nu, k_noise, k_init, k_flow = jax.random.split(key, 4)
-    n = int(cfg["n_curves"])
+    n = s.n_curves
     theta = sample_truth(np.random.default_rng([seed, int(round(sigma * 1e6))]), n, lo, hi)
     amplitude = op.sample_nuisance(k_nu, n)
     obs = Observations(
         op.sample(k_noise, jnp.asarray(theta[:, None], jnp.float32), amplitude), amplitude
     )
-    init = uniform_measure(k_init, cfg["n_particles"], lo, hi)
+    init = uniform_measure(k_init, s.n_particles, lo, hi)
     md = median_distance(np.asarray(obs.values))
     common = dict(sigma=sigma, seed=seed, n_curves=n)
+    start_w1 = w1(np.asarray(init.positions)[:, 0], reference)
     rows = [
         dict(common, method="oracle", w1=w1(theta, reference), seconds=0.0),
-        dict(
-            common, method="start", w1=w1(np.asarray(init.positions)[:, 0], reference), seconds=0.0
-        ),
+        dict(common, method="start", w1=start_w1, seconds=0.0),
     ]
     shown = {"theta": theta}
     discs = {
@@ -136,20 +150,18 @@ def run_case(
         "wgf-mmd": PairedMMD(GaussianKernel(0.5 * md)),
         "wgf-mmd-median": PairedMMD(GaussianKernel(md)),
     }
-    for method in methods:
+    for method in s.methods:
         t0 = time.perf_counter()
         if method in discs:
             disc = discs[method]
-            flow = auto_flow(disc, op, obs, init, k_flow, cfg["n_steps"], cfg["fisher_rao"])
+            flow = auto_flow(disc, op, obs, init, k_flow, s.n_steps, s.fisher_rao)
             res = flow.run(disc, op, obs, init, key=k_flow)
             x, w = np.asarray(res.measure.positions)[:, 0], np.asarray(res.measure.weights)
         elif method == "em-grid":
             x = np.linspace(lo, hi, 59)
             w, _ = dto.em_weights(dto.loglik_on_nodes(op, obs, x))
-        elif method == "per-curve":
+        else:  # per-curve
             x, w = dto.per_image_map(op, obs, np.linspace(lo, hi, 465)), None
-        else:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         rows.append(
             dict(common, method=method, w1=w1(x, reference, w), seconds=time.perf_counter() - t0)
         )
@@ -158,155 +170,54 @@ def run_case(
     return rows, shown
 
 
-def run(
-    out_dir,
-    *,
-    seeds=None,
-    sigmas=None,
-    n_curves=None,
-    n_particles=None,
-    n_steps=None,
-    fisher_rao=None,
-    methods=METHODS,
-    quick: bool = False,
-) -> pd.DataFrame:
-    t_start = time.perf_counter()
-    cfg = resolve(
-        QUICK if quick else DEFAULTS,
-        seeds=seeds,
-        sigmas=sigmas,
-        n_curves=n_curves,
-        n_particles=n_particles,
-        n_steps=n_steps,
-        fisher_rao=fisher_rao,
-    )
-    cfg["sigmas"] = tuple(sorted(float(s) for s in cfg["sigmas"]))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(
-        out,
-        experiment=NAME,
-        methods=list(methods),
-        truth=dict(weights=WEIGHTS, means=MEANS, sds=SDS),
-        quick=bool(quick),
-        **cfg,
-    )
+def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
+    t_start, s = time.perf_counter(), settings
+    out = Results(out_dir, NAME, s, truth=dict(weights=WEIGHTS, means=MEANS, sds=SDS))
     reference = sample_truth(np.random.default_rng(12345), 200_000)
     rows, shown = [], {}
-    mid = cfg["sigmas"][len(cfg["sigmas"]) // 2]
-    for seed in cfg["seeds"]:
-        for sigma in cfg["sigmas"]:
-            r, s = run_case(sigma, seed, cfg, methods, reference)
+    mid = s.sigmas[len(s.sigmas) // 2]
+    for seed in s.seeds:
+        for sigma in s.sigmas:
+            r, case = run_case(sigma, seed, s, reference)
             rows.extend(r)
-            if seed == cfg["seeds"][0] and sigma == mid:
-                shown = s
-    df = pd.DataFrame(rows)
-    _atomic.write_csv(out / "general_sip.csv", df)
-    summary = summarise(df, ["sigma", "method"], ("w1", "seconds"))
-    _atomic.write_csv(out / "general_sip_summary.csv", summary)
-    plot(out, summary, shown, cfg, mid)
+            if seed == s.seeds[0] and sigma == mid:
+                shown = case
+    df, summary = out.tables("general_sip", rows, ["sigma", "method"], ("w1", "seconds"))
+    plot(out, summary, shown, s, mid)
     logger.info("general-sip: done in %.0f s", time.perf_counter() - t_start)
     return df
 
 
-def plot(out: Path, summary: pd.DataFrame, shown: dict, cfg: dict, mid: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(out: Results, summary: pd.DataFrame, shown: dict, s: Settings, mid: float) -> Path:
     from ..analysis.density import kde
 
-    colors = {
-        "wgf-kl": "C0",
-        "wgf-mmd": "C1",
-        "wgf-mmd-median": "C5",
-        "em-grid": "C3",
-        "per-curve": "C7",
-        "oracle": "0.5",
-        "start": "0.3",
-    }
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
     for m in summary["method"].unique():
         d = summary[summary["method"] == m].sort_values("sigma")
-        lab = {"oracle": "true rates (sampling floor)", "start": "uniform start"}.get(m, m)
+        ref = m in ("oracle", "start")
         ax.errorbar(
             d["sigma"],
             d["w1_mean"],
             d["w1_sd"],
-            marker="" if m in ("oracle", "start") else "o",
+            marker="" if ref else "o",
             capsize=3,
-            ls="--" if m in ("oracle", "start") else "-",
-            color=colors.get(m),
-            label=lab,
+            ls="--" if ref else "-",
+            color=COLORS.get(m),
+            label={"oracle": "true rates (sampling floor)", "start": "uniform start"}.get(m, m),
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("noise sd sigma (amplitudes 0.5-1.5)")
     ax.set_ylabel(r"$W_1(\hat\rho, \rho^*)$  (mean $\pm$ sd over seeds)")
-    ax.set_title(f"decay rates, {cfg['n_curves']} curves, {len(cfg['seeds'])} seed(s)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    title = f"decay rates, {s.n_curves} curves, {len(s.seeds)} seed(s)"
+    log_axes(ax, "noise sd sigma (amplitudes 0.5-1.5)", title, legend=True)
     ax = axes[1]
     g = np.linspace(0.1, 3.0, 300)
     ax.plot(g, truth_pdf(g), "k--", lw=2, label="truth")
     for m, v in shown.items():
         if isinstance(v, tuple):
-            ax.plot(
-                g, kde(v[0], v[1], g, lower=0.1, upper=3.0), color=colors.get(m), lw=1.5, label=m
-            )
+            dens = kde(v[0], v[1], g, lower=0.1, upper=3.0)
+            ax.plot(g, dens, color=COLORS.get(m), lw=1.5, label=m)
     ax.set_xlabel("decay rate theta")
     ax.set_ylabel("density")
-    ax.set_title(f"recovered densities, sigma {mid:g}, seed {cfg['seeds'][0]}")
+    ax.set_title(f"recovered densities, sigma {mid:g}, seed {s.seeds[0]}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "general_sip.png"
-    _atomic.savefig(fig, p, dpi=120)
-    plt.close(fig)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(f"cryosip experiment {NAME}", __doc__)
-    p.add_argument(
-        "--sigmas",
-        type=parse_floats,
-        default=None,
-        help=f"noise levels (default {DEFAULTS['sigmas']})",
-    )
-    p.add_argument(
-        "--n-curves",
-        type=int,
-        default=None,
-        help=f"curves per data set (default {DEFAULTS['n_curves']})",
-    )
-    p.add_argument("--n-particles", type=int, default=None, help="WGF particles (default 64)")
-    p.add_argument(
-        "--n-steps", type=int, default=None, help=f"WGF steps (default {DEFAULTS['n_steps']})"
-    )
-    p.add_argument(
-        "--fisher-rao",
-        type=float,
-        default=None,
-        help="Fisher-Rao weight step (default 0.3; 0: pure W flow)",
-    )
-    p.add_argument(
-        "--methods",
-        type=parse_methods,
-        default=METHODS,
-        help=f"methods (default {','.join(METHODS)})",
-    )
-    a = p.parse_args(argv)
-    run(
-        a.out or NAME,
-        seeds=seeds_from(a),
-        sigmas=a.sigmas,
-        n_curves=a.n_curves,
-        n_particles=a.n_particles,
-        n_steps=a.n_steps,
-        fisher_rao=a.fisher_rao,
-        methods=a.methods,
-        quick=a.quick,
-    )
-    return 0
+    return out.figure(fig, "general_sip.png")

@@ -3,9 +3,9 @@
 The consensus poses of real particles are not exact. Here AdK images (C-alpha by default,
 ``--all-atom`` for every atom; bimodal truth on the path CV s, 64 px, 2 A/px, SNR 0.01) are
 simulated with the true poses, and every method is then given poses perturbed by a rotation of
-``--rot-errors`` degrees rms (a random angle about a uniformly random axis; see
+``--rot-errors-in-degrees`` rms (a random angle about a uniformly random axis; see
 :func:`cryosip.pipeline.pose_marginal.sample_pose_perturbations`) and in-plane shifts of
-``--shift-errors`` Angstrom rms. The error directions are the same for every condition, only
+``--shift-errors-in-angstroms`` rms. The error directions are the same for every condition, only
 their scale changes, and the noise is the same, so conditions differ by the error size alone.
 
 Variants of the likelihood, for every condition (rot, shift):
@@ -38,6 +38,7 @@ examples:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -48,60 +49,76 @@ import numpy as np
 import pandas as pd
 from jax.scipy.special import logsumexp
 
-from .. import _atomic
 from ..pipeline.pose_marginal import (
     PoseMarginalOperator,
     perturb_nuisance,
     sample_pose_perturbations,
 )
-from ..reconstruction import Problem
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
-from . import common_parser, resolve, seeds_from
-from .robustness import (
-    add_adk_flow_options,
-    add_fisher_rao,
+from ._common import (
+    W1_LABEL,
+    AdkFlowSettings,
+    Results,
+    batches,
+    check_names,
     draw_dataset,
+    fisher_rao_used,
+    floor_line,
+    log_axes,
     make_scene,
-    parse_floats,
-    parse_methods,
-    pipeline_fisher_rao,
+    pyplot,
     reconstruct,
     score,
-    summarise,
+    setting,
+    table_problem,
     tabulate_noise_free,
-    write_config,
+    take_rows,
 )
 
 logger = logging.getLogger(__name__)
 
 NAME = "pose-errors"
-DEFAULTS = dict(
-    seeds=(0,),
-    rot_errors=(0.0, 2.0, 5.0, 10.0),
-    shift_errors=(0.0, 1.0, 2.0),
-    n_images=1000,
-    snr=0.01,
-    n_draws=8,
-    n_particles=64,
-    n_steps=200,
-    n_nodes=33,
-    marginal="axes",
-)
-QUICK = dict(
-    seeds=(0,),
-    rot_errors=(0.0, 5.0, 10.0),
-    shift_errors=(0.0, 2.0),
-    n_images=400,
-    snr=0.01,
-    n_draws=8,
-    n_particles=64,
-    n_steps=120,
-    n_nodes=33,
-    marginal="axes",
-)
 GIVEN_METHODS = ("wgf-kl", "wgf-mmd", "em-grid", "per-image")
 MARGINAL_METHODS = ("wgf-kl", "em-grid", "per-image")
+ROTATION, SHIFT = "rotation_error_in_degrees", "shift_error_in_angstroms"  # CSV columns
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(AdkFlowSettings):
+    rotation_errors_in_degrees: tuple[float, ...] = setting(
+        (0.0, 2.0, 5.0, 10.0),
+        "rotation errors, degrees rms",
+        quick=(0.0, 5.0, 10.0),
+        flag=("--rotation-errors-in-degrees", "--rot-errors"),
+    )
+    shift_errors_in_angstroms: tuple[float, ...] = setting(
+        (0.0, 1.0, 2.0),
+        "shift errors, Angstrom rms",
+        quick=(0.0, 2.0),
+        flag=("--shift-errors-in-angstroms", "--shift-errors"),
+    )
+    n_images: int = setting(1000, "images", quick=400)
+    snr: float = setting(0.01, "SNR")
+    n_draws: int = setting(8, "pose perturbations per image in the marginal")
+    n_steps: int = setting(200, "WGF steps", quick=120)
+    marginal: str = setting(
+        "axes",
+        "conditions that get the marginal likelihood: one error type at a time + the worst "
+        "(axes), all, or none",
+        choices=("axes", "all", "none"),
+    )
+    methods: tuple[str, ...] = setting(
+        GIVEN_METHODS, "methods (the marginal runs those of them it supports)"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set(
+            rotation_errors_in_degrees=tuple(sorted(map(float, self.rotation_errors_in_degrees))),
+            shift_errors_in_angstroms=tuple(sorted(map(float, self.shift_errors_in_angstroms))),
+            methods=check_names(self.methods, GIVEN_METHODS),
+        )
 
 
 def marginal_conditions(rots, shifts, mode: str) -> set[tuple[float, float]]:
@@ -149,16 +166,12 @@ def draw_statistics(
 
         return jax.vmap(one)(th, nu_true, nu_given, idx)
 
-    n = int(true_theta.shape[0])
     parts = []
-    for s in range(0, n, batch_size):
-        e = min(n, s + batch_size)
-        idx = np.minimum(np.arange(s, s + batch_size), n - 1)
-        take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[idx]), tree)  # noqa: E731
+    for s, e, idx in batches(int(true_theta.shape[0]), batch_size):
         res = batch(
             jnp.asarray(true_theta[idx], jnp.float32),
-            take(true_nuisance),
-            take(given_nuisance),
+            take_rows(true_nuisance, idx),
+            take_rows(given_nuisance, idx),
             jnp.asarray(np.asarray(index)[idx], jnp.int32),
         )
         parts.append([np.asarray(r)[: e - s] for r in res])
@@ -175,92 +188,24 @@ def draw_logliks(
     return -0.5 * r2 / sigma**2 - 0.5 * n_entries * np.log(2 * np.pi * sigma**2)
 
 
-def loglik_problem(
-    scene,
-    table: np.ndarray,
-    sigma: float,
-    lower: float,
-    upper: float,
-    bandwidth: float,
-    fine_factor: int = 8,
-) -> Problem:
-    """A Problem whose engine is a :class:`LogLikTableOperator` over ``table`` (N, G)."""
-    llt = LogLikTableOperator(
-        table, lower, upper, noise=sigma, n_obs_entries=scene.operator.obs_size
-    )
-    G = table.shape[1]
-    fine = np.linspace(lower, upper, fine_factor * (G - 1) + 1)
-    fine_ll = dto.loglik_on_nodes(llt, llt.observations(), fine, batch_size=1024)
-    return Problem(
-        scene.operator.with_sigma(sigma),
-        None,
-        llt,
-        np.array([lower]),
-        np.array([upper]),
-        fine,
-        fine_ll,
-        bandwidth,
-        0.0,
-    )
-
-
-def run(
-    out_dir,
-    *,
-    seeds=None,
-    rot_errors=None,
-    shift_errors=None,
-    n_images=None,
-    snr=None,
-    n_draws=None,
-    n_particles=None,
-    n_steps=None,
-    n_nodes=None,
-    marginal=None,
-    all_atom: bool = False,
-    quick: bool = False,
-    methods=GIVEN_METHODS,
-    fisher_rao=None,
-) -> pd.DataFrame:
-    t_start = time.perf_counter()
-    cfg = resolve(
-        QUICK if quick else DEFAULTS,
-        seeds=seeds,
-        rot_errors=rot_errors,
-        shift_errors=shift_errors,
-        n_images=n_images,
-        snr=snr,
-        n_draws=n_draws,
-        n_particles=n_particles,
-        n_steps=n_steps,
-        n_nodes=n_nodes,
-        marginal=marginal,
-    )
-    rots = tuple(sorted(float(r) for r in cfg["rot_errors"]))
-    shifts = tuple(sorted(float(s) for s in cfg["shift_errors"]))
-    with_marginal = marginal_conditions(rots, shifts, cfg["marginal"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model_name = "adk" if all_atom else "adk-ca"
-    scene = make_scene(model_name, "bimodal")
-    unknown = set(methods) - set(GIVEN_METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {GIVEN_METHODS}")
-    write_config(
-        out,
-        experiment=NAME,
-        model=model_name,
+def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
+    t_start, s = time.perf_counter(), settings
+    rots, shifts = s.rotation_errors_in_degrees, s.shift_errors_in_angstroms
+    with_marginal = marginal_conditions(rots, shifts, s.marginal)
+    scene = make_scene(s.model_name, "bimodal")
+    out = Results(
+        out_dir,
+        NAME,
+        s,
+        model=s.model_name,
         truth=scene.truth.params(),
-        quick=bool(quick),
         marginal_conditions=sorted(with_marginal),
-        methods=list(methods),
-        fisher_rao=pipeline_fisher_rao() if fisher_rao is None else fisher_rao,
-        **cfg,
+        fisher_rao=fisher_rao_used(s),
     )
     ref = scene.reference()
-    N, G, K = int(cfg["n_images"]), int(cfg["n_nodes"]), int(cfg["n_draws"])
+    N, G, K = s.n_images, s.n_nodes, s.n_draws
     rows = []
-    for seed in cfg["seeds"]:
+    for seed in s.seeds:
         key = jax.random.key(seed)
         theta, nu, k_noise = draw_dataset(key, scene, N)
         k_err, k_marg = jax.random.split(jax.random.fold_in(key, 77))
@@ -276,44 +221,32 @@ def run(
                     k_noise, scene.operator, theta, nu, G, table_nuisance=given
                 )
                 if sigma is None:
-                    sigma = tabs.sigma_for_snr(cfg["snr"])
+                    sigma = tabs.sigma_for_snr(s.snr)
                 problem = tabs.problem(scene.operator, sigma)
                 t_tab = time.perf_counter() - t0
-                common = dict(
-                    seed=seed, rot_error_deg=rot, shift_error_A=shift, snr=cfg["snr"], n_images=N
-                )
+                common = {"seed": seed, ROTATION: rot, SHIFT: shift, "snr": s.snr, "n_images": N}
 
                 def run_one(prob, variant, method, key_offset, table_seconds):
                     r = reconstruct(
                         prob,
                         method,
                         key=jax.random.fold_in(key, key_offset),
-                        n_particles=cfg["n_particles"],
-                        n_steps=cfg["n_steps"],
-                        fisher_rao=fisher_rao,
+                        n_particles=s.n_particles,
+                        n_steps=s.n_steps,
+                        fisher_rao=s.fisher_rao,
                     )
+                    m = score(r.positions, r.weights, ref)
                     rows.append(
-                        dict(
-                            common,
-                            variant=variant,
-                            method=method,
-                            **score(r.positions, r.weights, ref),
-                            seconds=r.seconds,
-                            table_seconds=table_seconds,
-                        )
+                        dict(common, variant=variant, method=method, **m, seconds=r.seconds)
                     )
+                    rows[-1]["table_seconds"] = table_seconds
                     logger.info(
                         "seed %d rot %g shift %g %s %s: W1 %.4f",
-                        seed,
-                        rot,
-                        shift,
-                        variant,
-                        method,
-                        rows[-1]["w1"],
+                        *(seed, rot, shift, variant, method, m["w1"]),
                     )
 
                 for i, method in enumerate(GIVEN_METHODS):
-                    if method in methods:
+                    if method in s.methods:
                         run_one(problem, "given", method, 100 + i, t_tab)
                 if (rot, shift) not in with_marginal:
                     continue
@@ -336,50 +269,43 @@ def run(
                     tables = {"marginal": marg, "refine": refine}
                 t_marg = time.perf_counter() - t0
                 for variant, table in tables.items():
-                    mp = loglik_problem(
-                        scene, table, sigma, tabs.lower, tabs.upper, problem.bandwidth
+                    llt = LogLikTableOperator(
+                        table,
+                        tabs.lower,
+                        tabs.upper,
+                        noise=sigma,
+                        n_obs_entries=scene.operator.obs_size,
+                    )
+                    mp = table_problem(
+                        scene.operator, llt, sigma, tabs.lower, tabs.upper, G, problem.bandwidth
                     )
                     these = MARGINAL_METHODS if variant == "marginal" else ("em-grid", "per-image")
                     for i, method in enumerate(these):
-                        if method in methods:
+                        if method in s.methods:
                             run_one(mp, variant, method, 200 + i, t_marg)
-                _atomic.write_csv(out / "pose_errors.csv", pd.DataFrame(rows))
+                out.table("pose_errors", rows)
+        oracle = {"seed": seed, ROTATION: 0.0, SHIFT: 0.0, "snr": s.snr, "n_images": N}
         rows.append(
-            dict(
-                seed=seed,
-                rot_error_deg=0.0,
-                shift_error_A=0.0,
-                snr=cfg["snr"],
-                n_images=N,
-                variant="oracle",
-                method="oracle",
-                **score(theta, None, ref),
-                seconds=0.0,
-                table_seconds=0.0,
-            )
+            dict(oracle, variant="oracle", method="oracle", **score(theta, None, ref), seconds=0.0)
         )
-    df = pd.DataFrame(rows)
-    _atomic.write_csv(out / "pose_errors.csv", df)
-    summary = summarise(
-        df,
-        ["rot_error_deg", "shift_error_A", "variant", "method"],
+        rows[-1]["table_seconds"] = 0.0
+    df, summary = out.tables(
+        "pose_errors",
+        rows,
+        [ROTATION, SHIFT, "variant", "method"],
         ("w1", "w2", "seconds", "table_seconds"),
     )
-    _atomic.write_csv(out / "pose_errors_summary.csv", summary)
-    plot(out, summary, cfg, model_name)
+    plot(out, summary, s)
     logger.info("pose-errors: done in %.0f s", time.perf_counter() - t_start)
     return df
 
 
-def plot(out: Path, summary: pd.DataFrame, cfg: dict, model_name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(out: Results, summary: pd.DataFrame, s: Settings) -> Path:
     from ..analysis.plots import COLORS
 
-    shifts = sorted(summary.loc[summary["variant"] != "oracle", "shift_error_A"].unique())
+    plt = pyplot()
+    errors = summary[summary["variant"] != "oracle"]
+    shifts = sorted(errors[SHIFT].unique())
     fig, axes = plt.subplots(
         1, len(shifts), figsize=(4.6 * len(shifts), 4.0), sharey=True, squeeze=False
     )
@@ -387,12 +313,12 @@ def plot(out: Path, summary: pd.DataFrame, cfg: dict, model_name: str) -> Path:
     mk = {"given": "o", "marginal": "s", "refine": "^"}
     oracle = summary[summary["variant"] == "oracle"]
     for ax, sh in zip(axes[0], shifts):
-        for (variant, method), d in summary[
-            (summary["shift_error_A"] == sh) & (summary["variant"] != "oracle")
-        ].groupby(["variant", "method"], sort=False):
-            d = d.sort_values("rot_error_deg")
+        for (variant, method), d in errors[errors[SHIFT] == sh].groupby(
+            ["variant", "method"], sort=False
+        ):
+            d = d.sort_values(ROTATION)
             ax.errorbar(
-                d["rot_error_deg"],
+                d[ROTATION],
                 d["w1_mean"],
                 d["w1_sd"],
                 color=COLORS.get(method, "0.5"),
@@ -404,86 +330,13 @@ def plot(out: Path, summary: pd.DataFrame, cfg: dict, model_name: str) -> Path:
                 else f"{method} ({variant})",
             )
         if len(oracle):
-            ax.axhline(
-                float(oracle["w1_mean"].iloc[0]),
-                color="0.5",
-                ls="--",
-                lw=1,
-                label="true CVs (sampling floor)",
-            )
-        ax.set_xlabel("rotation error (degrees rms)")
-        ax.set_title(f"shift error {sh:g} A rms")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel(r"$W_1(\hat\rho, \rho^*)$")
+            floor_line(ax, oracle["w1_mean"].iloc[0])
+        log_axes(ax, "rotation error (degrees rms)", f"shift error {sh:g} A rms", logx=False)
+    axes[0][0].set_ylabel(W1_LABEL)
     axes[0][-1].legend(fontsize=6.5)
     fig.suptitle(
-        f"AdK ({model_name}), {cfg['n_images']} images, SNR {cfg['snr']:g}, reconstruction with perturbed poses; "
-        f"marginal: K = {cfg['n_draws']} draws",
+        f"AdK ({s.model_name}), {s.n_images} images, SNR {s.snr:g}, reconstruction with perturbed "
+        f"poses; marginal: K = {s.n_draws} draws",
         fontsize=10,
     )
-    fig.tight_layout()
-    p = out / "pose_errors.png"
-    _atomic.savefig(fig, p, dpi=120)
-    plt.close(fig)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(f"cryosip experiment {NAME}", __doc__)
-    p.add_argument(
-        "--rot-errors",
-        type=parse_floats,
-        default=None,
-        help="rotation errors, degrees rms (default 0,2,5,10)",
-    )
-    p.add_argument(
-        "--shift-errors",
-        type=parse_floats,
-        default=None,
-        help="shift errors, Angstrom rms (default 0,1,2)",
-    )
-    p.add_argument(
-        "--n-images", type=int, default=None, help=f"images (default {DEFAULTS['n_images']})"
-    )
-    p.add_argument("--snr", type=float, default=None, help=f"SNR (default {DEFAULTS['snr']})")
-    p.add_argument(
-        "--n-draws",
-        type=int,
-        default=None,
-        help="pose perturbations per image in the marginal (default 8)",
-    )
-    p.add_argument(
-        "--marginal",
-        choices=("axes", "all", "none"),
-        default=None,
-        help="conditions that get the marginal likelihood: one error type at a time + the worst (axes, "
-        "default), all, or none",
-    )
-    add_adk_flow_options(p, DEFAULTS)
-    p.add_argument(
-        "--methods",
-        type=parse_methods,
-        default=GIVEN_METHODS,
-        help=f"methods (default {','.join(GIVEN_METHODS)}; the marginal runs those of them it supports)",
-    )
-    add_fisher_rao(p)
-    a = p.parse_args(argv)
-    run(
-        a.out or NAME,
-        seeds=seeds_from(a),
-        rot_errors=a.rot_errors,
-        shift_errors=a.shift_errors,
-        n_images=a.n_images,
-        snr=a.snr,
-        n_draws=a.n_draws,
-        n_particles=a.n_particles,
-        n_steps=a.n_steps,
-        n_nodes=a.n_nodes,
-        marginal=a.marginal,
-        all_atom=a.all_atom,
-        quick=a.quick,
-        methods=a.methods,
-        fisher_rao=a.fisher_rao,
-    )
-    return 0
+    return out.figure(fig, "pose_errors.png")
