@@ -25,7 +25,7 @@ def _parser():
 def test_noise_free_tables_equal_tables_of_the_noisy_images():
     """The sweep's shortcut: a table at any sigma from one render is the table of c + sigma eps."""
     scene = _common.make_scene("adk-ca", "bimodal", box=32, pixel_size=4.0)
-    theta, nu, k_noise = _common.draw_dataset(jax.random.key(0), scene, 8)
+    theta, nu, k_noise = scene.draw(jax.random.key(0), 8)
     tabs = _common.tabulate_noise_free(k_noise, scene.operator, theta, nu, 9, batch_size=8)
     assert len(tabs) == 8 and tabs.n_entries == 32 * 32
     s1, s2 = tabs.sigma_for_snr(0.1), tabs.sigma_for_snr(0.001)

@@ -120,17 +120,13 @@ class AdkFlowSettings(Settings):
         return "adk" if self.all_atom else "adk-ca"
 
 
-def pipeline_fisher_rao() -> float | None:
-    """The pipeline's default Fisher-Rao weight step (``run_method``'s ``fisher_rao``), recorded in configs.
-
-    None: ``run_method`` picks it by objective (0.3 for the KL, 0 for the MMD objectives)."""
+def fisher_rao_used(settings) -> float | None:
+    """The Fisher-Rao step the flows run with: the setting, or the pipeline's default
+    (``run_method``'s; None: it picks one by objective, 0.3 for the KL and 0 for the MMDs)."""
+    if settings.fisher_rao is not None:
+        return settings.fisher_rao
     default = inspect.signature(run_method).parameters["fisher_rao"].default
     return None if default is None else float(default)
-
-
-def fisher_rao_used(settings: AdkFlowSettings) -> float | None:
-    """The Fisher-Rao step the flows run with: the setting, or the pipeline's default."""
-    return pipeline_fisher_rao() if settings.fisher_rao is None else settings.fisher_rao
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,52 +143,46 @@ class Scene:
     operator: CryoEMOperator
     truth: object
 
-    @property
-    def lower(self) -> np.ndarray:
-        return np.asarray(self.model.lower, np.float64)
-
-    @property
-    def upper(self) -> np.ndarray:
-        return np.asarray(self.model.upper, np.float64)
-
     def reference(self, n: int = N_REFERENCE, seed: int = 12345) -> np.ndarray:
         """Draws of the true distribution used as rho* in W1/W2."""
         return np.asarray(self.truth.sample(np.random.default_rng(seed), n), np.float64)
 
+    def draw(self, key, n_images: int):
+        """(theta (n, d), nuisance, noise key) of one data set: ``key`` split in three."""
+        k_theta, k_nu, k_noise = jax.random.split(key, 3)
+        theta = np.asarray(self.truth.sample(k_theta, n_images), np.float32)
+        nu = self.operator.sample_nuisance(k_nu, n_images)
+        nu = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), nu)
+        return theta.reshape(n_images, -1), nu, k_noise
 
-def make_operator(
-    model, box: int, pixel_size: float, shift_sd_in_angstroms: float = 2.0
-) -> CryoEMOperator:
-    """``model`` imaged on a ``box``-px grid: random poses, shifts and astigmatic CTF (1-2.5 um)."""
+    def tabulate(self, key, theta, nuisance, n_nodes: int, **kw) -> NoiseFreeTables:
+        """:func:`tabulate_noise_free` with this scene's operator."""
+        return tabulate_noise_free(key, self.operator, theta, nuisance, n_nodes, **kw)
+
+
+def make_operator(model, box: int, pixel_size: float) -> CryoEMOperator:
+    """``model`` imaged on a ``box``-px grid: random poses, shifts (sd 2 A) and astigmatic CTF
+    (defocus 1-2.5 um)."""
     image_model = ImageModel.for_atoms(box, pixel_size, model.atoms)
-    prior = NuisancePrior(
-        shift_sd_in_angstroms=shift_sd_in_angstroms, defocus_range_in_angstroms=(10000.0, 25000.0)
-    )
+    prior = NuisancePrior(shift_sd_in_angstroms=2.0, defocus_range_in_angstroms=(1e4, 2.5e4))
     return CryoEMOperator(model, image_model, 1.0, prior)
 
 
-def make_scene(
-    model_name: str = "adk-ca",
-    truth: str = "bimodal",
-    *,
-    box: int = 64,
-    pixel_size: float = 2.0,
-    shift_sd_in_angstroms: float = 2.0,
-) -> Scene:
-    """The built-in model ``model_name`` with a 64-px image model, random poses/shifts/CTF and the named truth."""
+def make_scene(model_name="adk-ca", truth="bimodal", *, box=64, pixel_size=2.0) -> Scene:
+    """The built-in model ``model_name`` with random poses/shifts/CTF and the named truth."""
     model = load_model(model_name)
-    op = make_operator(model, box, pixel_size, shift_sd_in_angstroms)
+    op = make_operator(model, box, pixel_size)
     return Scene(model_name, model, op, make_distribution(truth, model.lower, model.upper))
 
 
-def draw_dataset(key, scene: Scene, n_images: int):
-    """(theta (n, d), nuisance) for one data set: the key is split into (conformations, nuisances, noise)."""
-    k_theta, k_nu, k_noise = jax.random.split(key, 3)
-    theta = np.asarray(scene.truth.sample(k_theta, n_images), np.float32).reshape(n_images, -1)
-    nu = jax.tree_util.tree_map(
-        lambda a: np.asarray(a, np.float32), scene.operator.sample_nuisance(k_nu, n_images)
-    )
-    return theta, nu, k_noise
+def adk_study(out_dir, name: str, settings: AdkFlowSettings, box=64, pixel_size=2.0, **extra):
+    """An AdK study's start: the scene (bimodal truth), its result folder (``config.json``
+    written, with ``extra``) and the draws of rho*."""
+    scene = make_scene(settings.model_name, "bimodal", box=box, pixel_size=pixel_size)
+    truth, fisher_rao = scene.truth.params(), fisher_rao_used(settings)
+    config = dict(model=settings.model_name, truth=truth, n_reference=N_REFERENCE, **extra)
+    config["fisher_rao"] = fisher_rao
+    return scene, Results(out_dir, name, settings, **config), scene.reference()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,17 +239,9 @@ class NoiseFreeTables:
         n = len(self) if n is None else int(n)
         cross = self.cross_clean[:n] + sigma * self.cross_noise[:n]
         ysq = self.clean_sq[:n] + 2 * sigma * self.clean_noise[:n] + sigma**2 * self.noise_sq[:n]
-        return TabulatedOperator(
-            GaussianNoise(sigma),
-            False,
-            self.lower,
-            self.upper,
-            self.n_nodes,
-            self.n_entries,
-            jnp.asarray(self.gram[:n]),
-            jnp.asarray(cross, jnp.float32),
-            jnp.asarray(ysq, jnp.float32),
-        )
+        tables = (jnp.asarray(self.gram[:n]), *(jnp.asarray(a, jnp.float32) for a in (cross, ysq)))
+        grid = (self.lower, self.upper, self.n_nodes, self.n_entries)
+        return TabulatedOperator(GaussianNoise(sigma), False, *grid, *tables)
 
     def images(self, sigma: float, n: int) -> np.ndarray:
         """The first n observed images c + sigma eps (n <= len(clean_head))."""
@@ -348,7 +330,8 @@ def tabulate_noise_free(
 
     n = int(theta.shape[0])
     keep = min(n, int(keep_images))
-    out = {k: [] for k in ("gram", "cc", "cn", "c2", "ce", "e2", "var")}
+    names = ("gram", "cross_clean", "cross_noise", "clean_sq", "clean_noise", "noise_sq")
+    parts = {k: [] for k in (*names, "signal_var")}
     clean_head = np.empty((keep, D, D), np.float32)
     noise_head = np.empty((keep, D, D), np.float32)
     for s, e, idx in batches(n, batch_size):
@@ -359,31 +342,26 @@ def tabulate_noise_free(
             jnp.asarray(idx, jnp.int32),
         )
         res = [np.asarray(r)[: e - s] for r in res]
-        for k, r in zip(out, res[:7]):
-            out[k].append(r)
+        for k, r in zip(parts, res[:7]):
+            parts[k].append(r)
         if s < keep:
             m = min(e, keep) - s
             clean_head[s : s + m] = res[7][:m].reshape(m, D, D)
             noise_head[s : s + m] = res[8][:m].reshape(m, D, D)
-    cat = {k: np.concatenate(v) for k, v in out.items()}
-    f8 = {k: cat[k].astype(np.float64) for k in ("c2", "ce", "e2", "var")}
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    for k in ("clean_sq", "clean_noise", "noise_sq", "signal_var"):
+        cat[k] = cat[k].astype(np.float64)
     return NoiseFreeTables(
         np.asarray(theta, np.float32),
         nuisance,
         table_nuisance,
-        cat["gram"],
-        cat["cc"],
-        cat["cn"],
-        f8["c2"],
-        f8["ce"],
-        f8["e2"],
-        f8["var"],
-        clean_head,
-        noise_head,
-        lo,
-        hi,
-        int(n_nodes),
-        time.perf_counter() - t0,
+        **cat,
+        clean_head=clean_head,
+        noise_head=noise_head,
+        lower=lo,
+        upper=hi,
+        n_nodes=int(n_nodes),
+        seconds=time.perf_counter() - t0,
     )
 
 
@@ -392,36 +370,19 @@ def tabulate_noise_free(
 # ------------------------------------------------------------------------------------------------
 
 
-def reconstruct(
-    problem: Problem,
-    method: str,
-    *,
-    key,
-    n_particles: int,
-    n_steps: int,
-    init: str = "auto",
-    fisher_rao: float | None = None,
-    **kw,
-):
+def reconstruct(problem: Problem, method: str, settings, *, key, init: str = "auto", **kw):
     """One method by its label (``wgf-kl``, ``wgf-mmd``, ``wgf-kl+mmd``, ``em-grid``, ``per-image``, ...).
 
-    The flows use the pipeline's settings (:func:`cryosip.reconstruction.run_method`); ``fisher_rao``
-    None keeps its default."""
-    if method.startswith("wgf-"):
-        if fisher_rao is not None:
-            kw["fisher_rao"] = float(fisher_rao)
-        return run_method(
-            problem,
-            "wgf",
-            method[4:],
-            key=key,
-            n_particles=n_particles,
-            n_steps=n_steps,
-            init=init,
-            progress=False,
-            **kw,
-        )
-    return run_method(problem, method, "kl", key=key, progress=False)
+    The flows use the pipeline's settings (:func:`cryosip.reconstruction.run_method`) with the
+    study's ``n_particles``, ``n_steps`` and ``fisher_rao`` (None: the pipeline's default);
+    ``kw`` overrides them."""
+    if not method.startswith("wgf-"):
+        return run_method(problem, method, "kl", key=key, progress=False)
+    kw = {"n_particles": settings.n_particles, "n_steps": settings.n_steps, **kw}
+    fisher_rao = kw.pop("fisher_rao", settings.fisher_rao)
+    if fisher_rao is not None:
+        kw["fisher_rao"] = float(fisher_rao)
+    return run_method(problem, "wgf", method[4:], key=key, init=init, progress=False, **kw)
 
 
 def initial_speed(discrepancy, operator, obs, init: ParticleMeasure, key) -> float:
@@ -500,6 +461,38 @@ class Results:
         _atomic.savefig(fig, self / name, dpi=dpi)
         pyplot().close(fig)
         return self / name
+
+
+def w1_lines(ax, summary: pd.DataFrame, x: str, by, style) -> None:
+    """One error-bar line of W1 (mean +- sd over seeds) against ``x`` per value of ``by``, in
+    the order of the summary; ``style(value)`` gives its keywords (label, colour, line, marker)."""
+    for value, d in summary.groupby(by, sort=False):
+        d = d.sort_values(x)
+        ax.errorbar(d[x], d["w1_mean"], d["w1_sd"], capsize=3, **style(value))
+
+
+def method_style(method: str) -> dict:
+    """The line of a method in the W1 figures (the oracle: a dashed grey sampling floor)."""
+    from ..analysis.plots import COLORS
+
+    oracle = method == "oracle"
+    label = "true CVs (sampling floor)" if oracle else method
+    return dict(label=label, color=COLORS.get(method, "0.5"), ls="--" if oracle else "-",
+                marker="" if oracle else "o")  # fmt: skip
+
+
+def density_panel(ax, grid, truth_density, estimates: dict, color, xlabel: str, title: str):
+    """The truth's density (dashed) and a kernel density estimate of each weighted estimate."""
+    from ..analysis.density import kde
+
+    ax.plot(grid, truth_density, "k--", lw=2, label="truth")
+    for name, (pos, w) in estimates.items():
+        dens = kde(pos, w, grid, lower=grid[0], upper=grid[-1])
+        ax.plot(grid, dens, color=color(name), lw=1.6, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
 
 
 def log_axes(ax, xlabel: str, title: str, *, logx: bool = True, legend: bool = False) -> None:

@@ -43,22 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ..reconstruction import Problem
-from ._common import (
-    W1_SEEDS_LABEL,
-    AdkFlowSettings,
-    Results,
-    check_names,
-    draw_dataset,
-    fisher_rao_used,
-    floor_line,
-    log_axes,
-    make_scene,
-    pyplot,
-    reconstruct,
-    score,
-    setting,
-    tabulate_noise_free,
-)
+from ._common import AdkFlowSettings, Results, adk_study, check_names, reconstruct, score, setting
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +76,13 @@ def direct_problem(table_problem: Problem, observations) -> Problem:
 
 def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
     t_start, s = time.perf_counter(), settings
-    scene = make_scene(s.model_name, "bimodal")
-    out = Results(
-        out_dir,
-        NAME,
-        s,
-        model=s.model_name,
-        truth=scene.truth.params(),
-        init="uniform",
-        fisher_rao=fisher_rao_used(s),
-    )
-    ref = scene.reference()
+    scene, out, ref = adk_study(out_dir, NAME, s, init="uniform")
     N = s.n_images
     rows, shown = [], {}
     nan = dict(w1_start=np.nan, loss_first=np.nan, loss_last=np.nan)
     for seed in s.seeds:
-        theta, nu, k_noise = draw_dataset(jax.random.key(seed), scene, N)
-        tabs = tabulate_noise_free(k_noise, scene.operator, theta, nu, s.n_nodes, keep_images=N)
+        theta, nu, k_noise = scene.draw(jax.random.key(seed), N)
+        tabs = scene.tabulate(k_noise, theta, nu, s.n_nodes, keep_images=N)
         oracle = score(theta, None, ref)
         rows.append(dict(seed=seed, snr=np.nan, objective="oracle", **oracle, **nan, seconds=0.0))
         # the same key for every objective: the same initial particles
@@ -120,16 +95,7 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
                 if obj == "mmd-unconditional":  # the direct operator, a fresh data minibatch a step
                     pb = direct_problem(problem, tabs.observations(sigma, N))
                     kw["batch_size"] = min(N, s.unconditional_batch)
-                r = reconstruct(
-                    pb,
-                    "wgf-" + obj,
-                    key=k_run,
-                    n_particles=s.n_particles,
-                    n_steps=s.n_steps,
-                    init="uniform",
-                    fisher_rao=s.fisher_rao,
-                    **kw,
-                )
+                r = reconstruct(pb, "wgf-" + obj, s, key=k_run, init="uniform", **kw)
                 losses = np.asarray(r.losses)
                 losses = losses[np.isfinite(losses)]
                 m = score(r.positions, r.weights, ref)
@@ -158,8 +124,8 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
 
 
 def plot(out: Results, summary: pd.DataFrame, shown: dict, scene, s: Settings) -> Path:
-    from ..analysis.density import kde
     from ..analysis.plots import COLORS
+    from ._common import W1_SEEDS_LABEL, density_panel, floor_line, log_axes, pyplot, w1_lines
 
     def color(objective):
         return COLORS.get(f"wgf-{objective}", "0.5")
@@ -167,11 +133,8 @@ def plot(out: Results, summary: pd.DataFrame, shown: dict, scene, s: Settings) -
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     flows = summary[summary["objective"] != "oracle"]
-    for obj in flows["objective"].unique():
-        d = flows[flows["objective"] == obj].sort_values("snr")
-        ax.errorbar(
-            d["snr"], d["w1_mean"], d["w1_sd"], marker="o", capsize=3, color=color(obj), label=obj
-        )
+    style = lambda obj: dict(marker="o", color=color(obj), label=obj)  # noqa: E731
+    w1_lines(ax, flows, "snr", "objective", style)
     if len(flows):
         floor_line(ax, flows["w1_start_mean"].mean(), "uniform start", ls=":")
     o = summary[summary["objective"] == "oracle"]
@@ -180,17 +143,12 @@ def plot(out: Results, summary: pd.DataFrame, shown: dict, scene, s: Settings) -
     ax.set_ylabel(W1_SEEDS_LABEL)
     title = f"{s.n_images} images, {len(s.seeds)} seed(s), uniform start"
     log_axes(ax, "SNR", title, legend=True)
-    grid = np.linspace(float(scene.lower[0]), float(scene.upper[0]), 201)
+    grid = np.linspace(float(scene.model.lower[0]), float(scene.model.upper[0]), 201)
     for ax, snr in zip(axes[1:], (s.snrs[0], s.snrs[-1])):
-        ax.plot(grid, scene.truth.pdf(grid), "k--", lw=2, label="truth")
-        for obj in OBJECTIVES:
-            if (snr, obj) in shown:
-                pos, w = shown[(snr, obj)]
-                dens = kde(pos, w, grid, lower=grid[0], upper=grid[-1])
-                ax.plot(grid, dens, color=color(obj), lw=1.6, label=obj)
-        ax.set_xlabel("s (0 = closed, 1 = open)")
-        ax.set_ylabel("density")
-        ax.set_title(f"recovered densities, SNR {snr:g}, seed {s.seeds[0]}")
-        ax.legend(fontsize=7)
+        shown_here = {obj: shown[(snr, obj)] for obj in OBJECTIVES if (snr, obj) in shown}
+        title = f"recovered densities, SNR {snr:g}, seed {s.seeds[0]}"
+        density_panel(
+            ax, grid, scene.truth.pdf(grid), shown_here, color, "s (0 = closed, 1 = open)", title
+        )
     fig.suptitle(f"AdK ({s.model_name}): what each objective sees", fontsize=10)
     return out.figure(fig, "discrepancies.png")

@@ -61,14 +61,7 @@ from ..sip.measure import ParticleMeasure
 from ..sip.noise import GaussianNoise
 from ..sip.operator import Observations
 from ..sip.table import TabulatedOperator
-from ._common import (
-    N_REFERENCE,
-    W1_LABEL,
-    Results,
-    initial_speed,
-    pyplot,
-    setting,
-)
+from ._common import N_REFERENCE, W1_LABEL, Results, check_names, initial_speed, pyplot, setting
 from ._common import Settings as _Settings
 
 logger = logging.getLogger(__name__)
@@ -142,8 +135,8 @@ class Settings(_Settings):
                 f"mismatch_truth must be one of {sorted(set(TRUTHS) - {'bimodal'})}, "
                 f"got {self.mismatch_truth!r}"
             )
-        if set(self.cases) - set(CASES) or not self.cases:
-            raise ValueError(f"cases must be among {CASES}, got {self.cases!r}")
+        if not check_names(self.cases, CASES, "cases"):
+            raise ValueError("no cases: choose consistency, mismatch or both")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,17 +184,9 @@ def simulate(key, truths, s: Settings, streams=None) -> list[Dataset]:
     out = []
     for i, sigma in enumerate(sigmas):
         sl = slice(i * n_images, (i + 1) * n_images)
-        t = TabulatedOperator(
-            GaussianNoise(sigma),
-            table.fit_scale,
-            table.lower,
-            table.upper,
-            table.n_nodes,
-            table.n_obs_entries,
-            table.gram[sl],
-            table.cross[sl],
-            table.ysq[sl],
-        )
+        grid = (table.lower, table.upper, table.n_nodes, table.n_obs_entries)
+        tables = (table.gram[sl], table.cross[sl], table.ysq[sl])
+        t = TabulatedOperator(GaussianNoise(sigma), table.fit_scale, *grid, *tables)
         out.append(Dataset(thetas[i], t, t.observations(), sigma, 0.0))
     jax.block_until_ready(out[-1].table.gram_blocks)
     seconds = (time.perf_counter() - t0) / len(truths)
@@ -288,34 +273,20 @@ def analyse(
     wgf, wfr = flows["wgf"][:2], flows["wfr"][:2]
 
     def add(method, K, pos, wts, ll, seconds, refs=True):
-        rows.append(
-            dict(
-                case=case,
-                truth=truth.name,
-                seed=seed,
-                method=method,
-                K=K,
-                w1_truth=w1(pos, reference, wts),
-                w1_wgf=w1(pos, wgf[0], wts, wgf[1]) if refs and method != "wgf" else np.nan,
-                w1_wfr=w1(pos, wfr[0], wts, wfr[1]) if refs and method != "wfr" else np.nan,
-                loglik_gap=ll_ref - ll if ll is not None else np.nan,
-                seconds=seconds,
-            )
-        )
+        to = {name: w1(pos, ref[0], wts, ref[1]) if refs and method != name else np.nan
+              for name, ref in (("wgf", wgf), ("wfr", wfr))}  # fmt: skip
+        gap = ll_ref - ll if ll is not None else np.nan
+        row = dict(case=case, truth=truth.name, seed=seed, method=method, K=K)
+        row.update(w1_truth=w1(pos, reference, wts), w1_wgf=to["wgf"], w1_wfr=to["wfr"])
+        rows.append(dict(row, loglik_gap=gap, seconds=seconds))
 
     for name, (pos, wts, ll, secs) in flows.items():
         add(name, n_particles, pos, wts, ll, secs)
     uniform = np.full(pim.size, 1.0 / pim.size)
     add("per-image", len(grid), pim, uniform, ll_of(pim, uniform), t_fine)
     add("npmle-257", len(grid), grid, w_npmle, ll_ref, t_fine)
-    add(
-        "oracle",
-        len(data.theta),
-        data.theta,
-        np.full(data.theta.size, 1 / data.theta.size),
-        None,
-        0.0,
-    )
+    n = data.theta.size
+    add("oracle", n, data.theta, np.full(n, 1 / n), None, 0.0)
 
     # Gaussian mixtures through the likelihood, and each family's own bias (its best fit to rho*)
     pstar = truth.pdf(grid)
@@ -331,15 +302,8 @@ def analyse(
         best = dto.gmm_from_loglik(
             identity, grid, C, key=jax.random.fold_in(key, 20 + C), obs_weight=pstar / pstar.sum()
         )
-        add(
-            f"gmm-{C}-best",
-            C,
-            grid,
-            np.asarray(best.measure.weights, np.float64),
-            None,
-            0.0,
-            refs=False,
-        )
+        q_best = np.asarray(best.measure.weights, np.float64)
+        add(f"gmm-{C}-best", C, grid, q_best, None, 0.0, refs=False)
 
     if not with_k:
         return rows, est
@@ -360,14 +324,8 @@ def analyse(
         add("map-classes", K, pos, wts, ll_of(pos, wts), time.perf_counter() - t0)
         if K == 8:
             est["map-classes"] = (pos, wts)
-        logger.info(
-            "%s seed %d K=%d: em-grid W1 %.4f, map-classes W1 %.4f",
-            case,
-            seed,
-            K,
-            rows[-2]["w1_truth"],
-            rows[-1]["w1_truth"],
-        )
+        w1s = (rows[-2]["w1_truth"], rows[-1]["w1_truth"])
+        logger.info("%s seed %d K=%d: em-grid W1 %.4f, map-classes W1 %.4f", case, seed, K, *w1s)
     return rows, est
 
 

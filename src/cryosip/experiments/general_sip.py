@@ -50,14 +50,7 @@ from ..sip.examples import DecayOperator
 from ..sip.flow import WassersteinGradientFlow
 from ..sip.measure import ParticleMeasure, uniform_measure
 from ..sip.operator import Observations
-from ._common import (
-    Results,
-    check_names,
-    initial_speed,
-    log_axes,
-    pyplot,
-    setting,
-)
+from ._common import Results, check_names, initial_speed, setting
 from ._common import Settings as _Settings
 
 logger = logging.getLogger(__name__)
@@ -87,11 +80,6 @@ class Settings(_Settings):
         )
 
 
-def truth(lower: float = 0.1, upper: float = 3.0) -> TwoModeMixture:
-    """rho*: 0.6 N(0.8, 0.15^2) + 0.4 N(2.0, 0.2^2) truncated to [lower, upper]."""
-    return TwoModeMixture(lower, upper, MEANS, SDS, WEIGHTS)
-
-
 def sample_truth(
     rng: np.random.Generator, n: int, lower: float = 0.1, upper: float = 3.0
 ) -> np.ndarray:
@@ -106,8 +94,7 @@ def sample_truth(
     return out[:n]
 
 
-def truth_pdf(x: np.ndarray, lower: float = 0.1, upper: float = 3.0) -> np.ndarray:
-    return truth(lower, upper).pdf(x)
+truth_pdf = TwoModeMixture(0.1, 3.0, MEANS, SDS, WEIGHTS).pdf  # rho* on [0.1, 3]
 
 
 def auto_flow(
@@ -189,35 +176,24 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
 
 
 def plot(out: Results, summary: pd.DataFrame, shown: dict, s: Settings, mid: float) -> Path:
-    from ..analysis.density import kde
+    from ._common import density_panel, log_axes, pyplot, w1_lines
 
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
-    for m in summary["method"].unique():
-        d = summary[summary["method"] == m].sort_values("sigma")
+
+    def style(m):
         ref = m in ("oracle", "start")
-        ax.errorbar(
-            d["sigma"],
-            d["w1_mean"],
-            d["w1_sd"],
-            marker="" if ref else "o",
-            capsize=3,
-            ls="--" if ref else "-",
-            color=COLORS.get(m),
-            label={"oracle": "true rates (sampling floor)", "start": "uniform start"}.get(m, m),
+        label = {"oracle": "true rates (sampling floor)", "start": "uniform start"}.get(m, m)
+        return dict(
+            marker="" if ref else "o", ls="--" if ref else "-", color=COLORS.get(m), label=label
         )
+
+    w1_lines(ax, summary, "sigma", "method", style)
     ax.set_ylabel(r"$W_1(\hat\rho, \rho^*)$  (mean $\pm$ sd over seeds)")
     title = f"decay rates, {s.n_curves} curves, {len(s.seeds)} seed(s)"
     log_axes(ax, "noise sd sigma (amplitudes 0.5-1.5)", title, legend=True)
-    ax = axes[1]
     g = np.linspace(0.1, 3.0, 300)
-    ax.plot(g, truth_pdf(g), "k--", lw=2, label="truth")
-    for m, v in shown.items():
-        if isinstance(v, tuple):
-            dens = kde(v[0], v[1], g, lower=0.1, upper=3.0)
-            ax.plot(g, dens, color=COLORS.get(m), lw=1.5, label=m)
-    ax.set_xlabel("decay rate theta")
-    ax.set_ylabel("density")
-    ax.set_title(f"recovered densities, sigma {mid:g}, seed {s.seeds[0]}")
-    ax.legend(fontsize=7)
+    shown = {m: v for m, v in shown.items() if isinstance(v, tuple)}
+    title = f"recovered densities, sigma {mid:g}, seed {s.seeds[0]}"
+    density_panel(axes[1], g, truth_pdf(g), shown, COLORS.get, "decay rate theta", title)
     return out.figure(fig, "general_sip.png")

@@ -57,22 +57,15 @@ from ..pipeline.pose_marginal import (
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
 from ._common import (
-    W1_LABEL,
     AdkFlowSettings,
     Results,
+    adk_study,
     batches,
     check_names,
-    draw_dataset,
-    fisher_rao_used,
-    floor_line,
-    log_axes,
-    make_scene,
-    pyplot,
     reconstruct,
     score,
     setting,
     table_problem,
-    tabulate_noise_free,
     take_rows,
 )
 
@@ -192,22 +185,12 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
     t_start, s = time.perf_counter(), settings
     rots, shifts = s.rotation_errors_in_degrees, s.shift_errors_in_angstroms
     with_marginal = marginal_conditions(rots, shifts, s.marginal)
-    scene = make_scene(s.model_name, "bimodal")
-    out = Results(
-        out_dir,
-        NAME,
-        s,
-        model=s.model_name,
-        truth=scene.truth.params(),
-        marginal_conditions=sorted(with_marginal),
-        fisher_rao=fisher_rao_used(s),
-    )
-    ref = scene.reference()
+    scene, out, ref = adk_study(out_dir, NAME, s, marginal_conditions=sorted(with_marginal))
     N, G, K = s.n_images, s.n_nodes, s.n_draws
     rows = []
     for seed in s.seeds:
         key = jax.random.key(seed)
-        theta, nu, k_noise = draw_dataset(key, scene, N)
+        theta, nu, k_noise = scene.draw(key, N)
         k_err, k_marg = jax.random.split(jax.random.fold_in(key, 77))
         sigma = None
         for rot in rots:
@@ -217,9 +200,7 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
                 given = jax.tree_util.tree_map(
                     np.asarray, perturb_nuisance(jax.tree_util.tree_map(jnp.asarray, nu), dR, dt)
                 )
-                tabs = tabulate_noise_free(
-                    k_noise, scene.operator, theta, nu, G, table_nuisance=given
-                )
+                tabs = scene.tabulate(k_noise, theta, nu, G, table_nuisance=given)
                 if sigma is None:
                     sigma = tabs.sigma_for_snr(s.snr)
                 problem = tabs.problem(scene.operator, sigma)
@@ -227,14 +208,7 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
                 common = {"seed": seed, ROTATION: rot, SHIFT: shift, "snr": s.snr, "n_images": N}
 
                 def run_one(prob, variant, method, key_offset, table_seconds):
-                    r = reconstruct(
-                        prob,
-                        method,
-                        key=jax.random.fold_in(key, key_offset),
-                        n_particles=s.n_particles,
-                        n_steps=s.n_steps,
-                        fisher_rao=s.fisher_rao,
-                    )
+                    r = reconstruct(prob, method, s, key=jax.random.fold_in(key, key_offset))
                     m = score(r.positions, r.weights, ref)
                     rows.append(
                         dict(common, variant=variant, method=method, **m, seconds=r.seconds)
@@ -302,6 +276,7 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
 
 def plot(out: Results, summary: pd.DataFrame, s: Settings) -> Path:
     from ..analysis.plots import COLORS
+    from ._common import W1_LABEL, floor_line, log_axes, pyplot, w1_lines
 
     plt = pyplot()
     errors = summary[summary["variant"] != "oracle"]
@@ -311,24 +286,17 @@ def plot(out: Results, summary: pd.DataFrame, s: Settings) -> Path:
     )
     ls = {"given": "-", "marginal": "--", "refine": ":"}
     mk = {"given": "o", "marginal": "s", "refine": "^"}
+
+    def style(key):
+        variant, method = key
+        label = f"{method} ({variant} poses)" if variant == "given" else f"{method} ({variant})"
+        return dict(
+            label=label, color=COLORS.get(method, "0.5"), ls=ls[variant], marker=mk[variant]
+        )
+
     oracle = summary[summary["variant"] == "oracle"]
     for ax, sh in zip(axes[0], shifts):
-        for (variant, method), d in errors[errors[SHIFT] == sh].groupby(
-            ["variant", "method"], sort=False
-        ):
-            d = d.sort_values(ROTATION)
-            ax.errorbar(
-                d[ROTATION],
-                d["w1_mean"],
-                d["w1_sd"],
-                color=COLORS.get(method, "0.5"),
-                ls=ls[variant],
-                marker=mk[variant],
-                capsize=3,
-                label=f"{method} ({variant} poses)"
-                if variant == "given"
-                else f"{method} ({variant})",
-            )
+        w1_lines(ax, errors[errors[SHIFT] == sh], ROTATION, ["variant", "method"], style)
         if len(oracle):
             floor_line(ax, oracle["w1_mean"].iloc[0])
         log_axes(ax, "rotation error (degrees rms)", f"shift error {sh:g} A rms", logx=False)

@@ -38,22 +38,7 @@ from pathlib import Path
 import jax
 import pandas as pd
 
-from ._common import (
-    N_REFERENCE,
-    W1_SEEDS_LABEL,
-    AdkFlowSettings,
-    Results,
-    check_names,
-    draw_dataset,
-    fisher_rao_used,
-    log_axes,
-    make_scene,
-    pyplot,
-    reconstruct,
-    score,
-    setting,
-    tabulate_noise_free,
-)
+from ._common import AdkFlowSettings, Results, adk_study, check_names, reconstruct, score, setting
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +69,11 @@ class Settings(AdkFlowSettings):
 def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
     """Run the sweep and write its CSVs, figures and config into ``out_dir``; returns the per-run table."""
     t_start, s = time.perf_counter(), settings
-    scene = make_scene(s.model_name, "bimodal", box=s.box, pixel_size=s.pixel_size)
-    out = Results(
-        out_dir,
-        NAME,
-        s,
-        model=s.model_name,
-        truth=scene.truth.params(),
-        n_reference=N_REFERENCE,
-        fisher_rao=fisher_rao_used(s),
-    )
-    ref = scene.reference()
+    scene, out, ref = adk_study(out_dir, NAME, s, s.box, s.pixel_size)
     rows = []
     for seed in s.seeds:
-        theta, nu, k_noise = draw_dataset(jax.random.key(seed), scene, max(s.n_images))
-        tabs = tabulate_noise_free(k_noise, scene.operator, theta, nu, s.n_nodes)
+        theta, nu, k_noise = scene.draw(jax.random.key(seed), max(s.n_images))
+        tabs = scene.tabulate(k_noise, theta, nu, s.n_nodes)
         logger.info("seed %d: %d images tabulated in %.0f s", seed, len(tabs), tabs.seconds)
         for snr in s.snrs:
             sigma = tabs.sigma_for_snr(snr)
@@ -108,14 +83,8 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
                 oracle = score(theta[:n], None, ref)
                 rows.append(dict(common, method="oracle", **oracle, seconds=0.0, sigma=sigma))
                 for i, method in enumerate(s.methods):
-                    r = reconstruct(
-                        problem,
-                        method,
-                        key=jax.random.fold_in(jax.random.key(seed), 1000 + i),
-                        n_particles=s.n_particles,
-                        n_steps=s.n_steps,
-                        fisher_rao=s.fisher_rao,
-                    )
+                    k = jax.random.fold_in(jax.random.key(seed), 1000 + i)
+                    r = reconstruct(problem, method, s, key=k)
                     m = score(r.positions, r.weights, ref)
                     rows.append(dict(common, method=method, **m, seconds=r.seconds, sigma=sigma))
                     logger.info("seed %d SNR %g N %d %s: W1 %.4f", seed, snr, n, method, m["w1"])
@@ -130,10 +99,11 @@ def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
 
 
 def plot(out: Results, summary: pd.DataFrame, s: Settings) -> list[Path]:
-    from ..analysis.plots import COLORS
+    from ._common import W1_SEEDS_LABEL, log_axes, method_style, pyplot, w1_lines
 
     plt = pyplot()
-    methods = [m for m in summary["method"].unique() if m != "oracle"] + ["oracle"]
+    # the oracle last in the legend
+    summary = summary.sort_values("method", key=lambda m: m == "oracle", kind="stable")
     paths = []
     for fname, xcol, pcol, xlabel in (
         ("robustness_snr.png", "snr", "n_images", "SNR"),
@@ -144,20 +114,7 @@ def plot(out: Results, summary: pd.DataFrame, s: Settings) -> list[Path]:
             1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False
         )
         for ax, pv in zip(axes[0], panels):
-            for m in methods:
-                d = summary[(summary[pcol] == pv) & (summary["method"] == m)].sort_values(xcol)
-                if len(d):
-                    oracle = m == "oracle"
-                    ax.errorbar(
-                        d[xcol],
-                        d["w1_mean"],
-                        d["w1_sd"],
-                        capsize=3,
-                        label="true CVs (sampling floor)" if oracle else m,
-                        color=COLORS.get(m, "0.5"),
-                        ls="--" if oracle else "-",
-                        marker="" if oracle else "o",
-                    )
+            w1_lines(ax, summary[summary[pcol] == pv], xcol, "method", method_style)
             log_axes(ax, xlabel, f"N = {pv}" if pcol == "n_images" else f"SNR = {pv:g}")
         axes[0][0].set_ylabel(W1_SEEDS_LABEL)
         axes[0][-1].legend(fontsize=7)

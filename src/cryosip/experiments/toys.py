@@ -54,8 +54,8 @@ from ..sip import dto
 from ._common import (
     Results,
     check_names,
+    fisher_rao_used,
     make_operator,
-    pipeline_fisher_rao,
     pyplot,
     reconstruct,
     setting,
@@ -112,37 +112,43 @@ def toy_model(name: str):
     return toys.TOYS[name]()
 
 
-def run_1d(toy: str, truth_name: str, seed: int, s: Settings) -> tuple[list[dict], dict]:
+def _case(toy: str, truth_name: str, key, s: Settings, n_images, snr, n_reference, dim, **prep):
+    """Simulate one toy data set and prepare it; a ``row(method, positions, weights, seconds)``
+    maker scoring against ``n_reference`` draws of the truth, the rows' start and what to plot."""
     model = toy_model(toy)
-    lo, hi = float(model.lower[0]), float(model.upper[0])
+    lo, hi = np.asarray(model.lower, np.float64), np.asarray(model.upper, np.float64)
     truth = make_distribution(truth_name, model.lower, model.upper)
-    ref = truth.sample(np.random.default_rng(12345), 200_000)[:, 0]
-    op = make_operator(model, s.box, s.pixel_size)
+    ref = truth.sample(np.random.default_rng(12345), n_reference)
+    t0 = time.perf_counter()
+    sim = simulate_dataset(key, make_operator(model, s.box, s.pixel_size), truth, n_images, snr=snr)
+    problem = prepare(sim.stack, model, sigma=sim.sigma, progress=False, **EXACT_PHYSICS, **prep)
+    t_setup = time.perf_counter() - t0
+    common = dict(toy=toy, truth=truth_name, seed=None, dim=dim, unit=UNITS[toy])
+
+    def row(method, pos, weights=None, seconds=0.0, **extra):
+        m = dict(w1=w1(pos, ref, weights), w2=w2(pos, ref, weights))
+        return dict(common, method=method, **m, seconds=seconds, setup_seconds=t_setup, **extra)
+
+    theta = sim.theta[:, 0] if dim == 1 else sim.theta
+    lo, hi = (float(lo[0]), float(hi[0])) if dim == 1 else (lo, hi)
+    shown = {"theta": theta, "truth": truth, "lo": lo, "hi": hi, "reference": ref}
+    return problem, row, [row("oracle", theta)], shown, float(np.mean(hi - lo))
+
+
+def _relative(rows: list[dict], seed: int, width: float) -> list[dict]:
+    for r in rows:
+        r.update(seed=seed, w1_rel=r["w1"] / width)
+    return rows
+
+
+def run_1d(toy: str, truth_name: str, seed: int, s: Settings) -> tuple[list[dict], dict]:
     crc = zlib.crc32(f"{toy}/{truth_name}".encode()) % 2**31
     key = jax.random.fold_in(jax.random.key(seed), crc)
-    t0 = time.perf_counter()
-    sim = simulate_dataset(key, op, truth, s.n_images, snr=s.snr)
-    problem = prepare(
-        sim.stack, model, sigma=sim.sigma, n_nodes=s.n_nodes, progress=False, **EXACT_PHYSICS
+    problem, row, rows, shown, width = _case(
+        toy, truth_name, key, s, s.n_images, s.snr, 200_000, 1, n_nodes=s.n_nodes
     )
-    common = dict(toy=toy, truth=truth_name, seed=seed, dim=1, unit=UNITS[toy])
-    width, t_setup = hi - lo, time.perf_counter() - t0
-
-    def row(method, pos, weights=None, seconds=0.0):
-        m = dict(w1=w1(pos, ref, weights), w2=w2(pos, ref, weights))
-        return dict(common, method=method, **m, seconds=seconds, setup_seconds=t_setup)
-
-    rows = [row("oracle", sim.theta[:, 0])]
-    shown = {"theta": sim.theta[:, 0], "truth": truth, "lo": lo, "hi": hi}
     for i, method in enumerate(s.methods):
-        r = reconstruct(
-            problem,
-            method,
-            key=jax.random.fold_in(key, 10 + i),
-            n_particles=s.n_particles,
-            n_steps=s.n_steps,
-            fisher_rao=s.fisher_rao,
-        )
+        r = reconstruct(problem, method, s, key=jax.random.fold_in(key, 10 + i))
         pos = np.asarray(r.positions)[:, 0]
         rows.append(row(method, pos, r.weights, r.seconds))
         shown[method] = (pos, np.asarray(r.weights))
@@ -150,53 +156,26 @@ def run_1d(toy: str, truth_name: str, seed: int, s: Settings) -> tuple[list[dict
             "%s %s seed %d %s: W1 %.3f %s (%.3f of the domain)",
             *(toy, truth_name, seed, method, rows[-1]["w1"], UNITS[toy], rows[-1]["w1"] / width),
         )
-    for r in rows:
-        r["w1_rel"] = r["w1"] / width
-    return rows, shown
+    return _relative(rows, seed, width), shown
 
 
 def run_2d(seed: int, s: Settings) -> tuple[list[dict], dict]:
     """The two-hinge toy: KL flow on the direct operator, EM and per-image MAP on a 2-D grid; W2 by exact OT."""
-    model = toy_model("two-hinge")
-    lo, hi = np.asarray(model.lower, np.float64), np.asarray(model.upper, np.float64)
-    truth = make_distribution(s.truth_2d, model.lower, model.upper)
-    ref = truth.sample(np.random.default_rng(12345), 4000)
-    op = make_operator(model, s.box, s.pixel_size)
     key = jax.random.fold_in(jax.random.key(seed), 2)
-    t0 = time.perf_counter()
-    sim = simulate_dataset(key, op, truth, s.n_images_2d, snr=s.snr_2d)
-    problem = prepare(
-        sim.stack, model, sigma=sim.sigma, use_table=False, progress=False, **EXACT_PHYSICS
+    problem, row, rows, shown, width = _case(
+        "two-hinge", s.truth_2d, key, s, s.n_images_2d, s.snr_2d, 4000, 2, use_table=False
     )
-    t_setup = time.perf_counter() - t0
-    width = float(np.mean(hi - lo))
-    common = dict(toy="two-hinge", truth=s.truth_2d, seed=seed, dim=2, unit="deg")
-
-    def row(method, pos, weights=None, seconds=0.0, **extra):
-        m = dict(w1=w1(pos, ref, weights), w2=w2(pos, ref, weights))
-        return dict(common, method=method, **m, seconds=seconds, setup_seconds=t_setup, **extra)
-
-    rows = [row("oracle", sim.theta)]
-    shown = {"theta": sim.theta, "truth": truth, "lo": lo, "hi": hi}
     # the flow on the direct operator
-    r = reconstruct(
-        problem,
-        "wgf-kl",
-        key=jax.random.fold_in(key, 1),
-        n_particles=s.n_particles_2d,
-        n_steps=s.n_steps_2d,
-        batch_size=s.batch_2d,
-        init="uniform",
-        fisher_rao=s.fisher_rao,
-    )
+    sizes = dict(n_particles=s.n_particles_2d, n_steps=s.n_steps_2d, batch_size=s.batch_2d)
+    r = reconstruct(problem, "wgf-kl", s, key=jax.random.fold_in(key, 1), init="uniform", **sizes)
     pos, wts = np.asarray(r.positions, np.float64), np.asarray(r.weights, np.float64)
-    start_ = np.asarray(r.trajectory[0], np.float64)
-    rows.append(row("wgf-kl (direct)", pos, wts, r.seconds, w2_start=w2(start_, ref)))
-    shown["wgf-kl"] = (pos, wts, start_)
+    begin = np.asarray(r.trajectory[0], np.float64)
+    rows.append(row("wgf-kl (direct)", pos, wts, r.seconds, w2_start=w2(begin, shown["reference"])))
+    shown["wgf-kl"] = (pos, wts, begin)
     logger.info("two-hinge seed %d wgf-kl: W2 %.2f deg", seed, rows[-1]["w2"])
     # EM weights and per-image MAP on a grid (one log-likelihood per image and node)
     t0 = time.perf_counter()
-    g = s.grid_2d
+    g, lo, hi = s.grid_2d, shown["lo"], shown["hi"]
     axes = [np.linspace(lo[j], hi[j], g) for j in range(2)]
     nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
     L = dto.loglik_on_nodes(problem.operator, problem.observations, nodes, batch_size=32)
@@ -206,15 +185,12 @@ def run_2d(seed: int, s: Settings) -> tuple[list[dict], dict]:
     shown["em-grid"] = (nodes, wg)
     rows.append(row(f"per-image ({g}x{g})", nodes[np.argmax(L, axis=1)], None, t_ll))
     logger.info("two-hinge seed %d: em-grid W2 %.2f deg", seed, rows[-2]["w2"])
-    for r in rows:
-        r["w1_rel"] = r["w1"] / width
-    return rows, shown
+    return _relative(rows, seed, width), shown
 
 
 def run(out_dir, settings: Settings = Settings()) -> pd.DataFrame:
     t_start, s = time.perf_counter(), settings
-    fr = pipeline_fisher_rao() if s.fisher_rao is None else s.fisher_rao
-    out = Results(out_dir, NAME, s, fisher_rao_used=fr)
+    out = Results(out_dir, NAME, s, fisher_rao_used=fisher_rao_used(s))
     rows, shown = [], {}
     for seed in s.seeds:
         for toy in s.toys:
