@@ -15,15 +15,18 @@ from .density import kde
 __all__ = ["weighted_kmeans", "cluster_particles"]
 
 
+def _points_and_weights(x, w) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float64 points (a 1-D array is one CV) and weights normalised to sum 1."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    return (x[:, None] if x.ndim == 1 else x), w / w.sum()
+
+
 def weighted_kmeans(
     x, w, k: int, *, seed: int = 0, n_init: int = 8, n_iter: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted Lloyd k-means: ``(labels (n,), centers (k', d))`` with k' <= k non-empty clusters."""
-    x = np.asarray(x, np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    w = np.asarray(w, np.float64)
-    w = w / w.sum()
+    x, w = _points_and_weights(x, w)
     n = len(x)
     k = int(min(k, n))
     if k < 1:
@@ -85,11 +88,7 @@ def cluster_particles(
     """
     from scipy.signal import find_peaks
 
-    pos = np.asarray(positions, np.float64)
-    if pos.ndim == 1:
-        pos = pos[:, None]
-    w = np.asarray(weights, np.float64)
-    w = w / w.sum()
+    pos, w = _points_and_weights(positions, weights)
     k = int(k)
     if k < 1:
         raise ValueError(f"the number of clusters must be >= 1, got {k}")

@@ -23,6 +23,26 @@ COLORS = {
 }
 
 
+def _curves(ax, grid, curves: dict, bands, truth, xlabel: str, ylabel: str) -> None:
+    """The truth (dashed), one line per label with its band (``bands[label] = (lo, hi)``)."""
+    if truth is not None:
+        ax.plot(grid, truth, "k--", lw=2, label="truth")
+    for lab, y in curves.items():
+        c = COLORS.get(lab)
+        ax.plot(grid, y, lw=1.8, label=lab, color=c)
+        if bands and lab in bands:
+            ax.fill_between(grid, *bands[lab], color=c, alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _save(fig, ax, path) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def plot_densities(
     path, grid, curves: dict, truth_pdf=None, truth_hist=None, xlabel="CV", title=None, bands=None
 ):
@@ -30,40 +50,17 @@ def plot_densities(
     fig, ax = plt.subplots(figsize=(7, 4))
     if truth_hist is not None:
         ax.hist(truth_hist, bins=40, density=True, color="0.85", label="true CVs (histogram)")
-    if truth_pdf is not None:
-        ax.plot(grid, truth_pdf, "k--", lw=2, label="truth")
-    for lab, d in curves.items():
-        c = COLORS.get(lab)
-        ax.plot(grid, d, lw=1.8, label=lab, color=c)
-        if bands and lab in bands:
-            lo, hi = bands[lab]
-            ax.fill_between(grid, lo, hi, color=c, alpha=0.2, lw=0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    _curves(ax, grid, curves, bands, truth_pdf, xlabel, "density")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    savefig(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_free_energy(path, grid, curves: dict, bands=None, truth=None, xlabel="CV"):
     fig, ax = plt.subplots(figsize=(7, 4))
-    if truth is not None:
-        ax.plot(grid, truth, "k--", lw=2, label="truth")
-    for lab, f in curves.items():
-        c = COLORS.get(lab)
-        ax.plot(grid, f, lw=1.8, label=lab, color=c)
-        if bands and lab in bands:
-            ax.fill_between(grid, *bands[lab], color=c, alpha=0.2, lw=0)
+    _curves(ax, grid, curves, bands, truth, xlabel, "free energy (kT)")
     ax.set_ylim(0, 8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("free energy (kT)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    savefig(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_objectives(path, histories: dict):

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..cryoem.pose import matrix_to_axis_angle
 from .errors import CryosipInputError
-from .particles import ParticleStack, to_working_grid
+from .particles import ParticleStack, on_working_box
 from .star import (
     locate_stacks,
     make_checked_nuisance,
@@ -280,12 +280,7 @@ def read_cs(
         optics_group=None if optics_group is None else optics_group.astype(np.int64),
         native_grid=grids,
     )
-    if box_size is not None and box_size != stack.box_size:
-        try:
-            stack = to_working_grid(stack, box_size=box_size)
-        except ValueError as e:
-            raise CryosipInputError(path, str(e)) from None
-    return stack
+    return on_working_box(stack, box_size, path)
 
 
 def _cs_image_locations(

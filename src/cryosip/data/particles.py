@@ -456,22 +456,15 @@ def read_particles(
 
     path = Path(path)
     name = path.name.lower()
-    if name.endswith(".star"):
-        stack = read_star(
+    if name.endswith((".star", ".cs")):  # the two readers take the same keywords
+        read = read_star if name.endswith(".star") else read_cs
+        stack = read(
             path,
             datadir=datadir,
             box_size=box_size,
             require_poses=require_poses,
             require_images=require_images,
             allow_unsupported_contrast=allow_unsupported_contrast,
-        )
-    elif name.endswith(".cs"):
-        stack = read_cs(
-            path,
-            datadir=datadir,
-            box_size=box_size,
-            require_poses=require_poses,
-            require_images=require_images,
         )
     elif name.endswith((".mrcs", ".mrc", ".mrcs.gz", ".mrc.gz", ".txt")):
         if ctf is None:
@@ -502,14 +495,20 @@ def read_particles(
         raise CryosipInputError(
             path, "no poses in this particle set (pass a pose.pkl, or a refinement's output)"
         )
-    if box_size is not None and stack.box_size != box_size:
-        try:
-            stack = to_working_grid(stack, box_size=box_size)
-        except ValueError as e:
-            if isinstance(e, CryosipInputError):
-                raise
-            raise CryosipInputError(path, str(e)) from None
-    return stack
+    return on_working_box(stack, box_size, path)
+
+
+def on_working_box(stack: ParticleStack, box_size: int | None, path) -> ParticleStack:
+    """``stack`` on a ``box_size``-pixel working grid (None or its own box: unchanged); a grid
+    that cannot be made is a :class:`CryosipInputError` naming ``path``."""
+    if box_size is None or stack.box_size == box_size:
+        return stack
+    try:
+        return to_working_grid(stack, box_size=box_size)
+    except ValueError as e:
+        if isinstance(e, CryosipInputError):
+            raise
+        raise CryosipInputError(path, str(e)) from None
 
 
 def estimate_noise_sigma(

@@ -50,7 +50,7 @@ from .particles import (
     MissingStackImages,
     ParticleStack,
     grouped_images,
-    to_working_grid,
+    on_working_box,
     working_grid,
 )
 
@@ -821,12 +821,7 @@ def read_star(
         optics_group=optics_group,
         native_grid=grids,
     )
-    if box_size is not None and box_size != stack.box_size:
-        try:
-            stack = to_working_grid(stack, box_size=box_size)
-        except ValueError as e:
-            raise CryosipInputError(path, str(e)) from None
-    return stack
+    return on_working_box(stack, box_size, path)
 
 
 # ----------------------------------------------------------------------------------------------
