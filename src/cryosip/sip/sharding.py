@@ -171,11 +171,18 @@ def shard_observations(obs: Observations, mesh: Mesh, *, pad: bool = False) -> O
 
 
 class DataParallelOperator(AbstractRandomOperator):
-    """Wraps an operator so that its Monte Carlo nuisance draws are split over the mesh too.
+    """Wraps an operator so that each device renders and differentiates only its own rows.
 
-    ``mean``, ``domain`` and the noise are the wrapped operator's; ``sample_nuisance`` draws the
-    same values and constrains their leading axis to the data axis (``KL`` with unknown
-    nuisances and the unconditional ``MMD`` then simulate data-parallel as well).
+    ``mean``, ``domain`` and the noise are the wrapped operator's. With known nuisances (and a
+    row count that splits evenly over the devices) the per-observation quantities the objectives
+    need -- ``log_likelihood_matrix`` (``KL``), ``paired_sq_distances`` and ``paired_means``
+    (paired MMD) -- run under a ``jax.shard_map`` over the data axis: each device computes its
+    own rows, the (rows, particles) results stay split, and only the objective's terms and the
+    particle-sized gradients are reduced across devices (XLA's sharding propagation alone
+    gathered the B x P rendered images to every device: measured slower on 2 processes than on
+    one, ``docs/scaling.md``). ``sample_nuisance`` draws the same values and constrains their
+    leading axis to the data axis (``KL`` with unknown nuisances and the unconditional ``MMD``
+    then simulate data-parallel as well).
     """
 
     operator: AbstractRandomOperator
@@ -201,6 +208,53 @@ class DataParallelOperator(AbstractRandomOperator):
         if n % self.mesh.devices.size:
             return nu
         return jax.lax.with_sharding_constraint(nu, data_sharding(self.mesh))
+
+    def _local(self, method: str, theta, obs: Observations, **kw):
+        """``self.operator.<method>(theta, obs)`` on each device's own rows of ``obs`` (a
+        ``shard_map`` over the data axis): outputs stay split along the data axis, and the
+        cotangent of the replicated ``theta`` (and of the operator) is summed across devices
+        by a ``psum`` of particle-sized arrays. Rendered images never leave their device."""
+        axis = self.mesh.axis_names[0]
+        params, static = eqx.partition(self.operator, eqx.is_array)
+        index = jnp.asarray(obs.index)
+
+        def local(params, theta, values, nuisance, index):
+            # mark the replicated inputs device-varying here, at the boundary: the transpose of
+            # that cast is the psum of their (particle-sized) cotangents. Left invariant, the
+            # cast would happen deep inside (where theta meets each image's pose) and the psum
+            # would carry per-(image, particle) atom coordinates instead.
+            params, theta = jax.lax.pcast((params, theta), axis, to="varying")
+            op = eqx.combine(params, static)
+            return getattr(op, method)(theta, Observations(values, nuisance, index), **kw)
+
+        rows, whole = PartitionSpec(axis), PartitionSpec()
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(whole, whole, rows, rows, rows),
+            out_specs=rows,
+        )(params, theta, obs.values, obs.nuisance, index)
+
+    def _splits(self, obs: Observations) -> bool:
+        """Known nuisances and a row count that splits evenly over the mesh's devices."""
+        return obs.nuisance is not None and len(obs) % self.mesh.devices.size == 0
+
+    def log_likelihood_matrix(self, theta, obs, *, key=None, n_nuisance=64, batch_size=None):
+        if not self._splits(obs):  # Monte Carlo nuisances: draws split by sample_nuisance
+            return super().log_likelihood_matrix(
+                theta, obs, key=key, n_nuisance=n_nuisance, batch_size=batch_size
+            )
+        return self._local("log_likelihood_matrix", theta, obs, batch_size=batch_size)
+
+    def paired_sq_distances(self, theta, obs, batch_size=None):
+        if not self._splits(obs):
+            return super().paired_sq_distances(theta, obs, batch_size=batch_size)
+        return self._local("paired_sq_distances", theta, obs, batch_size=batch_size)
+
+    def paired_means(self, theta, obs, batch_size=None):
+        if not self._splits(obs):
+            return super().paired_means(theta, obs, batch_size=batch_size)
+        return self._local("paired_means", theta, obs, batch_size=batch_size)
 
     @property
     def domain(self):
