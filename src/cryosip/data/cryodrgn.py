@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .errors import CryosipInputError
+from .errors import CryosipInputError, existing_file
 from .mrc import (
     MAX_BOX,
     LazyImageStack,
@@ -303,13 +303,7 @@ def load_pickle_safely(path: str | os.PathLike):
     ``builtins.eval``, a torch tensor, ...) is refused with a :class:`CryosipInputError` naming
     the file and the global, before any object is built; so are object arrays and arrays whose
     declared size does not match the bytes in the file."""
-    path = Path(path)
-    if not path.exists():
-        raise CryosipInputError(path, "file not found")
-    if path.is_dir():
-        raise CryosipInputError(path, "is a folder, not a pickle")
-    if path.stat().st_size == 0:
-        raise CryosipInputError(path, "empty file")
+    path = existing_file(path, "a pickle")
     data = path.read_bytes()
     try:
         _prescan(data)

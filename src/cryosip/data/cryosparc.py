@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..cryoem.pose import matrix_to_axis_angle
-from .errors import CryosipInputError
+from .errors import CryosipInputError, existing_file
 from .particles import ParticleStack, on_working_box
 from .star import (
     locate_stacks,
@@ -86,13 +86,7 @@ def rotvec_to_matrix(rotvec) -> np.ndarray:
 
 def load_cs_array(path: str | os.PathLike) -> np.ndarray:
     """``np.load`` a ``.cs`` file as a 1-D structured array; else raise CryosipInputError."""
-    path = Path(path)
-    if not path.exists():
-        raise CryosipInputError(path, "file not found")
-    if path.is_dir():
-        raise CryosipInputError(path, "is a folder, not a .cs file")
-    if path.stat().st_size == 0:
-        raise CryosipInputError(path, "empty file")
+    path = existing_file(path, "a .cs file")
     try:
         # memory-mapped: NumPy checks the file holds the rows the header claims before reading
         data = np.load(path, allow_pickle=False, mmap_mode="r")

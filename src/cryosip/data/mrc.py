@@ -25,7 +25,7 @@ import mrcfile
 import mrcfile.utils
 import numpy as np
 
-from .errors import CryosipInputError
+from .errors import CryosipInputError, existing_file
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +116,8 @@ def read_mrc_header(path: str | os.PathLike, *, expected_box: int | None = None)
     extended header + ``nx * ny * nz * itemsize`` bytes), when a gzip file announces more than
     deflate can hold, or when ``expected_box`` is given and the images are not that size.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CryosipInputError(path, "file not found")
-    if path.is_dir():
-        raise CryosipInputError(path, "is a folder, not an MRC file")
+    path = existing_file(path, "an MRC file")
     size = path.stat().st_size
-    if size == 0:
-        raise CryosipInputError(path, "empty file")
     try:
         with _open_raw(path) as f:
             raw = f.read(_HEADER_BYTES)

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from ..cryoem.pose import matrix_to_euler
-from .errors import CryosipInputError
+from .errors import CryosipInputError, existing_file
 from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, read_mrc_header
 from .particles import (
     MissingStackImages,
@@ -519,13 +519,7 @@ def read_star(
     describes raw images) unless ``allow_unsupported_contrast`` (used by ``cryosip inspect``), in
     which case the stack carries the flags.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CryosipInputError(path, "file not found")
-    if path.is_dir():
-        raise CryosipInputError(path, "is a folder, not a STAR file")
-    if path.stat().st_size == 0:
-        raise CryosipInputError(path, "empty file")
+    path = existing_file(path, "a STAR file")
     try:
         version = star_version(path)
     except OSError as e:
