@@ -56,7 +56,7 @@ from ..sip.operator import Observations
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MinibatchStream", "epoch_batches", "release_pages"]
+__all__ = ["MinibatchStream", "epoch_batches", "read_rows", "release_pages"]
 
 _DONE = object()
 
@@ -123,6 +123,38 @@ def release_pages(images) -> int:
         ):  # pragma: no cover - platform without madvise / closed
             pass
     return n
+
+
+def read_rows(images, idx, *, chunk: int = 64) -> np.ndarray:
+    """Rows ``idx`` of an image source as a float32 array that owns its memory, without leaving
+    the source's file pages in this process's RSS.
+
+    A whole-file ``np.memmap`` is read with ``os.preadv`` (as :class:`MinibatchStream` does);
+    any other source (a :class:`~cryosip.data.mrc.LazyImageStack`, an in-memory array) is
+    indexed ``chunk`` rows at a time and the pages of the read-only memory maps behind it are
+    dropped after each chunk (:func:`release_pages`), so a read of rows spread over a large
+    stack (a calibration pilot) costs its own size in RSS, not one page-cache folio per row."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    n = int(idx.shape[0])
+    file = _whole_file_map(images)
+    if file is not None:
+        order = np.argsort(idx, kind="stable")
+        path, offset, dtype, row_shape = file
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            rows = _pread_rows(fd, offset, dtype, row_shape, idx[order])
+        finally:
+            os.close(fd)
+        out = np.empty((n,) + row_shape, np.float32)
+        out[order] = rows
+        return out
+    parts = []
+    for s in range(0, n, chunk):
+        parts.append(np.array(images[idx[s : s + chunk]], np.float32))
+        release_pages(images)
+    if not parts:
+        return np.empty((0,) + tuple(images.shape[1:]), np.float32)
+    return np.concatenate(parts)
 
 
 def epoch_batches(key: PRNGKeyArray, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,6 +49,7 @@ from ..cryoem.noise import (
     shell_index,
 )
 from ..data.particles import ParticleStack, downsample
+from ..data.streaming import read_rows
 from ..sip.operator import Observations
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class _Pilot:
     def __init__(self, stack, conformation, idx, *, chunk=32):
         self.D, self.p = stack.box_size, float(stack.pixel_size)
         self.groups = group_ids(stack)[idx]
-        self.images = np.asarray(stack.images[idx], np.float32)
+        self.images = read_rows(stack.images, idx)  # no file pages left in the RSS
         self.nuisance = jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stack.nuisance)
         self.points = probe_points(conformation)
         self.conformation = conformation
@@ -300,20 +301,26 @@ def _candidate_perturbations():
 
 @eqx.filter_jit
 def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
-    """LS fit gain of each image on its model under each candidate perturbation: (c, R)."""
+    """LS fit gain of each image on its model under each candidate perturbation: (c, R).
+
+    All c x R (image, candidate) renders form one flat batch (as in
+    :meth:`~cryosip.sip.operator.AbstractRandomOperator.pair_means`): a vmap over images of a
+    vmap over candidates would hide the projector's batching rule and run ~5x slower."""
     from .pose_marginal import perturb_nuisance
 
-    def one(t, nu, yi):
-        ms = jax.vmap(lambda r, d: op.mean(t, perturb_nuisance(nu, r, d)))(rots, shifts)
-        yc = yi.reshape(-1) - yi.mean()
-        mc = ms.reshape(ms.shape[0], -1)
-        mc = mc - mc.mean(axis=1, keepdims=True)
-        return (mc @ yc) ** 2 / jnp.maximum(jnp.sum(mc * mc, axis=1), 1e-30)
+    c, r = theta.shape[0], rots.shape[0]
+    flat = jax.tree_util.tree_map(lambda a: jnp.repeat(a, r, axis=0), nuisance)  # row i * R + j
+    nu = perturb_nuisance(flat, jnp.tile(rots, (c, 1, 1)), jnp.tile(shifts, (c, 1)))
+    ms = jax.vmap(op.mean)(jnp.repeat(theta, r, axis=0), nu).reshape(c, r, -1)
+    yc = y.reshape(c, -1)
+    yc = yc - yc.mean(axis=1, keepdims=True)
+    mc = ms - ms.mean(axis=2, keepdims=True)
+    return jnp.einsum("crp,cp->cr", mc, yc) ** 2 / jnp.maximum(jnp.sum(mc * mc, axis=2), 1e-30)
 
-    return jax.vmap(one)(theta, nuisance, y)
 
-
-def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=None):
+def estimate_pose_error(
+    pilot, stats, bfactor, spec, n_images: int = 64, key=None, chunk: int = 16
+):
     """Rms rotation (degrees) and shift (Angstrom) errors of the given poses, by local search.
 
     Each of ``n_images`` pilot images (whitened) is fitted at its best coarse conformation under
@@ -346,15 +353,30 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
         np.broadcast_to(np.eye(3, dtype=np.float32), (len(shifts), 3, 3)),
         np.zeros((len(rots), 2), np.float32),
     )
+    # every candidate (rotations, then shifts) on the data and on the replicate: one compiled
+    # program, run on chunks of images so that memory stays at chunk x candidates images
+    all_rots = jnp.asarray(np.concatenate([rots, eye]), jnp.float32)
+    all_shifts = jnp.asarray(np.concatenate([zero, shifts.astype(np.float32)]), jnp.float32)
+    th2 = np.concatenate([np.asarray(theta)] * 2)
+    nu2 = jax.tree_util.tree_map(lambda a: np.concatenate([np.asarray(a)] * 2), nu)
+    y2 = np.concatenate([np.asarray(y), np.asarray(null)])
+    gains = []
+    for s in range(0, 2 * m, chunk):
+        idx = np.minimum(np.arange(s, s + chunk), 2 * m - 1)  # one compiled shape
+        sub = jax.tree_util.tree_map(lambda a: a[idx], nu2)
+        g = _perturbed_fits(op, th2[idx], sub, y2[idx], all_rots, all_shifts)
+        gains.append(np.asarray(g)[: min(chunk, 2 * m - s)])
+    gains = np.concatenate(gains)  # (2m, R + S): rows [data; replicate]
     out = {}
-    for name, r, d, size in (
-        ("rotation_deg", rots, zero, angles),
-        ("shift_A", eye, shifts.astype(np.float32), np.hypot(*shifts.T)),
+    nr = len(rots)
+    for name, cols, size in (
+        ("rotation_deg", slice(0, nr), angles),
+        ("shift_A", slice(nr, None), np.hypot(*shifts.T)),
     ):
-        best = {}
-        for label, images in (("data", y), ("replicate", null)):
-            g = np.asarray(_perturbed_fits(op, theta, nu, images, jnp.asarray(r), jnp.asarray(d)))
-            best[label] = size[np.argmax(g, axis=1)]
+        best = {
+            "data": size[np.argmax(gains[:m, cols], axis=1)],
+            "replicate": size[np.argmax(gains[m:, cols], axis=1)],
+        }
         ms_d, ms_r = np.mean(best["data"] ** 2), np.mean(best["replicate"] ** 2)
         se = np.sqrt((np.var(best["data"] ** 2) + np.var(best["replicate"] ** 2)) / m)
         out[name] = float(np.sqrt(max(ms_d - ms_r, 0.0)))
