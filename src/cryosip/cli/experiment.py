@@ -103,14 +103,16 @@ def _add_setting(parser, field: dataclasses.Field, kind, default, quick) -> None
         return
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    metavar = field.name.upper()
     if typing.get_origin(kind) is tuple:
-        kind = _LIST_PARSERS[typing.get_args(kind)[0]]
+        kind, metavar = _LIST_PARSERS[typing.get_args(kind)[0]], "A,B,..."
     flags = meta.get("flag") or f"--{name}"
     parser.add_argument(
         *([flags] if isinstance(flags, str) else flags),
         dest=field.name,
         type=kind,
         choices=meta.get("choices"),
+        metavar=None if meta.get("choices") else metavar,
         default=None,
         help=f"{meta['help']} ({shown})",
     )
