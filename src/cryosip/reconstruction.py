@@ -29,6 +29,7 @@ from .sip.discrepancies import (
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.loglik_table import LogLikTableOperator
+from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.table import TabulatedOperator
 
@@ -53,6 +54,31 @@ class Problem:
     setup_seconds: float
     calibration: Calibration | None = None
     stack: ParticleStack | None = None  # the working stack (cropped, with noise groups)
+    # the likelihood on a fine product grid (any d), what regularisation and KL flows run on
+    loglik: LogLikTableOperator | None = None
+    _bandwidth: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def regularised(self, bandwidth: float | str = "auto") -> tuple[Bandwidth, LogLikTableOperator]:
+        """The kernel-smoothed likelihood table (:mod:`cryosip.sip.smoothing`) with its bandwidth:
+        ``"auto"`` chooses it by cross-validation over images (computed once, cached), a number
+        is a relative bandwidth given by the user (0: none)."""
+        if self.loglik is None:
+            raise ValueError("regularisation needs a likelihood table (a bounded CV domain)")
+        if bandwidth == "auto":
+            if "auto" not in self._bandwidth:
+                t0 = time.perf_counter()
+                self._bandwidth["auto"] = choose_bandwidth(self.loglik)
+                logger.info(
+                    "regularisation: kernel bandwidth %.3g of the CV range, chosen by held-out "
+                    "likelihood in %.1f s",
+                    self._bandwidth["auto"][0].relative,
+                    time.perf_counter() - t0,
+                )
+            return self._bandwidth["auto"]
+        h = float(bandwidth)
+        lo, hi = np.asarray(self.loglik.lower_bounds), np.asarray(self.loglik.upper_bounds)
+        given = Bandwidth(h, tuple(float(v) for v in h * (hi - lo)), (h,), (0.0,), 0, 0.0)
+        return given, smooth(self.loglik, h)
 
     @property
     def inverted(self) -> bool:
@@ -68,8 +94,9 @@ class Problem:
         return self.table.observations() if self.table is not None else self.observations
 
     def per_image_map(self) -> np.ndarray:
+        """(N,) in 1-D, (N, d) above: each image's most likely CV on the fine grid."""
         if self.fine_loglik is None:
-            raise ValueError("per-image MAP needs the tabulated (1-D CV) path")
+            raise ValueError("per-image MAP needs a tabulated likelihood (a bounded CV domain)")
         return self.fine_grid[np.argmax(self.fine_loglik, axis=1)]
 
 
@@ -84,6 +111,10 @@ class MethodResult:
     trajectory: np.ndarray | None = None
     replicates: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
     flow: FlowResult | None = None
+    # a regularised flow: positions/weights are rho_h (particles spread by the kernel);
+    # these are the particles themselves and the bandwidth
+    particles: tuple[np.ndarray, np.ndarray] | None = None
+    bandwidth: Bandwidth | None = None
 
     @property
     def label(self) -> str:
@@ -102,7 +133,7 @@ def prepare(
     sigma: float | None = None,
     contrast: str = "auto",
     fit_scale: bool = True,
-    n_nodes: int = 33,
+    n_nodes: int | None = None,
     use_table: bool | None = None,
     progress: bool = True,
     batch_size: int = 64,
@@ -116,7 +147,10 @@ def prepare(
     """Calibrate (contrast, noise spectrum, envelope, working box: :mod:`cryosip.pipeline.calibrate`)
     unless ``calibration`` is given (then ``stack`` is already the working stack), build the
     operator in whitened working units with the per-image scale and offset profiled
-    (``fit_scale``), and tabulate 1-D CVs.
+    (``fit_scale``), and tabulate the likelihood on a bounded CV domain: images on ``n_nodes``
+    nodes for one CV (default 33), the log-likelihood on a product grid of ``n_nodes`` per CV
+    above (default :func:`default_grid_nodes`; one rendering per image and node, chunked: memory
+    grows with images x nodes, not with particles). ``use_table=False`` keeps the direct operator.
 
     ``pose_error`` = "auto": the calibration's estimate when it says it matters
     (:attr:`~cryosip.pipeline.calibrate.Calibration.pose_error_matters`), else none;
@@ -152,21 +186,18 @@ def prepare(
     )
     obs = calibration.transform(stack.observations())
     lower, upper = (np.asarray(b, np.float64) for b in op.domain)
+    bounded = bool(np.all(np.isfinite(lower)) and np.all(np.isfinite(upper)))
     if use_table is None:
-        use_table = (
-            conformation.dim == 1 and np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
-        )
-    table = fine_grid = fine_ll = None
+        use_table = bounded
+    dim = conformation.dim
+    n_nodes = default_grid_nodes(dim) if n_nodes is None else int(n_nodes)
+    table = fine_grid = fine_ll = loglik = None
     if use_table:
         bar = TqdmProgress("tabulate") if progress else None
         if bar is not None:
             bar.start(len(stack))
         try:
-            if pose_error is None:
-                table = TabulatedOperator.build(
-                    op, obs, n_nodes, batch_size=batch_size, progress=bar.advance if bar else None
-                )
-            else:
+            if pose_error is not None:
                 rot, shift = (float(x) for x in pose_error)
                 table = PoseMarginalOperator(op, 16, rot, shift, jax.random.key(0)).tabulate(
                     obs,
@@ -174,11 +205,31 @@ def prepare(
                     batch_size=max(1, batch_size // 4),
                     progress=bar.advance if bar else None,
                 )
+            elif dim == 1:  # images on the nodes (Gram tables): KL and paired MMD, exact splines
+                table = TabulatedOperator.build(
+                    op, obs, n_nodes, batch_size=batch_size, progress=bar.advance if bar else None
+                )
+            else:  # any d: the log-likelihood on a product grid, n_nodes per CV
+                table = LogLikTableOperator.build(
+                    op,
+                    obs,
+                    n_nodes,
+                    batch_size=max(1, (batch_size * 32) // n_nodes**dim),
+                    progress=bar.advance if bar else None,
+                )
         finally:
             if bar is not None:
                 bar.close()
-        fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
-        fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
+        if dim == 1:
+            fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
+            fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
+            loglik = LogLikTableOperator(
+                fine_ll, lower, upper, noise=op.noise, fit_scale=op.fit_scale
+            )
+        else:
+            loglik = refine(table)
+            fine_grid = np.asarray(loglik.nodes, np.float64)
+            fine_ll = np.asarray(loglik.table)
     m = min(len(stack), 1000)
     bw = median_distance(np.asarray(obs.values[:m]).reshape(m, -1))
     return Problem(
@@ -193,6 +244,7 @@ def prepare(
         time.perf_counter() - t0,
         calibration=calibration,
         stack=stack,
+        loglik=loglik,
     )
 
 
@@ -218,23 +270,42 @@ def make_discrepancy(
 
 def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto") -> ParticleMeasure:
     """Particles at the quantiles of the per-image MAP estimates (1-D; the flow then deconvolves),
-    or uniform in the domain."""
+    at the per-image MAPs of randomly chosen images (d > 1), or uniform in the domain."""
     if init == "auto":
         init = "per-image" if problem.fine_loglik is not None else "uniform"
     if init == "per-image":
         m = problem.per_image_map()
-        q = np.quantile(m, (np.arange(n_particles) + 0.5) / n_particles)
-        return ParticleMeasure(jnp.asarray(q, jnp.float32)[:, None])
+        if m.ndim == 1:
+            q = np.quantile(m, (np.arange(n_particles) + 0.5) / n_particles)
+            return ParticleMeasure(jnp.asarray(q, jnp.float32)[:, None])
+        k1, k2 = jax.random.split(key)
+        idx = jax.random.choice(k1, len(m), (n_particles,), replace=len(m) < n_particles)
+        # a quarter of the fine grid's spacing of jitter: no two particles start on one node
+        spacing = (problem.upper - problem.lower) / (np.asarray(problem.loglik.shape) - 1)
+        jitter = 0.25 * spacing * np.asarray(jax.random.uniform(k2, (n_particles, m.shape[1]), minval=-1))
+        x = np.clip(m[np.asarray(idx)] + jitter, problem.lower, problem.upper)
+        return ParticleMeasure(jnp.asarray(x, jnp.float32))
     if init == "uniform":
         return uniform_measure(key, n_particles, problem.lower, problem.upper)
     raise ValueError(f"unknown init {init!r}")
 
 
 def _auto_flow(
-    problem, disc, init, key, n_steps, batch_size, entropy, fisher_rao, step_fraction=0.003
+    problem,
+    disc,
+    init,
+    key,
+    n_steps,
+    batch_size,
+    entropy,
+    fisher_rao,
+    step_fraction=0.003,
+    engine=None,
 ):
-    """Step size from the initial velocities: the median particle moves ``step_fraction`` of the domain per step."""
-    op, obs = problem.engine_operator, problem.engine_observations
+    """Step size from the initial velocities: the median particle moves ``step_fraction`` of the
+    domain per step. ``engine`` (operator, observations): what the flow runs on (default: the
+    problem's engine)."""
+    op, obs = engine or (problem.engine_operator, problem.engine_observations)
     sub = obs if batch_size is None else obs.take(jnp.arange(min(batch_size, len(obs))))
     g = jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), sub))(init.positions)
     v = init.n_particles * np.linalg.norm(np.asarray(g), axis=-1)
@@ -295,7 +366,16 @@ def run_method(
     n_components: int = 2,
     heldout_fraction: float = 0.0,
     grid_nodes: int | None = None,
+    bandwidth: float | str | None = "auto",
 ) -> MethodResult:
+    """Run one method on a prepared problem.
+
+    ``bandwidth`` (KL flow on a tabulated likelihood): the regularisation of the recovered
+    measure, a kernel of that relative width (:mod:`cryosip.sip.smoothing`); ``"auto"`` chooses
+    it by cross-validation over images, 0 or None turns it off. With it, the flow runs on the
+    kernel-smoothed likelihood, the particles' weights are then converged by EM on their final
+    positions (the Fisher-Rao part of the flow run to its end), and ``positions``/``weights``
+    are the smoothed measure (``particles``: the particles themselves)."""
     t0 = time.perf_counter()
     op, obs = problem.engine_operator, problem.engine_observations
     if method == "wgf":
@@ -303,6 +383,14 @@ def run_method(
             fisher_rao = default_fisher_rao(objective)
         k_init, k_flow, k_boot = jax.random.split(key, 3)
         m0 = initial_measure(problem, n_particles, k_init, init)
+        choice = None
+        if objective == "kl" and problem.loglik is not None and bandwidth not in (None, 0, 0.0):
+            choice, op = problem.regularised(bandwidth)
+            obs = op.observations()
+        elif objective != "kl" and isinstance(problem.table, LogLikTableOperator):
+            if problem.observations is None:
+                raise ValueError(f"{objective} needs images; this problem has a likelihood table")
+            op, obs = problem.operator, problem.observations  # MMD needs images: the direct path
         if objective in ("mmd", "kl+mmd") and batch_size is None:
             batch_size = min(len(obs), 256)
         disc = make_discrepancy(problem, objective, key=k_flow, init=m0)
@@ -314,7 +402,9 @@ def run_method(
                 obs.take(jnp.asarray(np.sort(perm[:n_held]))),
                 obs.take(jnp.asarray(np.sort(perm[n_held:]))),
             )
-        flow = _auto_flow(problem, disc, m0, k_flow, n_steps, batch_size, entropy, fisher_rao)
+        flow = _auto_flow(
+            problem, disc, m0, k_flow, n_steps, batch_size, entropy, fisher_rao, engine=(op, obs)
+        )
         if held is not None:
             flow = dataclasses.replace(flow, heldout_every=flow.chunk_size)
         res = flow.run(
@@ -329,18 +419,28 @@ def run_method(
             resume=resume,
             heldout=held,
         )
+        def finish(measure, counts=None):
+            """(positions, weights) reported: the particles, or with a bandwidth the smoothed
+            measure after the weights are converged by EM on the particles' positions."""
+            x = np.asarray(measure.positions)
+            if choice is None:
+                return x, np.asarray(measure.weights)
+            L = dto.loglik_on_nodes(op, op.observations(), x, batch_size=1024)
+            w, _ = dto.em_weights(L, obs_weight=counts)
+            return x, w
+
+        train = None  # with a held-out split, the weights are converged on the training rows
+        if choice is not None and held is not None:
+            train = np.zeros(len(op.observations()))
+            train[np.asarray(obs.index)] = 1.0
+        x, w = finish(res.measure, train)
         out = MethodResult(
-            "wgf",
-            objective,
-            np.asarray(res.measure.positions),
-            np.asarray(res.measure.weights),
-            0.0,
-            np.asarray(res.losses),
-            np.asarray(res.trajectory),
+            "wgf", objective, x, w, 0.0, np.asarray(res.losses), np.asarray(res.trajectory),
             flow=res,
         )
         if n_bootstrap:
             boot_flow = dataclasses.replace(flow, n_steps=max(50, n_steps // 3))
+            n_all = len(op.observations()) if choice is not None else len(obs)
             for b in range(n_bootstrap):
                 kb = jax.random.fold_in(k_boot, b)
                 counts = np.bincount(
@@ -349,13 +449,24 @@ def run_method(
                 r = boot_flow.run(
                     disc, op, obs.with_weight(jnp.asarray(counts, jnp.float32)), res.measure, key=kb
                 )
-                out.replicates.append(
-                    (np.asarray(r.measure.positions), np.asarray(r.measure.weights))
-                )
+                full = np.zeros(n_all)  # the counts on every table row (held-out rows: 0)
+                full[np.asarray(obs.index)] = counts
+                out.replicates.append(finish(r.measure, full if choice is not None else None))
+        if choice is not None:
+            out.particles = (out.positions, out.weights)
+            out.bandwidth = choice
+            lo, hi = problem.lower, problem.upper
+            out.positions, out.weights = expand_particles(x, w, choice.absolute, lo, hi)
+            out.replicates = [
+                expand_particles(xb, wb, choice.absolute, lo, hi) for xb, wb in out.replicates
+            ]
     elif method in ("em-grid", "per-image"):
-        if problem.fine_loglik is not None:  # 1-D: the tabulated likelihood on its nodes
-            nodes = np.asarray(problem.table.nodes)[:, None]
+        tab = problem.table
+        if problem.fine_loglik is not None and problem.fine_grid.ndim == 1:  # 1-D: table nodes
+            nodes = np.asarray(tab.nodes).reshape(-1, 1)
             L = problem.fine_loglik[:, :: (len(problem.fine_grid) - 1) // (len(nodes) - 1)]
+        elif isinstance(tab, LogLikTableOperator) and grid_nodes in (None, tab.shape[0]):
+            nodes, L = np.asarray(tab.nodes), np.asarray(tab.table)  # d > 1: the table's grid
         else:  # any d: the direct likelihood on a product grid (grid_nodes per CV)
             nodes = product_grid(problem.lower, problem.upper, grid_nodes)
             logger.info(
@@ -394,7 +505,8 @@ def run_method(
             "map-classes", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0
         )
     elif method == "gmm":
-        meas = dto.gmm(op, obs, n_components, key=key, grid=problem.fine_grid)
+        grid = problem.fine_grid if problem.fine_grid is not None and problem.fine_grid.ndim == 1 else None
+        meas = dto.gmm(op, obs, n_components, key=key, grid=grid)
         meas = meas[0] if isinstance(meas, tuple) else meas
         out = MethodResult("gmm", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0)
     else:

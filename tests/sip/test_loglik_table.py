@@ -28,7 +28,7 @@ def decay():
 
 def test_table_is_exact_at_the_nodes(decay):
     op, obs, tab = decay
-    nodes = tab.nodes[:, None]
+    nodes = tab.nodes
     direct = np.asarray(op.log_likelihood_matrix(nodes, obs))
     got = np.asarray(tab.log_likelihood_matrix(nodes, tab.observations()))
     # float32 log-likelihoods of size ~10: a few ulps
@@ -56,8 +56,8 @@ def test_rows_follow_the_observation_index(decay):
     idx = jnp.array([5, 3, 41])
     sub = tab.observations().take(idx)
     np.testing.assert_allclose(
-        np.asarray(tab.log_likelihood_matrix(tab.nodes[[7, 70], None], sub)),
-        np.asarray(op.log_likelihood_matrix(tab.nodes[[7, 70], None], obs.take(idx))),
+        np.asarray(tab.log_likelihood_matrix(tab.nodes[jnp.array([7, 70])], sub)),
+        np.asarray(op.log_likelihood_matrix(tab.nodes[jnp.array([7, 70])], obs.take(idx))),
         rtol=0,
         atol=1e-4,
     )
@@ -116,5 +116,43 @@ def test_paired_mmd_and_multidimensional_domains_are_refused(decay):
     m = ParticleMeasure(jnp.array([[1.0], [2.0]]))
     with pytest.raises(NotImplementedError, match="paired MMD needs images"):
         PairedMMD(GaussianKernel(1.0))(jax.random.key(0), tab, m, tab.observations())
-    with pytest.raises(ValueError, match="n_nodes >= 4"):
+    with pytest.raises(ValueError, match=">= 4 nodes per CV"):
         LogLikTableOperator(np.zeros((3, 2)), 0.0, 1.0)
+
+
+def test_two_dimensional_table_interpolates_a_smooth_loglik():
+    """A 2-D table (12 x 9 nodes) of a smooth log-likelihood: exact at the nodes, and between
+    them within the Catmull-Rom error of a quadratic-plus-cosine surface; gradients flow."""
+    from cryosip.sip.loglik_table import interpolate_loglik, product_nodes
+
+    lo, hi, shape = np.array([0.0, -1.0]), np.array([2.0, 1.0]), (12, 9)
+    centres = np.array([[0.5, 0.2], [1.4, -0.5], [1.0, 0.0]])
+
+    def f(x):  # (P, 2) -> (3, P): three "images", each a smooth log-likelihood surface
+        d2 = ((x[None, :, :] - centres[:, None, :]) ** 2).sum(-1)
+        return -4.0 * d2 + 0.3 * np.cos(2.0 * x[None, :, 0])
+
+    nodes = product_nodes(lo, hi, shape)
+    tab = LogLikTableOperator(f(nodes.astype(np.float64)), lo, hi, shape=shape)
+    assert tab.dim == 2 and tab.n_nodes == 108
+    got = np.asarray(tab.log_likelihood_matrix(jnp.asarray(nodes), tab.observations()))
+    np.testing.assert_allclose(got, f(nodes.astype(np.float64)), rtol=0, atol=1e-4)
+    x = np.asarray(jax.random.uniform(jax.random.key(3), (400, 2)), np.float64) * (hi - lo) + lo
+    got = np.asarray(tab.log_likelihood_matrix(jnp.asarray(x, jnp.float32), tab.observations()))
+    # end intervals: second order, |f''| h^2 / 8 = 8 * 0.25^2 / 8 = 0.0625 at most
+    np.testing.assert_allclose(got, f(x), rtol=0, atol=0.07)
+    # interior intervals: exact for the quadratic, only the cosine's third-order error
+    h = (hi - lo) / (np.array(shape) - 1)
+    inner = np.all((x > lo + h) & (x < hi - h), axis=1)
+    assert inner.sum() > 150
+    np.testing.assert_allclose(got[:, inner], f(x)[:, inner], rtol=0, atol=5e-3)
+    # the same interpolant, called with a (P,) theta for 1-D, equals the 1-D operator
+    g = jax.grad(
+        lambda p: interpolate_loglik(tab.table, p, lo, hi, shape).sum()
+    )(jnp.asarray(x[:5], jnp.float32))
+    eps = 1e-3
+    num = (
+        np.asarray(tab.log_likelihood_matrix(jnp.asarray(x[:5] + [eps, 0], jnp.float32), tab.observations())).sum(0)
+        - np.asarray(tab.log_likelihood_matrix(jnp.asarray(x[:5] - [eps, 0], jnp.float32), tab.observations())).sum(0)
+    ) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(g)[:, 0], num, rtol=0.02, atol=0.05)

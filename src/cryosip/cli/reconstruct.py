@@ -97,8 +97,16 @@ def add_args(p):
         "--nodes",
         type=positive_int,
         default=None,
-        help="grid nodes per CV: of the tabulated path (1-D, default 33) and of em-grid and "
-        "per-image in any dimension (default: ~400 nodes in all, e.g. 20 x 20 in 2-D)",
+        help="grid nodes per CV of the likelihood table, which every method uses: default 33 "
+        "for one CV, ~400 nodes in all above (20 x 20 in 2-D, 7^3, 5^4)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=_bandwidth,
+        default="auto",
+        help="regularisation of the KL flow: the recovered measure is its particles spread by a "
+        "kernel of this width, a fraction of each CV's range; auto (default) chooses it by "
+        "cross-validation over images (written to summary.json), 0 turns it off",
     )
     p.add_argument(
         "--sigma",
@@ -204,12 +212,24 @@ def _problem_summary(problem, res, out: str, seed: int) -> dict:
     os.makedirs(out, exist_ok=True)
     plot_fit_check(os.path.join(out, "fit_check.png"), check)
     _atomic.write_csv(os.path.join(out, "noise_spectrum.csv"), pd.DataFrame(cal.noise.to_table()))
-    return {
+    out = {
         "calibration": cal.summary(),
         "noise_sigma": float(np.mean(cal.input_noise_sigma)),
         "fit_scale": bool(problem.operator.fit_scale),
         "fit_check": check.summary(),
     }
+    if res.bandwidth is not None:
+        out["regularisation"] = res.bandwidth.to_dict()
+    return out
+
+
+def _bandwidth(text: str):
+    if text == "auto":
+        return text
+    h = nonnegative_float(text)
+    if h >= 0.5:
+        raise argparse.ArgumentTypeError(f"--bandwidth is a fraction of the CV range < 0.5, got {text!r}")
+    return h
 
 
 def _pose_error(text: str):
@@ -395,7 +415,7 @@ def main(args) -> int:
         sigma=args.sigma,
         fit_scale=args.fit_scale,
         contrast=args.contrast,
-        n_nodes=args.nodes or 33,
+        n_nodes=args.nodes,
         progress=progress,
         box_size=args.box,
         noise=args.noise,
@@ -422,6 +442,7 @@ def main(args) -> int:
         resume=args.resume,
         heldout_fraction=args.heldout,
         grid_nodes=args.nodes,
+        bandwidth=args.bandwidth,
     )
     summary = write_reconstruction(
         args.out,

@@ -1,4 +1,4 @@
-"""Tabulated log-likelihoods: log p(y_n | theta) on a 1-D node grid, interpolated in theta.
+"""Tabulated log-likelihoods: log p(y_n | theta) on a node grid (any d), interpolated in theta.
 
 :class:`~cryosip.sip.table.TabulatedOperator` tabulates *images* (their Gram matrices), which
 only works when log p(y | theta) is a Gaussian log-density of one interpolated image. Some
@@ -14,10 +14,15 @@ and interpolated by the same local cubic (Catmull-Rom) basis as the image tables
 interpolant is C^1 and exact at the nodes, and in the interior intervals it reproduces
 quadratics exactly, so a log-likelihood that is locally quadratic in theta (Gaussian noise,
 smooth forward model) is interpolated to third order in the node spacing (second order in the
-first and last interval, where the stencil is clamped). It is differentiable in theta, so the KL
+first and last interval, where the ghost nodes are linear extrapolations). It is differentiable in theta, so the KL
 flow (:class:`~cryosip.sip.discrepancies.KL`) runs on it unchanged, and
 :func:`cryosip.sip.dto.loglik_on_nodes` / :func:`~cryosip.sip.dto.em_weights` use it like any
 operator. Paired MMD needs images, not log-likelihoods: it is not available on this table.
+
+In d dimensions the table holds the nodes of a uniform product grid and the interpolant is the
+tensor product of the 1-D ones (4^d nodes per point): the cost of a flow step does not grow
+with the grid, only the tabulation (one likelihood per image and node) and the memory (one
+float per image and node) do. This is the engine for d > 1 CVs (``docs/method.md``).
 """
 
 from __future__ import annotations
@@ -33,51 +38,98 @@ from .operator import AbstractRandomOperator, Observations
 from .table import catmull_rom_sparse
 
 
+def _stencil(theta, lower: float, upper: float, n_nodes: int):
+    """Catmull-Rom stencil whose ghost nodes beyond the ends are linear extrapolations
+    (f_-1 = 2 f_0 - f_1): exact for linear functions up to the domain edge (a clamped stencil
+    halves the slope there), second order in the end intervals."""
+    idx, w = catmull_rom_sparse(theta, lower, upper, n_nodes)
+    first = idx[:, 1] == 0  # idx[:, 0] is the clamped ghost node -1 -> 0
+    last = idx[:, 2] == n_nodes - 1  # idx[:, 3] is the ghost node G -> G-1
+    w0, w3 = w[:, 0], w[:, 3]
+    w = w.at[:, 0].set(jnp.where(first, 2 * w0, w0))
+    w = w.at[:, 2].add(jnp.where(first, -w0, 0.0))
+    w = w.at[:, 3].set(jnp.where(last, 2 * w3, w3))
+    w = w.at[:, 1].add(jnp.where(last, -w3, 0.0))
+    return idx, w
+
+
 def interpolate_loglik(
     table: Float[Array, "n_obs n_nodes"],
-    theta: Float[Array, " n_particles"],
-    lower: float,
-    upper: float,
+    theta: Float[Array, "n_particles *dim"],
+    lower,
+    upper,
+    shape: tuple[int, ...] | None = None,
 ) -> Float[Array, "n_obs n_particles"]:
-    """Catmull-Rom interpolation of every row of ``table`` (values on uniform nodes) at ``theta``."""
-    idx, w = catmull_rom_sparse(theta, lower, upper, table.shape[1])  # (P, 4) each
-    vals = table[:, idx]  # (B, P, 4)
-    return jnp.einsum("bpf,pf->bp", vals, w)
+    """Tensor-product Catmull-Rom interpolation of every row of ``table`` at ``theta``.
+
+    ``table[:, j]`` holds the values on the uniform product grid of ``shape`` (C order: the
+    last CV varies fastest) over the box [lower, upper]; ``theta`` is (P,) for one CV or (P, d).
+    Each point reads a 4^d stencil of nodes."""
+    theta = theta[:, None] if theta.ndim == 1 else theta
+    d = theta.shape[1]
+    lower = np.broadcast_to(np.asarray(lower, np.float64), (d,))
+    upper = np.broadcast_to(np.asarray(upper, np.float64), (d,))
+    shape = (table.shape[1],) if shape is None else tuple(shape)
+    flat = jnp.zeros((theta.shape[0], 1), jnp.int32)
+    weight = jnp.ones((theta.shape[0], 1), theta.dtype)
+    for a in range(d):  # grow the stencil one axis at a time: (P, 4^a) -> (P, 4^(a+1))
+        idx, w = _stencil(theta[:, a], float(lower[a]), float(upper[a]), shape[a])
+        flat = (flat[:, :, None] * shape[a] + idx[:, None, :]).reshape(theta.shape[0], -1)
+        weight = (weight[:, :, None] * w[:, None, :]).reshape(theta.shape[0], -1)
+    vals = table[:, flat]  # (B, P, 4^d)
+    return jnp.einsum("bpf,pf->bp", vals, weight)
+
+
+def product_nodes(lower, upper, shape: tuple[int, ...]) -> np.ndarray:
+    """(prod(shape), d) float32 nodes of the uniform product grid, C order (last CV fastest)."""
+    axes = [np.linspace(a, b, k) for a, b, k in zip(lower, upper, shape)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape)).astype(np.float32)
 
 
 class LogLikTableOperator(AbstractRandomOperator):
-    """A (n_obs, n_nodes) table of log-likelihoods on uniform 1-D nodes, interpolated in theta.
+    """A (n_obs, n_nodes) table of log-likelihoods on a uniform product grid, interpolated in theta.
 
-    Build it from any operator with :meth:`build` (one log-likelihood evaluation per
-    observation and node), or from a table computed elsewhere with the constructor. Rows are
-    looked up by ``Observations.index``, as for :class:`~cryosip.sip.table.TabulatedOperator`;
-    :meth:`observations` returns the matching index-only observations.
+    ``shape`` gives the nodes per CV (default: one CV with ``table.shape[1]`` nodes); column j
+    of the table is node j of :func:`product_nodes` (C order). Build it from any operator with
+    :meth:`build` (one log-likelihood evaluation per observation and node), or from a table
+    computed elsewhere with the constructor. Rows are looked up by ``Observations.index``, as for
+    :class:`~cryosip.sip.table.TabulatedOperator`; :meth:`observations` returns the matching
+    index-only observations. Memory: n_obs x n_nodes floats; a likelihood evaluation reads 4^d
+    entries per (observation, particle), whatever the grid size.
     """
 
     noise: GaussianNoise
     fit_scale: bool
     table: Float[Array, "n_obs n_nodes"]
-    lower: float = eqx.field(static=True)
-    upper: float = eqx.field(static=True)
+    lower_bounds: tuple[float, ...] = eqx.field(static=True)
+    upper_bounds: tuple[float, ...] = eqx.field(static=True)
+    shape: tuple[int, ...] = eqx.field(static=True)
     n_obs_entries: int = eqx.field(static=True)
 
     def __init__(
         self,
         table,
-        lower: float,
-        upper: float,
+        lower,
+        upper,
         *,
+        shape: tuple[int, ...] | None = None,
         noise: GaussianNoise | float = 1.0,
         fit_scale: bool = False,
         n_obs_entries: int = 0,
     ):
         table = jnp.asarray(table, jnp.float32)
-        if table.ndim != 2 or table.shape[1] < 4:
-            raise ValueError(f"table must be (n_obs, n_nodes >= 4), got shape {table.shape}")
-        if not float(lower) < float(upper):
-            raise ValueError(f"need lower < upper, got {lower}, {upper}")
-        self.table = table
-        self.lower, self.upper = float(lower), float(upper)
+        shape = (int(table.shape[-1]),) if shape is None else tuple(int(k) for k in shape)
+        lo = tuple(float(x) for x in np.broadcast_to(np.asarray(lower, np.float64), (len(shape),)))
+        hi = tuple(float(x) for x in np.broadcast_to(np.asarray(upper, np.float64), (len(shape),)))
+        if table.ndim != 2 or min(shape) < 4 or table.shape[1] != int(np.prod(shape)):
+            raise ValueError(
+                f"table must be (n_obs, prod(shape)) with >= 4 nodes per CV, got shape "
+                f"{table.shape} for nodes {shape}"
+            )
+        if not all(a < b for a, b in zip(lo, hi)):
+            raise ValueError(f"need lower < upper, got {lo}, {hi}")
+        self.table, self.shape = table, shape
+        self.lower_bounds, self.upper_bounds = lo, hi
         self.noise = noise if isinstance(noise, GaussianNoise) else GaussianNoise(noise)
         self.fit_scale = bool(fit_scale)
         self.n_obs_entries = int(n_obs_entries)
@@ -87,23 +139,23 @@ class LogLikTableOperator(AbstractRandomOperator):
         cls,
         operator: AbstractRandomOperator,
         obs: Observations,
-        n_nodes: int = 33,
+        n_nodes: int | tuple[int, ...] = 33,
         *,
         key: PRNGKeyArray | None = None,
         batch_size: int = 64,
         progress=None,
     ) -> LogLikTableOperator:
-        """Tabulate ``operator.log_likelihood_matrix`` on ``n_nodes`` uniform nodes of its (1-D, bounded) domain.
+        """Tabulate ``operator.log_likelihood_matrix`` on the product grid of its bounded domain
+        (``n_nodes`` per CV, an int for every CV or one per CV).
 
         ``progress(n_done)`` is called after each batch of observations. The table's row n is
         observation n of ``obs`` (``obs.index`` is not used to build it).
         """
         lower, upper = (np.asarray(b, np.float64).reshape(-1) for b in operator.domain)
-        if lower.shape != (1,) or not (np.isfinite(lower).all() and np.isfinite(upper).all()):
-            raise ValueError("a log-likelihood table needs a 1-D theta with a bounded domain")
-        nodes = jnp.linspace(float(lower[0]), float(upper[0]), int(n_nodes), dtype=jnp.float32)[
-            :, None
-        ]
+        if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+            raise ValueError("a log-likelihood table needs a bounded domain")
+        shape = tuple(np.broadcast_to(np.asarray(n_nodes, int), lower.shape).tolist())
+        nodes = jnp.asarray(product_nodes(lower, upper, shape))
         f = jax.jit(lambda o: operator.log_likelihood_matrix(nodes, o, key=key))
         n = len(obs)
         rows = []
@@ -119,25 +171,52 @@ class LogLikTableOperator(AbstractRandomOperator):
             pass
         return cls(
             np.concatenate(rows),
-            float(lower[0]),
-            float(upper[0]),
+            lower,
+            upper,
+            shape=shape,
             noise=operator.noise,
             fit_scale=operator.fit_scale,
             n_obs_entries=entries,
         )
 
+    def with_table(self, table) -> LogLikTableOperator:
+        """The same grid and noise with other values (e.g. a smoothed likelihood)."""
+        return LogLikTableOperator(
+            table,
+            self.lower_bounds,
+            self.upper_bounds,
+            shape=self.shape,
+            noise=self.noise,
+            fit_scale=self.fit_scale,
+            n_obs_entries=self.n_obs_entries,
+        )
+
     # ---- the operator interface ----------------------------------------------------------------
+    @property
+    def lower(self) -> float:
+        """The lower bound of a 1-D table (``lower_bounds`` in any d)."""
+        return self.lower_bounds[0]
+
+    @property
+    def upper(self) -> float:
+        return self.upper_bounds[0]
+
+    @property
+    def dim(self) -> int:
+        return len(self.shape)
+
     @property
     def n_nodes(self) -> int:
         return int(self.table.shape[1])
 
     @property
-    def nodes(self) -> Float[Array, " n_nodes"]:
-        return jnp.linspace(self.lower, self.upper, self.n_nodes)
+    def nodes(self) -> Float[Array, "n_nodes dim"]:
+        """(n_nodes, d) nodes, in table column order."""
+        return jnp.asarray(product_nodes(self.lower_bounds, self.upper_bounds, self.shape))
 
     @property
     def domain(self):
-        return jnp.array([self.lower]), jnp.array([self.upper])
+        return jnp.array(self.lower_bounds), jnp.array(self.upper_bounds)
 
     @property
     def obs_size(self) -> int:
@@ -163,4 +242,6 @@ class LogLikTableOperator(AbstractRandomOperator):
 
     def log_likelihood_matrix(self, theta, obs, *, key=None, n_nuisance=0, batch_size=None):
         """Interpolated log p(y_n | theta_i) for the observations' rows (``obs.index``), (B, P)."""
-        return interpolate_loglik(self.table[obs.index], theta[:, 0], self.lower, self.upper)
+        return interpolate_loglik(
+            self.table[obs.index], theta, self.lower_bounds, self.upper_bounds, self.shape
+        )
