@@ -65,6 +65,14 @@ class _BoxToy(AbstractConformationModel):
         return jnp.asarray(self.domain_upper, jnp.float32)
 
 
+def _blobs(n: int, domain, sigma_in_angstroms: float, amplitude: float):
+    """n equal Gaussian blobs and the checked 1-D domain (lower,), (upper,) of a blob toy."""
+    lo, hi = map(float, domain)
+    if not 0 <= lo < hi:
+        raise ValueError(f"domain must satisfy 0 <= lower < upper, got {domain}")
+    return AtomParameters.single_gaussian(n, amplitude, sigma_in_angstroms), (lo,), (hi,)
+
+
 class Dumbbell(_BoxToy):
     """Two equal blobs on the x axis; CV = their separation in Angstrom."""
 
@@ -75,11 +83,8 @@ class Dumbbell(_BoxToy):
     def __init__(
         self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 4.0, amplitude: float = 1.0
     ):
-        lo, hi = map(float, domain)
-        if not 0 <= lo < hi:
-            raise ValueError(f"domain must satisfy 0 <= lower < upper, got {domain}")
-        self.atoms = AtomParameters.single_gaussian(2, amplitude, blob_sigma_in_angstroms)
-        self.domain_lower, self.domain_upper = (lo,), (hi,)
+        blobs = _blobs(2, domain, blob_sigma_in_angstroms, amplitude)
+        self.atoms, self.domain_lower, self.domain_upper = blobs
 
     @property
     def cv_names(self):
@@ -160,11 +165,8 @@ class Square(_BoxToy):
     def __init__(
         self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 3.0, amplitude: float = 1.0
     ):
-        lo, hi = map(float, domain)
-        if not 0 <= lo < hi:
-            raise ValueError(f"domain must satisfy 0 <= lower < upper, got {domain}")
-        self.atoms = AtomParameters.single_gaussian(4, amplitude, blob_sigma_in_angstroms)
-        self.domain_lower, self.domain_upper = (lo,), (hi,)
+        blobs = _blobs(4, domain, blob_sigma_in_angstroms, amplitude)
+        self.atoms, self.domain_lower, self.domain_upper = blobs
 
     @property
     def cv_names(self):
