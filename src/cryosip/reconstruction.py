@@ -29,8 +29,8 @@ from .sip.discrepancies import (
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.loglik_table import LogLikTableOperator
-from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
 from .sip.measure import ParticleMeasure, uniform_measure
+from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
 from .sip.table import TabulatedOperator
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,9 @@ class MethodResult:
     # these are the particles themselves and the bandwidth
     particles: tuple[np.ndarray, np.ndarray] | None = None
     bandwidth: Bandwidth | None = None
+    particle_replicates: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=list
+    )
 
     @property
     def label(self) -> str:
@@ -282,7 +285,11 @@ def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto")
         idx = jax.random.choice(k1, len(m), (n_particles,), replace=len(m) < n_particles)
         # a quarter of the fine grid's spacing of jitter: no two particles start on one node
         spacing = (problem.upper - problem.lower) / (np.asarray(problem.loglik.shape) - 1)
-        jitter = 0.25 * spacing * np.asarray(jax.random.uniform(k2, (n_particles, m.shape[1]), minval=-1))
+        jitter = (
+            0.25
+            * spacing
+            * np.asarray(jax.random.uniform(k2, (n_particles, m.shape[1]), minval=-1))
+        )
         x = np.clip(m[np.asarray(idx)] + jitter, problem.lower, problem.upper)
         return ParticleMeasure(jnp.asarray(x, jnp.float32))
     if init == "uniform":
@@ -419,6 +426,7 @@ def run_method(
             resume=resume,
             heldout=held,
         )
+
         def finish(measure, counts=None):
             """(positions, weights) reported: the particles, or with a bandwidth the smoothed
             measure after the weights are converged by EM on the particles' positions."""
@@ -435,7 +443,13 @@ def run_method(
             train[np.asarray(obs.index)] = 1.0
         x, w = finish(res.measure, train)
         out = MethodResult(
-            "wgf", objective, x, w, 0.0, np.asarray(res.losses), np.asarray(res.trajectory),
+            "wgf",
+            objective,
+            x,
+            w,
+            0.0,
+            np.asarray(res.losses),
+            np.asarray(res.trajectory),
             flow=res,
         )
         if n_bootstrap:
@@ -457,6 +471,7 @@ def run_method(
             out.bandwidth = choice
             lo, hi = problem.lower, problem.upper
             out.positions, out.weights = expand_particles(x, w, choice.absolute, lo, hi)
+            out.particle_replicates = out.replicates
             out.replicates = [
                 expand_particles(xb, wb, choice.absolute, lo, hi) for xb, wb in out.replicates
             ]
@@ -505,7 +520,11 @@ def run_method(
             "map-classes", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0
         )
     elif method == "gmm":
-        grid = problem.fine_grid if problem.fine_grid is not None and problem.fine_grid.ndim == 1 else None
+        grid = (
+            problem.fine_grid
+            if problem.fine_grid is not None and problem.fine_grid.ndim == 1
+            else None
+        )
         meas = dto.gmm(op, obs, n_components, key=key, grid=grid)
         meas = meas[0] if isinstance(meas, tuple) else meas
         out = MethodResult("gmm", "kl", np.asarray(meas.positions), np.asarray(meas.weights), 0.0)

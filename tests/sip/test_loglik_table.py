@@ -147,12 +147,20 @@ def test_two_dimensional_table_interpolates_a_smooth_loglik():
     assert inner.sum() > 150
     np.testing.assert_allclose(got[:, inner], f(x)[:, inner], rtol=0, atol=5e-3)
     # the same interpolant, called with a (P,) theta for 1-D, equals the 1-D operator
-    g = jax.grad(
-        lambda p: interpolate_loglik(tab.table, p, lo, hi, shape).sum()
-    )(jnp.asarray(x[:5], jnp.float32))
+    g = jax.grad(lambda p: interpolate_loglik(tab.table, p, lo, hi, shape).sum())(
+        jnp.asarray(x[:5], jnp.float32)
+    )
     eps = 1e-3
     num = (
-        np.asarray(tab.log_likelihood_matrix(jnp.asarray(x[:5] + [eps, 0], jnp.float32), tab.observations())).sum(0)
-        - np.asarray(tab.log_likelihood_matrix(jnp.asarray(x[:5] - [eps, 0], jnp.float32), tab.observations())).sum(0)
+        np.asarray(
+            tab.log_likelihood_matrix(
+                jnp.asarray(x[:5] + [eps, 0], jnp.float32), tab.observations()
+            )
+        ).sum(0)
+        - np.asarray(
+            tab.log_likelihood_matrix(
+                jnp.asarray(x[:5] - [eps, 0], jnp.float32), tab.observations()
+            )
+        ).sum(0)
     ) / (2 * eps)
     np.testing.assert_allclose(np.asarray(g)[:, 0], num, rtol=0.02, atol=0.05)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .. import _atomic
 from . import plots
-from .density import bands, free_energy, kde
+from .marginals import marginal, write_marginals
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,9 @@ CORE_FILES = {
 
 
 def density_table(result, lower: float, upper: float, n_grid: int = 201):
-    grid = np.linspace(lower, upper, n_grid)
-    d = kde(result.positions[:, 0], result.weights, grid, lower=lower, upper=upper)
-    reps = [kde(p[:, 0], w, grid, lower=lower, upper=upper) for p, w in result.replicates]
-    out = {"grid": grid, "density": d, "free_energy": free_energy(d)}
-    if reps:
-        R = np.stack(reps)
-        out["density_lo"], out["density_hi"] = bands(R)
-        F = np.stack([free_energy(r) for r in R])
-        out["free_energy_lo"], out["free_energy_hi"] = bands(F)
-    return out
+    """The 1-D density on a grid with bands and free energy (:func:`.marginals.marginal`: exact
+    for a regularised flow's kernel mixture)."""
+    return marginal(result, 0, lower, upper, n_grid)
 
 
 def write_reconstruction(
@@ -117,6 +110,8 @@ def write_reconstruction(
         "noise_sigma": float(problem.operator.noise.sigma),
         "n_images": len(problem.observations),
     }
+    if pos.shape[1] > 1:
+        summary.update(write_marginals(out_dir, result, problem.lower, problem.upper, cv_names))
     if pos.shape[1] == 1:
         dens = density_table(result, float(problem.lower[0]), float(problem.upper[0]))
         _atomic.write_csv(

@@ -228,7 +228,9 @@ def _bandwidth(text: str):
         return text
     h = nonnegative_float(text)
     if h >= 0.5:
-        raise argparse.ArgumentTypeError(f"--bandwidth is a fraction of the CV range < 0.5, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--bandwidth is a fraction of the CV range < 0.5, got {text!r}"
+        )
     return h
 
 

@@ -55,7 +55,7 @@ def _stencil(theta, lower: float, upper: float, n_nodes: int):
 
 def interpolate_loglik(
     table: Float[Array, "n_obs n_nodes"],
-    theta: Float[Array, "n_particles *dim"],
+    theta: Float[Array, "n_particles ..."],
     lower,
     upper,
     shape: tuple[int, ...] | None = None,
@@ -83,7 +83,9 @@ def interpolate_loglik(
 def product_nodes(lower, upper, shape: tuple[int, ...]) -> np.ndarray:
     """(prod(shape), d) float32 nodes of the uniform product grid, C order (last CV fastest)."""
     axes = [np.linspace(a, b, k) for a, b, k in zip(lower, upper, shape)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape)).astype(np.float32)
+    return (
+        np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(shape)).astype(np.float32)
+    )
 
 
 class LogLikTableOperator(AbstractRandomOperator):

@@ -36,7 +36,7 @@ from .operator import reflect_into
 
 # relative bandwidths tried (fractions of each CV's range); 0 is "no smoothing"
 CANDIDATES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.045, 0.065, 0.09, 0.13)
-_FINE_ENTRIES = 4e7  # at most this many (image, fine node) entries in the refined table
+_FINE_ENTRIES = 4e6  # at most this many (image, fine node) entries in the refined table (CV cost)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +64,11 @@ class Bandwidth:
 
 
 def refine(table: LogLikTableOperator, n_obs: int | None = None) -> LogLikTableOperator:
-    """The table resampled (cubic) on a finer product grid: at least ~64 nodes per CV in 1-D,
-    fewer in higher d so that images x nodes stays below a fixed memory bound."""
+    """The table resampled (cubic) on a finer product grid: up to 257 nodes in 1-D and 65 per CV
+    above, fewer when needed to keep images x nodes below 4e6 (the cross-validation's cost)."""
     n = int(table.table.shape[0] if n_obs is None else n_obs)
     d = table.dim
-    per_cv = int(max(4, min(257, (_FINE_ENTRIES / max(n, 1)) ** (1.0 / d))))
+    per_cv = int(max(4, min(257 if d == 1 else 65, (_FINE_ENTRIES / max(n, 1)) ** (1.0 / d))))
     shape = tuple((g - 1) * max(1, (per_cv - 1) // (g - 1)) + 1 for g in table.shape)
     if shape == table.shape:
         return table
