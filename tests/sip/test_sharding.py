@@ -7,6 +7,7 @@ run in a subprocess: this file executed as a script (``python test_sharding.py O
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,40 @@ def _child(out: str) -> None:  # runs in the subprocess
     grad = jax.jit(jax.value_and_grad(lambda p, ob: KL()(None, sop, ParticleMeasure(p), ob)))
     hlo = grad.lower(init.positions, sobs).compile().as_text()
     res["hlo_has_all_reduce"] = "all-reduce" in hlo
+    # each device keeps its own rows: nothing per-image crosses devices, only the objective's
+    # terms and the particle gradients are reduced (shard_map in DataParallelOperator)
+    mmd = PairedMMD(GaussianKernel(0.5))
+    grad_mmd = jax.jit(
+        jax.value_and_grad(lambda p, ob: mmd(jax.random.key(0), sop, ParticleMeasure(p), ob))
+    )
+    # the same on the cryo-EM operator (its projector's batching rule and FFTs are where XLA's
+    # sharding propagation alone gathered the rendered images to every device)
+    from cryosip.cryoem.image_model import ImageModel, NuisancePrior
+    from cryosip.data.adk import adk_model
+    from cryosip.pipeline.operator import CryoEMOperator
+
+    model = adk_model(ca_only=True)
+    cop = CryoEMOperator(model, ImageModel.for_atoms(32, 4.0, model.atoms), 1.0, fit_scale=True)
+    cnu = NuisancePrior().sample(k[1], 16)
+    cobs = shard_observations(Observations(jax.vmap(cop.mean)(theta[:16] / 3, cnu), cnu), mesh)
+    csop, cpos = DataParallelOperator(cop, mesh), jnp.linspace(0.1, 0.9, 4)[:, None]
+    grad_cryo = jax.jit(
+        jax.value_and_grad(lambda p, ob: KL()(None, csop, ParticleMeasure(p), ob))
+    )
+    for name, g, args in (
+        ("kl", grad, (init.positions, sobs)),
+        ("paired_mmd", grad_mmd, (init.positions, sobs)),
+        ("cryoem_kl", grad_cryo, (cpos, cobs)),
+    ):
+        text = g.lower(*args).compile().as_text()
+        res[f"hlo_{name}_all_gathers"] = text.count("all-gather")
+        sizes = [0]
+        for line in text.splitlines():
+            if " all-reduce(" in line and "=" in line:
+                result_type = line.split("=", 1)[1].split(" all-reduce(")[0]
+                for dims in re.findall(r"\[([0-9,]*)\]", result_type):
+                    sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+        res[f"hlo_{name}_largest_all_reduce"] = max(sizes)
     np.savez(out, **res)
 
 
@@ -90,6 +125,9 @@ def test_sharded_flow_gives_the_single_device_particles(tmp_path):
     assert int(r["values_devices"]) == N_DEVICES and int(r["nuisance_devices"]) == N_DEVICES
     np.testing.assert_array_equal(r["values_shards"], [256 // N_DEVICES] * N_DEVICES)
     assert bool(r["hlo_has_all_reduce"])
+    for name in ("kl", "paired_mmd", "cryoem_kl"):  # nothing per image gathered; small reductions
+        assert int(r[f"hlo_{name}_all_gathers"]) == 0, name
+        assert 0 < int(r[f"hlo_{name}_largest_all_reduce"]) <= 16, name
     for name in CASES:
         single, sharded = r[f"{name}_single"], r[f"{name}_sharded"]
         # the particles moved (the comparison is not trivially of the initial positions)
