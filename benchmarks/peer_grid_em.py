@@ -81,9 +81,13 @@ def peer_script(data: Path, out: Path) -> None:
     nodes = np.linspace(0.0, 1.0, N_NODES)
     coords = jax.vmap(model)(jnp.asarray(nodes[:, None], jnp.float32))
     amplitudes, variances = model.atoms.amplitudes, model.atoms.variances
-    n_spread = cxs.suggest_n_spread(cxs.GaussianMixtureVolume(coords[0], amplitudes, variances), pixel)
+    n_spread = cxs.suggest_n_spread(
+        cxs.GaussianMixtureVolume(coords[0], amplitudes, variances), pixel
+    )
     integrator = cxs.GaussianMixtureProjection(n_spread=n_spread)
-    config = cxs.BasicImageConfig((box, box), pixel, voltage_in_kilovolts=float(optics["rlnVoltage"]))
+    config = cxs.BasicImageConfig(
+        (box, box), pixel, voltage_in_kilovolts=float(optics["rlnVoltage"])
+    )
 
     def render(ox, oy, a, b, cc, df, ast, az, xyz):
         tt = cxs.ContrastTransferTheory(
@@ -154,7 +158,9 @@ def main(argv=None) -> None:
     ap.add_argument("--snr", type=float, default=0.01)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["peer", "em-grid", "default"])
-    ap.add_argument("--data", default=None, help="reuse a simulated data set (a cryosip simulate folder)")
+    ap.add_argument(
+        "--data", default=None, help="reuse a simulated data set (a cryosip simulate folder)"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "peer_grid_em.json"))
     a = ap.parse_args(argv)
     if a.peer:

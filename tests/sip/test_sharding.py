@@ -88,9 +88,7 @@ def _child(out: str) -> None:  # runs in the subprocess
     cnu = NuisancePrior().sample(k[1], 16)
     cobs = shard_observations(Observations(jax.vmap(cop.mean)(theta[:16] / 3, cnu), cnu), mesh)
     csop, cpos = DataParallelOperator(cop, mesh), jnp.linspace(0.1, 0.9, 4)[:, None]
-    grad_cryo = jax.jit(
-        jax.value_and_grad(lambda p, ob: KL()(None, csop, ParticleMeasure(p), ob))
-    )
+    grad_cryo = jax.jit(jax.value_and_grad(lambda p, ob: KL()(None, csop, ParticleMeasure(p), ob)))
     for name, g, args in (
         ("kl", grad, (init.positions, sobs)),
         ("paired_mmd", grad_mmd, (init.positions, sobs)),

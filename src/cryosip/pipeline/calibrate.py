@@ -318,9 +318,7 @@ def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
     return jnp.einsum("crp,cp->cr", mc, yc) ** 2 / jnp.maximum(jnp.sum(mc * mc, axis=2), 1e-30)
 
 
-def estimate_pose_error(
-    pilot, stats, bfactor, spec, n_images: int = 64, key=None, chunk: int = 16
-):
+def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=None, chunk: int = 16):
     """Rms rotation (degrees) and shift (Angstrom) errors of the given poses, by local search.
 
     Each of ``n_images`` pilot images (whitened) is fitted at its best coarse conformation under
