@@ -65,6 +65,7 @@ from .sip.discrepancies import EnergyKernel as EnergyKernel
 from .sip.discrepancies import GaussianKernel as GaussianKernel
 from .sip.discrepancies import InverseMultiquadricKernel as InverseMultiquadricKernel
 from .sip.discrepancies import PairedMMD as PairedMMD
+from .sip.discrepancies import UnpairedMMD as UnpairedMMD  # noqa: E402  (MMD: its old name)
 from .sip.discrepancies import kl as kl
 from .sip.discrepancies import mmd as mmd
 from .sip.flow import FlowResult as FlowResult
@@ -77,5 +78,3 @@ from .sip.noise import GaussianNoise as GaussianNoise
 from .sip.operator import AbstractRandomOperator as AbstractRandomOperator
 from .sip.operator import Observations as Observations
 from .sip.table import TabulatedOperator as TabulatedOperator
-
-UnpairedMMD = MMD  # the unconditional estimator under a name that says so (MMD: the old name)

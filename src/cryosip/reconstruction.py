@@ -20,10 +20,10 @@ from .pipeline.pose_marginal import PoseMarginalOperator
 from .sip import dto
 from .sip.discrepancies import (
     KL,
-    MMD,
     Composite,
     GaussianKernel,
     PairedMMD,
+    UnpairedMMD,
     balance_weights,
     median_distance,
 )
@@ -57,6 +57,14 @@ class Problem:
     # the likelihood on a fine product grid (any d), what regularisation and KL flows run on
     loglik: LogLikTableOperator | None = None
     _bandwidth: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        # a 1-D problem built with its fine log-likelihood (the studies build their own) gets the
+        # likelihood table the regularised KL flow runs on from it
+        if self.loglik is None and self.fine_loglik is not None and np.ndim(self.fine_grid) == 1:
+            self.loglik = LogLikTableOperator(
+                self.fine_loglik, float(self.fine_grid[0]), float(self.fine_grid[-1])
+            )
 
     def regularised(self, bandwidth: float | str = "auto") -> tuple[Bandwidth, LogLikTableOperator]:
         """The kernel-smoothed likelihood table (:mod:`cryosip.sip.smoothing`) with its bandwidth:
@@ -260,7 +268,7 @@ def make_discrepancy(
     if objective == "mmd":
         return PairedMMD(kernel)
     if objective == "mmd-unconditional":
-        return MMD(kernel, n_samples=256)
+        return UnpairedMMD(kernel, n_samples=256)
     if objective == "kl+mmd":
         terms = (KL(), PairedMMD(kernel))
         obs = problem.engine_observations
@@ -314,7 +322,7 @@ def _auto_flow(
     problem's engine)."""
     op, obs = engine or (problem.engine_operator, problem.engine_observations)
     sub = obs if batch_size is None else obs.take(jnp.arange(min(batch_size, len(obs))))
-    g = jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), sub))(init.positions)
+    g = _initial_gradient(disc, key, op, init, sub)
     v = init.n_particles * np.linalg.norm(np.asarray(g), axis=-1)
     width = float(np.max(problem.upper - problem.lower))
     med = float(np.median(v[v > 0])) if np.any(v > 0) else 1.0
@@ -327,6 +335,14 @@ def _auto_flow(
         fisher_rao=fisher_rao,
         schedule="cosine",
         chunk_size=25,
+    )
+
+
+@eqx.filter_jit
+def _initial_gradient(disc, key, op, init, obs):
+    """Gradient of the objective in the particles' positions, compiled as one program."""
+    return jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), obs))(
+        init.positions
     )
 
 
@@ -658,8 +674,10 @@ def run_streamed(
     pilot_idx = np.sort(
         np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
     )
+    # the pilot's rows are read into memory it owns, so the stack's file pages do not stay in
+    # this process's RSS (peak memory must not grow with the stack: benchmarks/time_to_answer.py)
     pilot = prepare(
-        stack.take(pilot_idx),
+        stack.read(pilot_idx),
         conformation,
         fit_scale=fit_scale,
         n_nodes=n_nodes,

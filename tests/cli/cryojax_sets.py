@@ -50,7 +50,7 @@ class ForeignSpec:
     angle_error_deg: float = 1.0
     shift_error_A: float = 0.7
     defocus_error_A: float = 50.0
-    shift_sd_A: float = 2.0
+    shift_sd_in_angstroms: float = 2.0
     seed: int = 0
 
 
@@ -90,7 +90,7 @@ def make_foreign_set(root, model, spec: ForeignSpec = ForeignSpec()) -> dict:
 
     phi, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
     theta = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
-    offset = rng.normal(0.0, spec.shift_sd_A, (n, 2))
+    offset = rng.normal(0.0, spec.shift_sd_in_angstroms, (n, 2))
     defocus, astig = rng.uniform(10000.0, 25000.0, n), rng.normal(0.0, 300.0, n)
     azimuth = rng.uniform(0.0, 180.0, n)
     amp = rng.uniform(*spec.amplitude_range, n)

@@ -54,7 +54,11 @@ def test_zero_perturbation_reduces_to_the_base_operator(scene):
     base, obs, theta = scene
     grid = jnp.linspace(10.0, 40.0, 7)[:, None]
     pm = PoseMarginalOperator(
-        base, n_draws=5, rot_sd_deg=0.0, shift_sd_A=0.0, key=jax.random.key(3)
+        base,
+        n_draws=5,
+        rotation_sd_in_degrees=0.0,
+        shift_sd_in_angstroms=0.0,
+        key=jax.random.key(3),
     )
     expected = loglik(base, grid, obs)
     # log-likelihoods of ~5,000 in float32: the log-mean-exp of identical terms returns them to ~1e-7
@@ -68,7 +72,11 @@ def test_marginal_is_the_log_mean_of_the_perturbed_likelihoods(scene):
     base, obs, _ = scene
     grid = jnp.linspace(10.0, 40.0, 7)[:, None]
     pm = PoseMarginalOperator(
-        base, n_draws=4, rot_sd_deg=8.0, shift_sd_A=1.5, key=jax.random.key(4)
+        base,
+        n_draws=4,
+        rotation_sd_in_degrees=8.0,
+        shift_sd_in_angstroms=1.5,
+        key=jax.random.key(4),
     )
     got = loglik(pm, grid, obs, batch_size=2)
     for n in range(2):
@@ -126,7 +134,11 @@ def test_perturb_nuisance_broadcasts_one_pose_or_pairs_a_batch(scene):
 def test_tabulated_marginal_matches_direct_evaluation(scene):
     base, obs, _ = scene
     pm = PoseMarginalOperator(
-        base, n_draws=4, rot_sd_deg=5.0, shift_sd_A=1.0, key=jax.random.key(5)
+        base,
+        n_draws=4,
+        rotation_sd_in_degrees=5.0,
+        shift_sd_in_angstroms=1.0,
+        key=jax.random.key(5),
     )
     tab = pm.tabulate(obs, n_nodes=61)
     fine = jnp.linspace(10.0, 40.0, 121)[:, None]  # the nodes and the midpoints between them

@@ -106,6 +106,15 @@ class ParticleStack:
             idx = np.nonzero(idx)[0]
         return dataclasses.replace(self, images=np.asarray(self.images[idx]), **self._rows(idx))
 
+    def read(self, idx) -> ParticleStack:
+        """Like :meth:`subset`, the images read into memory this stack owns without leaving the
+        files' pages in the process's RSS (:func:`cryosip.data.streaming.read_rows`): for
+        samples spread over stacks larger than memory (calibration and streaming pilots)."""
+        from .streaming import read_rows
+
+        idx = np.asarray(idx)
+        return dataclasses.replace(self, images=read_rows(self.images, idx), **self._rows(idx))
+
     def take(self, idx) -> ParticleStack:
         """Like :meth:`subset` but keeps lazily read images lazy (nothing is loaded)."""
         from .mrc import LazyImageStack

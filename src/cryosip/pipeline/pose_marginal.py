@@ -13,9 +13,9 @@ space):
     log p(y_n | theta) ~= logsumexp_k log N(y_n; F0(theta; R_n dR_nk, t_n + dt_nk)) - log K.
 
 The perturbations: a rotation by a random angle about a uniformly random axis, whose rotation
-vector is N(0, (a / sqrt 3)^2 I_3) so that the root-mean-square angle is ``a = rot_sd_deg``
+vector is N(0, (a / sqrt 3)^2 I_3) so that the root-mean-square angle is ``a = rotation_sd_in_degrees``
 (:func:`sample_pose_perturbations`), and an in-plane shift N(0, (s / sqrt 2)^2 I_2) with
-root-mean-square length ``s = shift_sd_A``. Draws are antithetic pairs (dR, dR^T) and
+root-mean-square length ``s = shift_sd_in_angstroms``. Draws are antithetic pairs (dR, dR^T) and
 (dt, -dt) by default, which cancels the first-order term of the average. They are a fixed
 function of (key, observation index), so repeated calls and every flow step see the same
 draws, and the estimate is deterministic and differentiable in theta.
@@ -45,20 +45,25 @@ from .operator import CryoEMOperator
 
 
 def sample_pose_perturbations(
-    key: PRNGKeyArray, n: int, rot_sd_deg: float, shift_sd_A: float, *, antithetic: bool = False
+    key: PRNGKeyArray,
+    n: int,
+    rotation_sd_in_degrees: float,
+    shift_sd_in_angstroms: float,
+    *,
+    antithetic: bool = False,
 ) -> tuple[Float[Array, "n 3 3"], Float[Array, "n 2"]]:
-    """n small pose perturbations: rotations (rms angle ``rot_sd_deg``) and shifts (rms ``shift_sd_A``).
+    """n small pose perturbations: rotations (rms angle ``rotation_sd_in_degrees``) and shifts (rms ``shift_sd_in_angstroms``).
 
-    The rotation vector is isotropic Gaussian with per-axis sd ``rot_sd_deg / sqrt(3)`` (radians
-    inside), so the axis is uniform and E[angle^2] = rot_sd_deg^2; the shift is isotropic
-    Gaussian in the image plane with per-axis sd ``shift_sd_A / sqrt(2)``. With ``antithetic``,
+    The rotation vector is isotropic Gaussian with per-axis sd ``rotation_sd_in_degrees / sqrt(3)`` (radians
+    inside), so the axis is uniform and E[angle^2] = rotation_sd_in_degrees^2; the shift is isotropic
+    Gaussian in the image plane with per-axis sd ``shift_sd_in_angstroms / sqrt(2)``. With ``antithetic``,
     draw n // 2 (rounded up) and append their inverses (rotation vector and shift negated).
     """
     n = int(n)
     m = -(-n // 2) if antithetic else n
     kr, ks = jax.random.split(key)
-    rotvec = jax.random.normal(kr, (m, 3)) * (jnp.deg2rad(rot_sd_deg) / jnp.sqrt(3.0))
-    shift = jax.random.normal(ks, (m, 2)) * (shift_sd_A / jnp.sqrt(2.0))
+    rotvec = jax.random.normal(kr, (m, 3)) * (jnp.deg2rad(rotation_sd_in_degrees) / jnp.sqrt(3.0))
+    shift = jax.random.normal(ks, (m, 2)) * (shift_sd_in_angstroms / jnp.sqrt(2.0))
     if antithetic:
         rotvec = jnp.concatenate([rotvec, -rotvec])[:n]
         shift = jnp.concatenate([shift, -shift])[:n]
@@ -91,35 +96,40 @@ class PoseMarginalOperator(AbstractRandomOperator):
     """The base cryo-EM operator with its likelihood averaged over small errors of the given poses.
 
     ``n_draws`` perturbations per image (antithetic pairs by default), rotations with rms angle
-    ``rot_sd_deg`` degrees, shifts with rms length ``shift_sd_A`` Angstrom; image n uses
+    ``rotation_sd_in_degrees`` degrees, shifts with rms length ``shift_sd_in_angstroms`` Angstrom; image n uses
     ``fold_in(key, index_n)``, so its draws do not depend on batching.
     """
 
     base: CryoEMOperator
     key: PRNGKeyArray
     n_draws: int = eqx.field(static=True)
-    rot_sd_deg: float = eqx.field(static=True)
-    shift_sd_A: float = eqx.field(static=True)
+    rotation_sd_in_degrees: float = eqx.field(static=True)
+    shift_sd_in_angstroms: float = eqx.field(static=True)
     antithetic: bool = eqx.field(static=True)
 
     def __init__(
         self,
         base: CryoEMOperator,
         n_draws: int = 16,
-        rot_sd_deg: float = 0.0,
-        shift_sd_A: float = 0.0,
+        rotation_sd_in_degrees: float = 0.0,
+        shift_sd_in_angstroms: float = 0.0,
         key: PRNGKeyArray | None = None,
         *,
         antithetic: bool = True,
     ):
         if int(n_draws) < 1:
             raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-        if rot_sd_deg < 0 or shift_sd_A < 0:
-            raise ValueError(f"perturbation scales must be >= 0, got {rot_sd_deg}, {shift_sd_A}")
+        if rotation_sd_in_degrees < 0 or shift_sd_in_angstroms < 0:
+            raise ValueError(
+                f"perturbation scales must be >= 0, got {rotation_sd_in_degrees}, {shift_sd_in_angstroms}"
+            )
         self.base = base
         self.key = jax.random.key(0) if key is None else key
         self.n_draws = int(n_draws)
-        self.rot_sd_deg, self.shift_sd_A = float(rot_sd_deg), float(shift_sd_A)
+        self.rotation_sd_in_degrees, self.shift_sd_in_angstroms = (
+            float(rotation_sd_in_degrees),
+            float(shift_sd_in_angstroms),
+        )
         self.antithetic = bool(antithetic)
 
     @property
@@ -152,8 +162,8 @@ class PoseMarginalOperator(AbstractRandomOperator):
         return sample_pose_perturbations(
             jax.random.fold_in(self.key, index),
             self.n_draws,
-            self.rot_sd_deg,
-            self.shift_sd_A,
+            self.rotation_sd_in_degrees,
+            self.shift_sd_in_angstroms,
             antithetic=self.antithetic,
         )
 

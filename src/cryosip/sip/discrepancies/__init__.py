@@ -25,6 +25,9 @@ from .mmd import (
     PairedMMD as PairedMMD,
 )
 from .mmd import (
+    UnpairedMMD as UnpairedMMD,
+)
+from .mmd import (
     mmd as mmd,
 )
 from .mmd import (

@@ -88,8 +88,10 @@ def mmd_random_features(
     return 0.5 * jnp.sum(diff * diff)
 
 
-class MMD(AbstractDiscrepancy):
-    """Unconditional MMD between fresh model draws (random nuisances) and the observations."""
+class UnpairedMMD(AbstractDiscrepancy):
+    """Unconditional MMD between fresh model draws (random nuisances) and the observations
+    (``--objective mmd-unconditional``; ``--objective mmd`` is :class:`PairedMMD`). ``MMD`` is
+    the old name of this class, kept as an alias."""
 
     kernel: AbstractKernel
     n_samples: int = 256
@@ -190,3 +192,6 @@ class PairedMMD(AbstractDiscrepancy):
     @property
     def name(self) -> str:
         return "mmd"
+
+
+MMD = UnpairedMMD  # the old name (it reads like the paired score the CLI calls mmd)
