@@ -397,8 +397,9 @@ def run_method(
     measure, a kernel of that relative width (:mod:`cryosip.sip.smoothing`); ``"auto"`` chooses
     it by cross-validation over images, 0 or None turns it off. With it, the flow runs on the
     kernel-smoothed likelihood, the particles' weights are then converged by EM on their final
-    positions (the Fisher-Rao part of the flow run to its end), and ``positions``/``weights``
-    are the smoothed measure (``particles``: the particles themselves)."""
+    positions (the Fisher-Rao part of the flow run to its end; not when the chosen bandwidth is
+    0, where that would give the spiky NPMLE), and ``positions``/``weights`` are the smoothed
+    measure (``particles``: the particles themselves)."""
     t0 = time.perf_counter()
     op, obs = problem.engine_operator, problem.engine_observations
     if method == "wgf":
@@ -447,7 +448,9 @@ def run_method(
             """(positions, weights) reported: the particles, or with a bandwidth the smoothed
             measure after the weights are converged by EM on the particles' positions."""
             x = np.asarray(measure.positions)
-            if choice is None:
+            if choice is None or choice.relative == 0:
+                # no kernel: the flow's own (damped Fisher-Rao) weights; converging them by EM
+                # gives the spiky NPMLE (W1 0.036 against 0.011 on 300 cryojax images)
                 return x, np.asarray(measure.weights)
             L = dto.loglik_on_nodes(op, op.observations(), x, batch_size=1024)
             w, _ = dto.em_weights(L, obs_weight=counts)

@@ -31,14 +31,25 @@ def runs(tmp_path_factory):
 def test_distribution_files(runs):
     rec = runs["star"]
     parts = pd.read_csv(rec / "distribution_particles.csv")
-    assert list(parts.columns) == ["s", "weight"] and len(parts) == 32
+    summary = json.loads((rec / "summary.json").read_text())
+    # the regularised flow's distribution: 32 particles, each spread over 5 kernel points
+    # (distribution_particles.csv); the particles themselves in flow_particles.csv
+    assert summary["regularisation"]["bandwidth_relative"] > 0
+    assert list(parts.columns) == ["s", "weight"] and len(parts) == 5 * 32
     np.testing.assert_allclose(parts["weight"].sum(), 1.0, rtol=1e-5)
+    flow = pd.read_csv(rec / "flow_particles.csv")
+    assert len(flow) == 32
+    np.testing.assert_allclose(flow["weight"].sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(  # the kernel keeps each particle's mean
+        np.average(parts["s"], weights=parts["weight"]),
+        np.average(flow["s"], weights=flow["weight"]),
+        atol=2e-3,  # up to the reflection of kernel points at the domain walls
+    )
     assert not (rec / "particles.csv").exists()
     dist = pd.read_csv(rec / "distribution.csv")
     np.testing.assert_allclose(np.trapezoid(dist["density"], dist["s"]), 1.0, rtol=1e-3)
     fe = pd.read_csv(rec / "free_energy.csv")
     np.testing.assert_allclose(fe["free_energy_kT"].min(), 0.0, atol=1e-12)
-    summary = json.loads((rec / "summary.json").read_text())
     for f in ("report.html", "particles_cv.star", "z.pkl", "posterior.npz", "ensemble.cif"):
         assert f in summary["outputs"], f
 
@@ -72,7 +83,9 @@ def test_per_image_star(runs):
     post = read_posterior_npz(rec / "posterior.npz")
     assert post["table"] == "particles_cv.star" and post["cv_names"] == ["s"]
     r = post["responsibilities"]
-    assert r.shape == (N_IMAGES, 32)
+    assert (
+        r.shape == (N_IMAGES, 5 * 32) == (N_IMAGES, len(post["positions"]))
+    )  # over rho_h's points
     np.testing.assert_allclose(r.sum(1), 1.0, atol=5e-3)
     np.testing.assert_allclose(r @ post["positions"][:, 0], mean, atol=5e-3)
     np.testing.assert_allclose(post["mean"][:, 0], mean, rtol=1e-6, atol=1e-8)

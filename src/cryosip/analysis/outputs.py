@@ -55,7 +55,9 @@ RECONSTRUCT_OUTPUTS = (
 )
 
 CORE_FILES = {
-    PARTICLES_CSV: "the recovered distribution: weighted particles (CV columns, weight)",
+    PARTICLES_CSV: "the recovered distribution: weighted points (CV columns, weight); for the "
+    "regularised KL flow its particles each spread over the kernel (flow_particles.csv: the "
+    "particles themselves)",
     "distribution.csv": "density of the CV on a grid (1-D), with bootstrap bands",
     "free_energy.csv": "free energy -ln density in kT (1-D), with bands",
     "history.csv": "objective per flow step",
@@ -99,6 +101,12 @@ def write_reconstruction(
     _atomic.write_csv(
         os.path.join(out_dir, PARTICLES_CSV), pd.DataFrame({**cols, "weight": result.weights})
     )
+    if getattr(result, "particles", None) is not None:  # a regularised flow: its particles too
+        px, pw = (np.asarray(a) for a in result.particles)
+        _atomic.write_csv(
+            os.path.join(out_dir, "flow_particles.csv"),
+            pd.DataFrame({**{n: px[:, i] for i, n in enumerate(cv_names)}, "weight": pw}),
+        )
     summary = {
         "method": result.method,
         "objective": result.objective,
@@ -182,6 +190,12 @@ def write_reconstruction(
     # everything below needs only what is on disk already; summary.json is rewritten at the end
     summary.update(_weighted_cv_summary(pos, result.weights, cv_names))
     files = dict(CORE_FILES)
+    if getattr(result, "particles", None) is not None:
+        files["flow_particles.csv"] = "the flow's particles and weights (the kernel's centres)"
+    if pos.shape[1] > 1:
+        files["marginals.csv"] = "density and free energy of every CV, with bootstrap bands"
+        files["landscape_2d.csv"] = "density and free energy of the first two CVs on a grid"
+        files["landscape.png"] = "free-energy map of the first two CVs and the marginals"
     if posterior is not None and stack is not None:
         summary.update(
             _write_per_image(out_dir, problem, result, cv_names, stack, posterior, files)

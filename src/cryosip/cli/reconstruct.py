@@ -194,9 +194,9 @@ def add_args(p):
 def _print_result(res, out: str) -> None:
     """The one line the command prints: the method, its particles and the mean CV."""
     mean_cv = float(np.average(res.positions[:, 0], weights=res.weights))
-    line = (
-        f"{res.label}: {res.positions.shape[0]} particles, mean CV {mean_cv:.4f}; outputs in {out}"
-    )
+    n = res.positions.shape[0] if res.particles is None else res.particles[0].shape[0]
+    kernel = "" if res.bandwidth is None else f" (kernel {res.bandwidth.relative:g} of the range)"
+    line = f"{res.label}: {n} particles{kernel}, mean CV {mean_cv:.4f}; outputs in {out}"
     print(line)  # noqa: T201
 
 
