@@ -75,7 +75,9 @@ def test_cli_tiny_table_objectives(tmp_path):
     # SNR 0.001 with 150 images: the KL flow learns next to nothing (0.0560, 3.2x worse)
     assert w1[0.001, "kl"] > 2 * w1[0.1, "kl"]
     # the objective decreases along the KL flow (-13695.83 -> -13697.05 at SNR 0.1)
-    assert rows[0.1, "kl"].loss_last < rows[0.1, "kl"].loss_first - 0.5
+    # the regularised KL flow runs on the kernel-smoothed likelihood, a flatter objective: it
+    # fell by 0.39 nats per image here (by more than 0.5 on the raw likelihood before)
+    assert rows[0.1, "kl"].loss_last < rows[0.1, "kl"].loss_first - 0.2
 
     # one row per (SNR, objective), and the oracle's (its SNR is NaN: it was dropped once)
     summary = pd.read_csv(out / "discrepancies_summary.csv")
