@@ -1,5 +1,6 @@
-"""JAX's persistent compilation cache: on by default in $CRYOSIP_CACHE, off with ``off``, and a
-command's output is the same with a warm cache (subprocesses: the cache is process-global)."""
+"""JAX's persistent compilation cache: on by default in $CRYOSIP_CACHE/jax, off with
+CRYOSIP_JAX_CACHE=off, and a command's output is the same with a warm cache (subprocesses: the
+cache is process-global)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ CMD = [
 ]
 
 
-def _simulate(out, cache):
-    env = {**os.environ, "CRYOSIP_CACHE": str(cache)}
+def _simulate(out, cache, jax_cache="on"):
+    env = {**os.environ, "CRYOSIP_CACHE": str(cache), "CRYOSIP_JAX_CACHE": jax_cache}
     argv = ["simulate", "--dataset", "hinge", "--n-images", "40", "--box", "24", "--out", str(out),
             "--no-progress"]  # fmt: skip
     subprocess.run([*CMD, *argv], check=True, env=env, capture_output=True, cwd=out.parent)
@@ -28,12 +29,11 @@ def _simulate(out, cache):
 def test_cache_is_filled_reused_and_can_be_turned_off(tmp_path):
     cache = tmp_path / "cache"
     truth1, stack1 = _simulate(tmp_path / "a", cache)
-    entries = set(os.listdir(cache))
+    entries = set(os.listdir(cache / "jax"))
     assert len(entries) > 3  # compiled programs were written
     truth2, stack2 = _simulate(tmp_path / "b", cache)  # warm: the same bytes
     pd.testing.assert_frame_equal(truth1, truth2)
     np.testing.assert_array_equal(stack1, stack2)
-    assert set(os.listdir(cache)) >= entries
-    off = tmp_path / "off"
-    _simulate(tmp_path / "c", "off")
-    assert not off.exists()  # "off" was not taken for a folder (the commands ran in tmp_path)
+    assert set(os.listdir(cache / "jax")) >= entries
+    _simulate(tmp_path / "c", tmp_path / "other", jax_cache="off")
+    assert not (tmp_path / "other" / "jax").exists()
