@@ -71,32 +71,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in a.seeds.split(",")):
             sim = os.path.join(tmp, f"sim{seed}")
+            args = "--dataset two-hinge --distribution ring --box 48 --pixel-size 2 --snr 0.05"
             subprocess.run(
-                [
-                    *CLI,
-                    "simulate",
-                    "--dataset",
-                    "two-hinge",
-                    "--distribution",
-                    "ring",
-                    "--n-images",
-                    str(a.n_images),
-                    "--box",
-                    "48",
-                    "--pixel-size",
-                    "2",
-                    "--snr",
-                    "0.05",
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    sim,
-                    "--no-progress",
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+                [*CLI, "simulate", *args.split(), "--n-images", str(a.n_images),
+                 "--seed", str(seed), "--out", sim, "--no-progress"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
             for name, extra in RUNS.items():
                 out = os.path.join(tmp, f"{name}{seed}")
                 wall, rss = timed(
