@@ -28,7 +28,7 @@ from .sip.discrepancies import (
     median_distance,
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
-from .sip.loglik_table import LogLikTableOperator
+from .sip.loglik_table import LogLikTableOperator, product_nodes
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
 from .sip.table import TabulatedOperator
@@ -234,9 +234,7 @@ def prepare(
         if dim == 1:
             fine_grid = np.linspace(lower[0], upper[0], 8 * (n_nodes - 1) + 1)
             fine_ll = dto.loglik_on_nodes(table, table.observations(), fine_grid, batch_size=1024)
-            loglik = LogLikTableOperator(
-                fine_ll, lower, upper, noise=op.noise, fit_scale=op.fit_scale
-            )
+            # the table of fine_ll the regularised flow runs on: Problem.__post_init__
         else:
             loglik = refine(table)
             fine_grid = np.asarray(loglik.nodes, np.float64)
@@ -358,8 +356,7 @@ def product_grid(lower, upper, per_cv: int | None) -> np.ndarray:
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise ValueError("grid methods need a bounded CV domain")
     k = default_grid_nodes(lo.size) if per_cv is None else int(per_cv)
-    axes = [np.linspace(a, b, k) for a, b in zip(lo, hi)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, lo.size).astype(np.float32)
+    return product_nodes(lo, hi, (k,) * lo.size)
 
 
 def default_fisher_rao(objective: str) -> float:
