@@ -3,6 +3,7 @@ and a working box that keeps the CV's signal."""
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import numpy as np
 from cryojax_sets import ForeignSpec, make_foreign_set
@@ -20,7 +21,13 @@ from cryosip.pipeline.simulate import simulate_dataset
 def test_envelope_contrast_and_noise_of_cryojax_images(tmp_path):
     """cryojax images with a B = 60 A^2 envelope and exact written poses (no other blur),
     white protein, white noise at SNR 0.2: B is found on its 10 A^2 grid within 20 A^2 (the
-    per-shell fit pools 200 images), the contrast is flipped, the noise sd is within 3%."""
+    per-shell fit pools 200 images), the contrast is flipped, the noise sd is within 3%.
+
+    A constant offset on every image (here 30 noise sds, as a normalisation that does not
+    subtract the background mean leaves) changes nothing: the offset is a free per-image
+    nuisance. Before the DC shell left the envelope fit, such an offset (0.5 on cryojax's
+    contrast-unit images) drove B to 1000 A^2 and the W1 of tests/cli/test_cryojax_data.py from
+    0.008 to 0.033."""
     model = adk_model(ca_only=True)
     spec = ForeignSpec(
         n_images=200, box=64, pixel_size=2.0, snr=0.2, bfactor=60.0, coloured=False,
@@ -32,6 +39,16 @@ def test_envelope_contrast_and_noise_of_cryojax_images(tmp_path):
     assert cal.inverted
     np.testing.assert_allclose(cal.bfactor_in_angstroms2, 60.0, atol=20.0)
     np.testing.assert_allclose(cal.input_noise_sigma[0], data["sigma"], rtol=0.03)
+
+    shifted = dataclasses.replace(stack, images=np.asarray(stack.images) + 30.0 * data["sigma"])
+    _, cal_shifted = calibrate(shifted, model, box_size=64)
+    assert cal_shifted.inverted
+    np.testing.assert_allclose(
+        cal_shifted.bfactor_in_angstroms2, cal.bfactor_in_angstroms2, atol=10.0
+    )
+    np.testing.assert_allclose(
+        cal_shifted.input_noise_sigma[0], cal.input_noise_sigma[0], rtol=0.01
+    )
 
 
 def test_working_box_keeps_the_cv_signal_and_crops_smooth_models():

@@ -17,7 +17,10 @@ images, in this order (``docs/noise.md`` states the rules and their measured eff
    estimates its noise model; ``noise="white"`` keeps only its mean.
 4. **Envelope** ``exp(-B k^2 / 4)``: the B (0-500 A^2, on a grid) that maximises the pooled
    whitened fit ``(sum_k e_k c_k)^2 / sum_k e_k^2 g_k`` of the model to the images over
-   frequency shells; it is added to every particle's CTF B-factor. Steps 3-4 run twice.
+   frequency shells except DC, which holds each image's free offset (with it, the constant
+   offset of 0.5 on the cryojax images of ``tests/cli/test_cryojax_data.py`` outweighed every
+   other shell and drove B to the top of the grid); it is added to every particle's CTF
+   B-factor. Steps 3-4 run twice.
 5. **Working box**: the CV's signal per shell is the variance, across the coarse CV points, of
    the whitened model images; the *information cutoff* is the shell below which 98% of it lies.
    The images are Fourier-cropped to the smallest even box whose 3/4-Nyquist holds that shell
@@ -250,6 +253,7 @@ def _fit_bfactor(stats, noise: RadialNoiseSpectrum, groups, box: int, pixel: flo
     counts = np.bincount(
         shell_index(box).ravel(), weights=rfft_mode_counts(box).ravel(), minlength=n_shells(box)
     )
+    counts[0] = 0.0  # the DC shell is the per-image offset, a free nuisance: it says nothing of B
     P = np.asarray(noise.power, np.float64)[groups]  # (n, shells)
     c = (stats["cross"] * counts / P).sum(0)
     g = (stats["gram"] * counts / P).sum(0)
