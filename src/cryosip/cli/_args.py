@@ -2,7 +2,9 @@
 
 The ``type=`` functions give argparse's one-line usage error (``cryosip reconstruct: error:
 argument --steps: must be a positive integer, got -5``, exit status 2) instead of a traceback
-or a silently odd run. :func:`prepare_output_dir` is the one rule for ``--out`` folders.
+or a silently odd run. :func:`prepare_output_dir` is the one rule for ``--out`` folders;
+:func:`add_cryodrgn_args` and :func:`read_particles_from_args` are the particle-input flags of
+``inspect`` and ``convert``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ __all__ = [
     "positive_float",
     "nonnegative_float",
     "fraction",
+    "add_cryodrgn_args",
+    "read_particles_from_args",
     "prepare_output_dir",
     "prepare_output_file",
     "CRYOSIP_OUTPUTS",
@@ -49,44 +53,64 @@ def _float(text: str, what: str) -> float:
     return value
 
 
+def _checked(parse, text: str, what: str, ok):
+    """``parse(text, what)``, or argparse's error (``must be <what>, got <text>``) unless ``ok``."""
+    value = parse(text, what)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _int(text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _checked(_int, text, "a positive integer", lambda v: v >= 1)
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _int(text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _checked(_int, text, "an integer >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _float(text, "a positive number")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _checked(_float, text, "a positive number", lambda v: v > 0)
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _float(text, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _checked(_float, text, "a number >= 0", lambda v: v >= 0)
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1)."""
-    value = _float(text, "a fraction in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
-    return value
+    return _checked(_float, text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def add_cryodrgn_args(parser, ctf_help: str) -> None:
+    """Add ``--ctf`` (with ``ctf_help``), ``--pose``, ``--ind`` and ``--particles`` (cryoDRGN inputs)."""
+    parser.add_argument("--ctf", help=ctf_help)
+    parser.add_argument("--pose", help="cryoDRGN pose.pkl (override)")
+    parser.add_argument("--ind", help="cryoDRGN ind.pkl (particle selection)")
+    parser.add_argument(
+        "--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)"
+    )
+
+
+def read_particles_from_args(path, args, **kwargs):
+    """:func:`~cryosip.data.particles.read_particles` of ``path`` with ``--datadir``, ``--box``
+    and the flags of :func:`add_cryodrgn_args`; ``kwargs`` are passed on."""
+    from ..data.particles import read_particles
+
+    return read_particles(
+        path,
+        datadir=args.datadir,
+        box_size=args.box,
+        pose=args.pose,
+        ctf=args.ctf,
+        ind=args.ind,
+        particles=args.images,
+        **kwargs,
+    )
 
 
 # the files each command writes into --out (what --overwrite removes before a new run)

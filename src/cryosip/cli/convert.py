@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.errors import CryosipInputError
-from ._args import positive_int, prepare_output_dir, prepare_output_file
+from ._args import add_cryodrgn_args, positive_int, prepare_output_dir, prepare_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,7 @@ def add_args(parser) -> None:
         "--to", choices=FORMATS, help="output format (default: from the output extension)"
     )
     parser.add_argument("--datadir", help="folder holding the image stacks")
-    parser.add_argument(
-        "--ctf", help="cryoDRGN ctf.pkl (override, or the optics of an .mrcs input)"
-    )
-    parser.add_argument("--pose", help="cryoDRGN pose.pkl (override)")
-    parser.add_argument("--ind", help="cryoDRGN ind.pkl (particle selection)")
-    parser.add_argument(
-        "--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)"
-    )
+    add_cryodrgn_args(parser, "cryoDRGN ctf.pkl (override, or the optics of an .mrcs input)")
     parser.add_argument(
         "--box",
         type=positive_int,
@@ -88,8 +81,8 @@ def main(args) -> int:
     from ..data.cryodrgn import write_cryodrgn
     from ..data.cryosparc import write_cs
     from ..data.mrc import write_mrcs
-    from ..data.particles import read_particles
     from ..data.star import write_star
+    from ._args import read_particles_from_args
 
     fmt = output_format(args.output, args.to)
     overwrite = getattr(args, "overwrite", False)
@@ -97,14 +90,9 @@ def main(args) -> int:
         prepare_output_dir(args.output, overwrite=overwrite, command="convert", inputs=[args.input])
     elif fmt != "cryodrgn":
         prepare_output_file(args.output, overwrite=overwrite, command="convert")
-    stack = read_particles(
+    stack = read_particles_from_args(
         args.input,
-        datadir=args.datadir,
-        box_size=args.box,
-        pose=args.pose,
-        ctf=args.ctf,
-        ind=args.ind,
-        particles=args.images,
+        args,
         require_poses=fmt != "cryodrgn",
         require_images=args.box is not None,
         allow_unsupported_contrast=True,

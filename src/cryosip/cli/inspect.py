@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import _atomic
+from ..data.cryosparc import CS_CTF_FIELDS
 from ..data.errors import CryosipInputError
 from ..data.mrc import MissingImages
-from ._args import positive_int
+from ._args import add_cryodrgn_args, positive_int, read_particles_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,7 @@ def add_args(parser) -> None:
     parser.add_argument(
         "--box", type=positive_int, help="working box (Fourier crop) to report and show"
     )
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (override, or the optics of an .mrcs)")
-    parser.add_argument("--pose", help="cryoDRGN pose.pkl (override)")
-    parser.add_argument("--ind", help="cryoDRGN ind.pkl (particle selection)")
-    parser.add_argument(
-        "--particles", dest="images", help="images for a cryoDRGN .pkl input (.mrcs/.txt)"
-    )
+    add_cryodrgn_args(parser, "cryoDRGN ctf.pkl (override, or the optics of an .mrcs)")
     parser.add_argument(
         "--check-all",
         action="store_true",
@@ -145,17 +141,7 @@ _POSE_COLUMNS = {
     ],
     "cs": ["alignments3D/pose"],
     "cs_shift": ["alignments3D/shift"],
-    "cs_ctf": [
-        "ctf/df1_A",
-        "ctf/df2_A",
-        "ctf/df_angle_rad",
-        "ctf/accel_kv",
-        "ctf/cs_mm",
-        "ctf/amp_contrast",
-        "ctf/phase_shift_rad",
-        "ctf/bfactor",
-        "ctf/scale",
-    ],
+    "cs_ctf": list(CS_CTF_FIELDS),
 }
 
 
@@ -346,17 +332,10 @@ def _text(info: dict) -> str:
 
 
 def main(args) -> int:
-    from ..data.particles import read_particles
-
     path = Path(args.particles)
-    stack = read_particles(
+    stack = read_particles_from_args(
         path,
-        datadir=args.datadir,
-        box_size=args.box,
-        pose=args.pose,
-        ctf=args.ctf,
-        ind=args.ind,
-        particles=args.images,
+        args,
         require_poses=False,
         require_images=False,
         allow_unsupported_contrast=True,

@@ -53,11 +53,8 @@ _REQUIRED = [
     "ctf/cs_mm",
     "ctf/amp_contrast",
 ]
-_RECOMPUTED = {
-    "blob/path",
-    "blob/idx",
-    "blob/shape",
-    "blob/psize_A",
+# the CTF fields read_cs reads and write_cs writes (``cryosip inspect`` reports which are present)
+CS_CTF_FIELDS = (
     "ctf/df1_A",
     "ctf/df2_A",
     "ctf/df_angle_rad",
@@ -67,6 +64,13 @@ _RECOMPUTED = {
     "ctf/phase_shift_rad",
     "ctf/bfactor",
     "ctf/scale",
+)
+_RECOMPUTED = {
+    "blob/path",
+    "blob/idx",
+    "blob/shape",
+    "blob/psize_A",
+    *CS_CTF_FIELDS,
     "alignments3D/pose",
     "alignments3D/shift",
     "alignments3D/psize_A",
