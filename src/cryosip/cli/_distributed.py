@@ -249,18 +249,24 @@ def _exit(line: str | None, code: int, linger: float = 0.0) -> None:
     os._exit(code)
 
 
+def _exit_if_another_failed(dist: Distributed, command: str, linger: float = 0.0) -> None:
+    """End this process with the first failure another process posted, if any."""
+    failed = _posted_failures(dist)
+    if failed:
+        pid, msg = failed[0]
+        _exit(
+            f"cryosip {command}: error: process {pid} of {dist.num_processes} failed: {msg} "
+            f"(process {dist.process_id} stops too)",
+            1,
+            linger=linger,
+        )
+
+
 def _watch(dist: Distributed, command: str, done: threading.Event) -> None:
     while not done.wait(POLL_SECONDS):
-        failed = _posted_failures(dist)
-        if failed:
-            pid, msg = failed[0]
-            _exit(
-                f"cryosip {command}: error: process {pid} of {dist.num_processes} failed: {msg} "
-                f"(process {dist.process_id} stops too)",
-                1,
-                # process 0 hosts the coordination service: let the failed process end first
-                linger=GRACE_SECONDS + 1.0 if dist.process_id == 0 else 0.0,
-            )
+        # process 0 hosts the coordination service: let the failed process end first
+        linger = GRACE_SECONDS + 1.0 if dist.process_id == 0 else 0.0
+        _exit_if_another_failed(dist, command, linger=linger)
 
 
 def _one_line(e: BaseException) -> str:
@@ -295,14 +301,7 @@ def run(dist: Distributed, fn: Callable[[], int], command: str = "reconstruct") 
         done.set()
         if _is_collective_failure(e):
             time.sleep(GRACE_SECONDS)  # a process that failed with a message posts it first
-            failed = _posted_failures(dist)
-            if failed:
-                pid, msg = failed[0]
-                _exit(
-                    f"cryosip {command}: error: process {pid} of {dist.num_processes} failed: "
-                    f"{msg} (process {dist.process_id} stops too)",
-                    1,
-                )
+            _exit_if_another_failed(dist, command)
             _exit(
                 f"cryosip {command}: error: {dist.describe()}: another process ended "
                 f"(a collective operation failed: {_one_line(e)})",

@@ -297,17 +297,13 @@ class MinibatchStream:
                 obs = self.read(idx, w)
                 jax.block_until_ready(obs)
                 self.read_seconds += time.perf_counter() - t0
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(obs, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-            self._put_final(_DONE)
+                self._put(obs)
+            self._put(_DONE)
         except BaseException as e:  # handed to the consumer
-            self._put_final(e)
+            self._put(e)
 
-    def _put_final(self, item):
+    def _put(self, item):
+        """Queue ``item``, waiting while the queue is full, unless the stream is stopped."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)

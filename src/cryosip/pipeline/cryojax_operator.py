@@ -37,7 +37,7 @@ from jaxtyping import Array, Float
 from ..conformations.base import AbstractConformationModel
 from ..cryoem.image_model import CryoNuisance, NuisancePrior
 from ..sip.noise import GaussianNoise
-from ..sip.operator import AbstractRandomOperator
+from .operator import AbstractConformationOperator
 
 __all__ = ["CryojaxOperator", "INTEGRATORS"]
 
@@ -58,7 +58,7 @@ def _n_spread(conformation: AbstractConformationModel, pixel_size: float):
     return tuple(int(v) for v in n) if isinstance(n, tuple) else int(n)
 
 
-class CryojaxOperator(AbstractRandomOperator):
+class CryojaxOperator(AbstractConformationOperator):
     """F(theta, xi) = cryojax image of conformation(theta) under nuisance xi, + Gaussian noise.
 
     ``integrator``: ``"default"`` (exact pixel integrals) or ``"fastest"`` (spreading with
@@ -149,13 +149,6 @@ class CryojaxOperator(AbstractRandomOperator):
         self, theta: Float[Array, " dim"], nuisance: CryoNuisance
     ) -> Float[Array, "y_dim x_dim"]:
         return self.image_model(theta, nuisance).simulate()
-
-    def sample_nuisance(self, key, n: int) -> CryoNuisance:
-        return self.prior.sample(key, n)
-
-    @property
-    def domain(self):
-        return self.conformation.lower, self.conformation.upper
 
     @property
     def obs_size(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -11,7 +12,21 @@ from ..sip.noise import GaussianNoise
 from ..sip.operator import AbstractRandomOperator
 
 
-class CryoEMOperator(AbstractRandomOperator):
+class AbstractConformationOperator(AbstractRandomOperator):
+    """An operator on a conformation model's CVs, with nuisances drawn from a NuisancePrior."""
+
+    conformation: eqx.AbstractVar[AbstractConformationModel]
+    prior: eqx.AbstractVar[NuisancePrior]
+
+    def sample_nuisance(self, key, n: int) -> CryoNuisance:
+        return self.prior.sample(key, n)
+
+    @property
+    def domain(self):
+        return self.conformation.lower, self.conformation.upper
+
+
+class CryoEMOperator(AbstractConformationOperator):
     """F(theta, xi) = CTF * shift * project(X(theta) rotated) + noise."""
 
     conformation: AbstractConformationModel
@@ -36,13 +51,6 @@ class CryoEMOperator(AbstractRandomOperator):
     ) -> Float[Array, "y_dim x_dim"]:
         coords = self.conformation(theta)
         return self.image_model.render(coords, self.conformation.atoms, nuisance)
-
-    def sample_nuisance(self, key, n: int) -> CryoNuisance:
-        return self.prior.sample(key, n)
-
-    @property
-    def domain(self):
-        return self.conformation.lower, self.conformation.upper
 
     @property
     def obs_size(self) -> int:
