@@ -121,13 +121,15 @@ def smooth(fine: LogLikTableOperator, relative: float) -> LogLikTableOperator:
 
 
 @jax.jit
-def _em(E: Float[Array, "n g"], c: Float[Array, " n"], n_iter_dummy: Float[Array, " k"]):
-    """Weights of a mixture with fixed components maximising sum_n c_n log (E w)_n (EM)."""
-    w0 = jnp.full(E.shape[1], 1.0 / E.shape[1], E.dtype)
+def _em(E: Float[Array, "n g"], c: Float[Array, "k n"], n_iter_dummy: Float[Array, " t"]):
+    """Weights (k, g) of k mixtures with fixed components, each maximising
+    sum_n c_kn log (E w_k)_n (EM); the k fits (the folds) share every pass over E."""
+    w0 = jnp.full((c.shape[0], E.shape[1]), 1.0 / E.shape[1], E.dtype)
+    total = jnp.sum(c, axis=1, keepdims=True)
 
     def step(w, _):
-        m = E @ w
-        w = w * (E.T @ (c / jnp.maximum(m, 1e-30))) / jnp.sum(c)
+        m = w @ E.T  # (k, n)
+        w = w * ((c / jnp.maximum(m, 1e-30)) @ E) / total
         return w, None
 
     w, _ = jax.lax.scan(step, w0, n_iter_dummy)
@@ -160,9 +162,9 @@ def choose_bandwidth(
             continue  # the fine grid cannot represent it: the same as no smoothing
         Eh = _smooth_exp(E, fine.shape, h).astype(np.float32)
         held = np.empty(n)
-        for k in range(n_folds):
-            train = jnp.asarray((folds != k).astype(np.float32))
-            w = np.asarray(_em(jnp.asarray(Eh), train, iters), np.float64)
+        train = jnp.asarray((folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32))
+        ws = np.asarray(_em(jnp.asarray(Eh), train, iters), np.float64)  # every fold at once
+        for k, w in enumerate(ws):
             held[folds == k] = np.log(np.maximum(Eh[folds == k].astype(np.float64) @ w, 1e-300))
         tried.append(float(h))
         scores.append(float(held.sum()))
