@@ -40,7 +40,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ..cryoem.image_model import CryoNuisance
 from ..cryoem.pose import axis_angle_to_matrix
 from ..sip.loglik_table import LogLikTableOperator
-from ..sip.operator import AbstractRandomOperator, Observations, _map_chunks
+from ..sip.operator import AbstractWrappedOperator, Observations, _map_chunks
 from .operator import CryoEMOperator
 
 
@@ -92,7 +92,7 @@ def perturb_nuisance(
     return CryoNuisance(rot, shift, ctf, group)
 
 
-class PoseMarginalOperator(AbstractRandomOperator):
+class PoseMarginalOperator(AbstractWrappedOperator):
     """The base cryo-EM operator with its likelihood averaged over small errors of the given poses.
 
     ``n_draws`` perturbations per image (antithetic pairs by default), rotations with rms angle
@@ -133,27 +133,9 @@ class PoseMarginalOperator(AbstractRandomOperator):
         self.antithetic = bool(antithetic)
 
     @property
-    def noise(self):
-        return self.base.noise
-
-    @property
-    def fit_scale(self) -> bool:
-        return self.base.fit_scale
-
-    @property
-    def domain(self):
-        return self.base.domain
-
-    @property
-    def obs_size(self) -> int:
-        return self.base.obs_size
-
-    def mean(self, theta, nuisance):
-        """The base operator's image at the given pose (the centre of the perturbations)."""
-        return self.base.mean(theta, nuisance)
-
-    def sample_nuisance(self, key, n: int):
-        return self.base.sample_nuisance(key, n)
+    def wrapped(self) -> CryoEMOperator:
+        """The base operator: ``mean`` is its image at the given pose (the perturbations' centre)."""
+        return self.base
 
     def perturbations(
         self, index: Int[Array, ""]

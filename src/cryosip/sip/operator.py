@@ -230,6 +230,32 @@ class AbstractRandomOperator(eqx.Module):
         raise NotImplementedError
 
 
+def _wrapped_property(name: str) -> property:
+    """A read-only property: the ``name`` of ``self.wrapped``."""
+    return property(lambda self: getattr(self.wrapped, name), doc=f"The wrapped operator's {name}.")
+
+
+class AbstractWrappedOperator(AbstractRandomOperator):
+    """An operator built on another one (``wrapped``): its noise, ``fit_scale``, ``mean``,
+    nuisance draws, ``domain`` and ``obs_size`` are the wrapped operator's unless overridden."""
+
+    @property
+    @abc.abstractmethod
+    def wrapped(self) -> AbstractRandomOperator:
+        """The operator this one is built on."""
+
+    noise = _wrapped_property("noise")
+    fit_scale = _wrapped_property("fit_scale")
+    domain = _wrapped_property("domain")
+    obs_size = _wrapped_property("obs_size")
+
+    def mean(self, theta, nuisance):
+        return self.wrapped.mean(theta, nuisance)
+
+    def sample_nuisance(self, key, n: int):
+        return self.wrapped.sample_nuisance(key, n)
+
+
 def reflect_into(theta: Array, lower: Array, upper: Array) -> Array:
     """Reflect coordinates into [lower, upper] (a triangle wave; identity inside, no-op for infinite bounds)."""
     finite = jnp.isfinite(lower) & jnp.isfinite(upper)

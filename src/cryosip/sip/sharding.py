@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
-from .operator import AbstractRandomOperator, Observations
+from .operator import AbstractRandomOperator, AbstractWrappedOperator, Observations
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def shard_observations(obs: Observations, mesh: Mesh, *, pad: bool = False) -> O
     return jax.tree_util.tree_map(lambda a: jax.device_put(a, sh), obs)
 
 
-class DataParallelOperator(AbstractRandomOperator):
+class DataParallelOperator(AbstractWrappedOperator):
     """Wraps an operator so that each device renders and differentiates only its own rows.
 
     ``mean``, ``domain`` and the noise are the wrapped operator's. With known nuisances (and a
@@ -193,15 +193,8 @@ class DataParallelOperator(AbstractRandomOperator):
         self.mesh = mesh
 
     @property
-    def noise(self):
-        return self.operator.noise
-
-    @property
-    def fit_scale(self):
-        return self.operator.fit_scale
-
-    def mean(self, theta, nuisance):
-        return self.operator.mean(theta, nuisance)
+    def wrapped(self) -> AbstractRandomOperator:
+        return self.operator
 
     def sample_nuisance(self, key, n: int):
         nu = self.operator.sample_nuisance(key, n)
@@ -255,11 +248,3 @@ class DataParallelOperator(AbstractRandomOperator):
         if not self._splits(obs):
             return super().paired_means(theta, obs, batch_size=batch_size)
         return self._local("paired_means", theta, obs, batch_size=batch_size)
-
-    @property
-    def domain(self):
-        return self.operator.domain
-
-    @property
-    def obs_size(self) -> int:
-        return self.operator.obs_size
