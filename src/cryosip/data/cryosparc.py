@@ -307,11 +307,7 @@ def write_cs(
     path = Path(path)
     n = len(stack)
     # original files: each particle keeps its native grid; new images: the working grid
-    grids = (
-        stack.grids()
-        if image_names is None
-        else np.tile([float(stack.box_size), float(stack.pixel_size)], (n, 1))
-    )
+    grids = stack.grids(native=image_names is None)
     stack_paths, idx = _cs_image_locations(stack, path.parent, image_names)
     nu = stack.nuisance
     ctf = nu.ctf

@@ -80,9 +80,10 @@ class ParticleStack:
             return np.zeros(len(self), np.int64)
         return np.asarray(self.optics_group, np.int64)
 
-    def grids(self) -> np.ndarray:
-        """Each particle's native ``(box size, pixel size)`` (float64, shape (n, 2))."""
-        if self.native_grid is None:
+    def grids(self, *, native: bool = True) -> np.ndarray:
+        """Each particle's native ``(box size, pixel size)`` (float64, shape (n, 2)); with
+        ``native=False`` the working grid for every particle (that of images written anew)."""
+        if self.native_grid is None or not native:
             return np.tile([float(self.box_size), float(self.pixel_size)], (len(self), 1))
         return np.asarray(self.native_grid, np.float64)
 

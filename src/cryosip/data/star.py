@@ -990,11 +990,7 @@ def star_blocks(
     n = len(stack)
     # names of the original files: each particle keeps its native grid (optics groups at
     # different pixel sizes stay as they are); new images are on the stack's working grid
-    grids = (
-        stack.grids()
-        if image_names is None
-        else np.tile([float(stack.box_size), float(stack.pixel_size)], (n, 1))
-    )
+    grids = stack.grids(native=image_names is None)
     if image_names is None:
         image_names = stack_image_names(stack, path.parent)
         if image_names is None:
