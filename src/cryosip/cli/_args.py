@@ -101,16 +101,8 @@ def read_particles_from_args(path, args, **kwargs):
     and the flags of :func:`add_cryodrgn_args`; ``kwargs`` are passed on."""
     from ..data.particles import read_particles
 
-    return read_particles(
-        path,
-        datadir=args.datadir,
-        box_size=args.box,
-        pose=args.pose,
-        ctf=args.ctf,
-        ind=args.ind,
-        particles=args.images,
-        **kwargs,
-    )
+    cryodrgn = dict(pose=args.pose, ctf=args.ctf, ind=args.ind, particles=args.images)
+    return read_particles(path, datadir=args.datadir, box_size=args.box, **cryodrgn, **kwargs)
 
 
 # the files each command writes into --out (what --overwrite removes before a new run)
