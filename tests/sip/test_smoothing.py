@@ -17,25 +17,32 @@ def _deconvolution_table(truth: np.ndarray, tau: float, grid: np.ndarray, seed: 
     return -0.5 * ((grid[None, :] - y[:, None]) / tau) ** 2
 
 
-def test_expanded_particles_carry_the_kernel_moments():
+def test_expanded_particles_carry_the_kernel_moments_and_are_close_in_w1():
     x = np.array([[0.3], [0.6]])
     w = np.array([0.25, 0.75])
-    pts, pw = expand_particles(x, w, 0.05, [0.0], [1.0])
-    assert pts.shape == (10, 1)
+    h = 0.05
+    pts, pw = expand_particles(x, w, h, [0.0], [1.0])
+    q = 17  # points per particle in 1-D
+    assert pts.shape == (2 * q, 1)
     np.testing.assert_allclose(pw.sum(), 1.0, rtol=1e-12)
     for k in range(
         2
-    ):  # 5 points per particle: its position, variance h^2, 4th moment 3h^4 (float32)
-        p, q = pts[5 * k : 5 * k + 5, 0], pw[5 * k : 5 * k + 5] / w[k]
-        np.testing.assert_allclose(q @ p, x[k, 0], atol=1e-7)
-        np.testing.assert_allclose(q @ (p - x[k, 0]) ** 2, 0.05**2, rtol=1e-5)
-        np.testing.assert_allclose(q @ (p - x[k, 0]) ** 4, 3 * 0.05**4, rtol=1e-5)
-    # 2-D: 3 x 3 points per particle, per-CV bandwidths, reflected at the domain edge
+    ):  # each particle: its position and the kernel's variance h^2, exactly (float32 reflection)
+        p, c = pts[q * k : q * k + q, 0], pw[q * k : q * k + q] / w[k]
+        np.testing.assert_allclose(c @ p, x[k, 0], atol=1e-7)
+        np.testing.assert_allclose(c @ (p - x[k, 0]) ** 2, h**2, rtol=1e-6)
+    # the points stand for the continuous mixture: W1 to a fine sample of it < 0.1 h (measured
+    # 0.082 h for one kernel; the 5-point Gauss-Hermite rule used before was 0.35 h away)
+    rng = np.random.default_rng(0)
+    comp = rng.choice(2, 400_000, p=w)
+    ref = x[comp, 0] + h * rng.standard_normal(400_000)
+    assert scipy.stats.wasserstein_distance(pts[:, 0], ref, pw) < 0.1 * h
+    # 2-D: 7 x 7 points per particle, per-CV bandwidths, reflected at the domain edge
     pts, pw = expand_particles(np.array([[0.5, 0.01]]), [1.0], [0.1, 0.02], [0, 0], [1, 1])
-    assert pts.shape == (9, 2)
+    assert pts.shape == (49, 2)
     np.testing.assert_allclose(pw @ pts[:, 0], 0.5, atol=1e-7)
-    np.testing.assert_allclose(pw @ (pts[:, 0] - 0.5) ** 2, 0.01, rtol=1e-5)
-    assert pts[:, 1].min() >= 0.0  # 0.01 - sqrt(3) 0.02 < 0 was reflected
+    np.testing.assert_allclose(pw @ (pts[:, 0] - 0.5) ** 2, 0.01, rtol=1e-6)
+    assert pts[:, 1].min() >= 0.0  # points below 0 (0.01 - 1.6 x 0.02) were reflected
 
 
 def test_smoothing_a_gaussian_likelihood_adds_the_kernel_variance():

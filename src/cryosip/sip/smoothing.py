@@ -29,6 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 from jaxtyping import Array, Float
 
 from .loglik_table import LogLikTableOperator, interpolate_loglik, product_nodes
@@ -191,25 +192,45 @@ def choose_bandwidth(
     return choice, smooth(fine, best)
 
 
+# points per CV of each particle's kernel in :func:`expand_particles`, by dimension: at most 81
+# per particle (the per-image posterior over them is images x particles x points); above 4 CVs,
+# 3 per CV
+_POINTS_PER_CV = {1: 17, 2: 7, 3: 4, 4: 3}
+
+
+def kernel_points(q: int) -> np.ndarray:
+    """``q`` equal-weight points standing for N(0, 1): the midpoint quantiles
+    Phi^-1((i + 1/2) / q), rescaled so that their variance is exactly 1.
+
+    Chosen for what the points are used for (distances between distributions: W1, W2,
+    histograms): the midpoint quantiles are the W1-optimal equal-weight points. Measured W1 to
+    N(0, 1): 0.046 for q = 33, 0.082 for 17, 0.18 for 7, 0.29 for 4, 0.37 for 3; the 5-point
+    Gauss-Hermite rule used before (exact to the 9th moment) is 0.35 away, 0.44 for 3 points.
+    With a kernel of 0.065 of the range that added ~0.01 to the reported W1 on a 300-image
+    cryojax set (0.0181 reported; 0.0088 with 17 of these points, 0.0085 with 33, 0.0072 for
+    the continuous rho_h)."""
+    z = scipy.special.ndtri((np.arange(q) + 0.5) / q)
+    return z / np.sqrt(np.mean(z * z))
+
+
 def expand_particles(
     positions, weights, bandwidth, lower, upper, points_per_cv: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """rho_h as weighted points: each particle spread over a Gauss-Hermite product rule of the
-    kernel (5 points in 1-D, 3 per CV above), reflected into the domain. Exact for the kernel's
-    moments up to order 9 (5 points) or 5 (3 points) away from the domain edges."""
+    """rho_h as weighted points: each particle spread over a product of :func:`kernel_points`
+    of its kernel (17 points in 1-D, 7 / 4 / 3 per CV in 2-D / 3-D / 4-D), reflected into the
+    domain. Away from the domain edges the points keep each particle's mean and the kernel's
+    variance h^2 exactly (odd moments vanish by symmetry)."""
     x = np.asarray(positions, np.float64)
     x = x[:, None] if x.ndim == 1 else x
     w = np.asarray(weights, np.float64)
-    h = np.broadcast_to(np.asarray(bandwidth, np.float64), (x.shape[1],))
+    d = x.shape[1]
+    h = np.broadcast_to(np.asarray(bandwidth, np.float64), (d,))
     if not np.any(h > 0):
         return x, w
-    q = points_per_cv or (5 if x.shape[1] == 1 else 3)
-    z, zw = np.polynomial.hermite_e.hermegauss(q)
-    zw = zw / zw.sum()
-    grid = np.stack(np.meshgrid(*([z] * x.shape[1]), indexing="ij"), -1).reshape(-1, x.shape[1])
-    gw = np.prod(np.stack(np.meshgrid(*([zw] * x.shape[1]), indexing="ij"), -1), -1).reshape(-1)
+    z = kernel_points(points_per_cv or _POINTS_PER_CV.get(d, 3))
+    grid = np.stack(np.meshgrid(*([z] * d), indexing="ij"), -1).reshape(-1, d)
     pts = x[:, None, :] + grid[None, :, :] * h  # (K, Q, d)
     pts = np.asarray(
         reflect_into(jnp.asarray(pts), jnp.asarray(lower), jnp.asarray(upper)), np.float64
     )
-    return pts.reshape(-1, x.shape[1]), (w[:, None] * gw[None, :]).reshape(-1)
+    return pts.reshape(-1, d), np.repeat(w / len(grid), len(grid))
