@@ -21,6 +21,7 @@ from cryosip.analysis.posterior import read_posterior_npz
 from cryosip.analysis.structures import cv_line, weighted_quantile
 from cryosip.cli.main import main
 from cryosip.data.outputs import read_ensemble_weights
+from cryosip.sip.smoothing import POINTS_PER_CV
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,10 @@ def test_distribution_files(runs):
     rec = runs["star"]
     parts = pd.read_csv(rec / "distribution_particles.csv")
     summary = json.loads((rec / "summary.json").read_text())
-    # the regularised flow's distribution: 32 particles, each spread over 5 kernel points
+    # the regularised flow's distribution: 32 particles, each spread over 17 kernel points
     # (distribution_particles.csv); the particles themselves in flow_particles.csv
     assert summary["regularisation"]["bandwidth_relative"] > 0
-    assert list(parts.columns) == ["s", "weight"] and len(parts) == 5 * 32
+    assert list(parts.columns) == ["s", "weight"] and len(parts) == POINTS_PER_CV[1] * 32
     np.testing.assert_allclose(parts["weight"].sum(), 1.0, rtol=1e-5)
     flow = pd.read_csv(rec / "flow_particles.csv")
     assert len(flow) == 32
@@ -84,7 +85,7 @@ def test_per_image_star(runs):
     assert post["table"] == "particles_cv.star" and post["cv_names"] == ["s"]
     r = post["responsibilities"]
     assert (
-        r.shape == (N_IMAGES, 5 * 32) == (N_IMAGES, len(post["positions"]))
+        r.shape == (N_IMAGES, POINTS_PER_CV[1] * 32) == (N_IMAGES, len(post["positions"]))
     )  # over rho_h's points
     np.testing.assert_allclose(r.sum(1), 1.0, atol=5e-3)
     np.testing.assert_allclose(r @ post["positions"][:, 0], mean, atol=5e-3)

@@ -195,7 +195,7 @@ def choose_bandwidth(
 # points per CV of each particle's kernel in :func:`expand_particles`, by dimension: at most 81
 # per particle (the per-image posterior over them is images x particles x points); above 4 CVs,
 # 3 per CV
-_POINTS_PER_CV = {1: 17, 2: 7, 3: 4, 4: 3}
+POINTS_PER_CV = {1: 17, 2: 7, 3: 4, 4: 3}
 
 
 def kernel_points(q: int) -> np.ndarray:
@@ -227,7 +227,7 @@ def expand_particles(
     h = np.broadcast_to(np.asarray(bandwidth, np.float64), (d,))
     if not np.any(h > 0):
         return x, w
-    z = kernel_points(points_per_cv or _POINTS_PER_CV.get(d, 3))
+    z = kernel_points(points_per_cv or POINTS_PER_CV.get(d, 3))
     grid = np.stack(np.meshgrid(*([z] * d), indexing="ij"), -1).reshape(-1, d)
     pts = x[:, None, :] + grid[None, :, :] * h  # (K, Q, d)
     pts = np.asarray(
