@@ -45,10 +45,11 @@ per method), ``dimension_ratio.png`` (flow/grid W2 and wall times against d),
 ``dimension_maps.png`` (first two CVs: truth and estimates, first seed) and ``config.json``.
 ``--replot`` redraws the figures from the tables.
 
-Cost on a 2-core CPU (defaults: 5 cases x 2 seeds x 1,000 images of 40 px): 28 minutes
-measured with the machine shared (load 6-13; the flow's tabulation and about the same time
-again for the grid dominate); ``--quick`` (adk-1, adk-2, two-hinge; 300 images of 32 px, one
-seed) a few minutes. docs/results.md has the measured table.
+Cost on a 2-core CPU shared with other jobs (5 cases x 1,000 images of 40 px): 3 seeds in
+17 minutes with JAX's compilation cache warm (load 5-9), 2 seeds in 28 minutes with it cold
+(load 6-13); the flow's tabulation and about the same time again for the grid dominate.
+``--quick`` (adk-1, adk-2, two-hinge; 300 images of 32 px, one seed): a few minutes.
+docs/results.md has the measured table.
 
 examples:
   $ cryosip experiment dimension --quick --out dimension-quick/
