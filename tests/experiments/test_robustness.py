@@ -90,8 +90,10 @@ def test_cli_tiny_sweep_writes_csv_and_plots(tmp_path):
     np.testing.assert_allclose(sigma[0.001] / sigma[0.1], 10.0, rtol=1e-6)
     np.testing.assert_allclose(w1[0.1, "oracle"], w1[0.001, "oracle"], rtol=1e-12)
     # the images' true CVs (sampling floor, measured W1 0.0078) are closer than any estimate
-    # (closest: the regularised wgf-kl at SNR 0.1, 0.0109; 0.016 before the regularisation)
-    assert all(w1[s, "oracle"] < 0.8 * w1[s, m] for s in (0.1, 0.001) for m in study.METHODS)
+    # (closest: the regularised wgf-kl at SNR 0.1, 0.0095 since its distribution is written as
+    # quantile points; 0.0109 with Gauss-Hermite points, 0.016 before the regularisation)
+    assert all(w1[s, "oracle"] < w1[s, m] for s in (0.1, 0.001) for m in study.METHODS)
+    assert w1[0.1, "wgf-kl"] < 0.013
     for m in study.METHODS:
         # SNR 0.1: measured 0.016 (wgf-kl) to 0.021 (em-grid)
         assert w1[0.1, m] < 0.035, m
