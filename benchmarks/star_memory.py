@@ -13,6 +13,8 @@ no per-image table). ``PYTHONPATH=<other checkout>/src`` measures another versio
 
     $ python benchmarks/star_memory.py                     # 10^4 and 10^6 rows
     $ python benchmarks/star_memory.py --rows 10000 100000
+    $ python benchmarks/star_memory.py --reconstruct 1 --label after_reconstruct   # + a short
+          # streamed `cryosip reconstruct` per size (32-px stacks, 400 MB), its peak RSS
 
 Writes ``benchmarks/results/star_memory.json`` (``--label`` names the run, e.g. before/after a
 change; earlier labels in the file are kept).
@@ -71,19 +73,19 @@ print(json.dumps({
 """
 
 
-def write_stacks(folder: Path) -> None:
+def write_stacks(folder: Path, n_stacks: int = N_STACKS, box: int = BOX) -> None:
     import mrcfile
 
     (folder / "Particles").mkdir(parents=True, exist_ok=True)
-    data = np.random.default_rng(0).normal(size=(PER_STACK, BOX, BOX)).astype(np.float32)
-    for k in range(N_STACKS):
+    data = np.random.default_rng(0).normal(size=(PER_STACK, box, box)).astype(np.float32)
+    for k in range(n_stacks):
         with mrcfile.new(folder / "Particles" / f"stack_{k:03d}.mrcs", overwrite=True) as m:
             m.set_data(data)
             m.set_image_stack()
             m.voxel_size = 1.5
 
 
-def write_star(path: Path, n: int) -> None:
+def write_star(path: Path, n: int, n_stacks: int = N_STACKS, box: int = BOX) -> None:
     """A RELION 3.1 particle file with ``n`` rows (written line by line: small memory)."""
     rng = np.random.default_rng(1)
     labels = [
@@ -114,7 +116,7 @@ def write_star(path: Path, n: int) -> None:
         )
         for i, c in enumerate("rln" + w for w in optics.split()):
             f.write(f"_{c} #{i + 1}\n")
-        f.write(f"opticsGroup1 1 0.75 300.0 2.7 0.1 1.5 {BOX} 2\n\n\n")
+        f.write(f"opticsGroup1 1 0.75 300.0 2.7 0.1 1.5 {box} 2\n\n\n")
         f.write("# version 30001\n\ndata_particles\n\nloop_\n")
         for i, c in enumerate(labels):
             f.write(f"_{c} #{i + 1}\n")
@@ -135,12 +137,27 @@ def write_star(path: Path, n: int) -> None:
                 f"{cx[j]:12.6f} {cy[j]:12.6f} {rot[j]:12.6f} {tilt[j]:12.6f} {psi[j]:12.6f} "
                 f"{ox[j]:12.6f} {oy[j]:12.6f} {du[j]:12.6f} {dv[j]:12.6f} {da[j]:12.6f} "
                 f"0.000000 1.000000 0.000000 "
-                f"{(i[j] % PER_STACK) + 1:06d}@Particles/stack_{i[j] // PER_STACK % N_STACKS:03d}.mrcs "
+                f"{(i[j] % PER_STACK) + 1:06d}@Particles/stack_{i[j] // PER_STACK % n_stacks:03d}.mrcs "
                 f"MotionCorr/job002/Movies/mic_{i[j] // 200:06d}.mrc 1 {cls[j]} {half[j]}\n"
                 for j in range(m)
             ]
             f.write("".join(lines))
         f.write("\n")
+
+
+def reconstruct_peak(star: Path, out: Path) -> dict:
+    """Peak RSS of a short streamed ``cryosip reconstruct`` on ``star`` (its own child)."""
+    cmd = [sys.executable, "-m", "cryosip.cli.main", "reconstruct", str(star), "--model", "adk"]
+    cmd += ["--stream", "--steps", "3", "--batch-size", "64", "--pilot-images", "128"]
+    cmd += ["--no-progress", "--seed", "0", "--overwrite", "--out", str(out)]
+    t0 = time.perf_counter()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read().decode()[-2000:])
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_seconds": time.perf_counter() - t0}
 
 
 def measure(star: Path) -> dict:
@@ -160,21 +177,39 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="current")
     p.add_argument("--keep", type=Path, help="write the STAR files and stacks here and keep them")
     p.add_argument("--results", type=Path, default=HERE / "results" / "star_memory.json")
+    p.add_argument(
+        "--reconstruct",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run K short streamed reconstructions per size (32-px stacks) for their peak RSS",
+    )
     a = p.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent / "src"))
     from cryosip import _atomic
 
     folder = a.keep or Path(tempfile.mkdtemp(prefix="cryosip-starmem-"))
+    # a reconstruction needs a box that holds the model: 10 stacks of 10^4 32-px images (400 MB),
+    # each image named 10 times at 10^6 rows
+    n_stacks, box = (10, 32) if a.reconstruct else (N_STACKS, BOX)
+    root, folder = folder, folder / f"{n_stacks}x{box}px"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "Particles" / f"stack_{N_STACKS - 1:03d}.mrcs").exists():
-        write_stacks(folder)
+    if not (folder / "Particles" / f"stack_{n_stacks - 1:03d}.mrcs").exists():
+        write_stacks(folder, n_stacks, box)
     runs = []
     for n in a.rows:
         star = folder / f"particles_{n}.star"
         if not star.exists():
-            write_star(star, n)
+            write_star(star, n, n_stacks, box)
         r = measure(star)
+        if a.reconstruct:
+            runs_e2e = [reconstruct_peak(star, folder / f"out_{n}") for _ in range(a.reconstruct)]
+            r["reconstruct"] = runs_e2e
+            r["reconstruct_median_peak_rss_mb"] = float(
+                np.median([x["peak_rss_mb"] for x in runs_e2e])
+            )
+            print(f"  streamed reconstruct peak RSS {r['reconstruct_median_peak_rss_mb']:.0f} MB")
         r.update(rows=n, star_mb=star.stat().st_size / 2**20)
         r["peak_over_imports_mb"] = r["peak_rss_mb"] - r["rss_after_imports_mb"]
         r["kept_over_imports_mb"] = r["rss_after_read_mb"] - r["rss_after_imports_mb"]
@@ -190,7 +225,7 @@ def main(argv=None) -> int:
     if a.keep is None:
         import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     results = {}
     if a.results.exists():
         try:
