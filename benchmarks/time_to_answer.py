@@ -271,7 +271,8 @@ def main(argv=None) -> int:
             if len(runs) == 2:
                 entry["speedup_flow"] = round(runs[0]["flow_seconds"] / runs[1]["flow_seconds"], 2)
                 entry["speedup_wall"] = round(runs[0]["wall_seconds"] / runs[1]["wall_seconds"], 2)
-            loads = [x for r in runs for x in r["loadavg_before"][:1] + r["loadavg_after"][:1]]
+            # before each run only: the load after a run is the run's own processes
+            loads = [x for r in runs for x in r["loadavg_before"][:1]]
             entry["under_load"] = max(loads) > 0.5 * len(_cpus()) + 0.5
             entry["note"] = (
                 "other jobs ran on the same cores during these runs (load average above); "
