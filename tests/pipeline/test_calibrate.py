@@ -4,6 +4,7 @@ and a working box that keeps the CV's signal."""
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import numpy as np
 from cryojax_sets import ForeignSpec, make_foreign_set
