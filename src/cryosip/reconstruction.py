@@ -653,10 +653,9 @@ def run_streamed(
 
     Returns the pilot :class:`Problem` (its operator is the direct one) and the flow's result.
     Not available here: bootstrap bands and per-image posteriors (both need passes over every
-    image). As no per-image table is written, ``stack.metadata`` (the input's full particle
-    table, O(N) strings) is dropped from ``stack`` here, in place: memory stays flat in N.
+    image). No per-image table is written, so ``stack.metadata`` is not needed: the CLI drops it
+    before the call (O(N) strings; memory stays flat in N).
     """
-    from .data.star import release_freed_memory
     from .data.streaming import MinibatchStream
     from .sip import sharding
     from .sip.streaming_flow import run_streaming
@@ -664,9 +663,6 @@ def run_streamed(
     if objective not in ("kl", "mmd", "kl+mmd"):
         raise ValueError(f"streamed reconstruction supports kl, mmd and kl+mmd, not {objective!r}")
     t0 = time.perf_counter()
-    if stack.metadata is not None:
-        stack.metadata = None
-        release_freed_memory()
     n = len(stack)
     batch_size = int(min(batch_size, n))
     multi = jax.process_count() > 1

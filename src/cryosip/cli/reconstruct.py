@@ -281,7 +281,22 @@ def _main_distributed(args, dist) -> int:
             inputs=[args.particles],
         )
         _atomic.write_json(os.path.join(args.out, "config.json"), settings)
+    stack = _without_table(stack)
     return _main_streamed(args, stack, model, settings, dist=dist)
+
+
+def _without_table(stack):
+    """The stack without its per-particle input table (O(N) strings), the table's memory given
+    back: a streamed run writes no per-image outputs, and its memory must stay flat in N. The
+    caller rebinds its name to the result so that the table has no reference left."""
+    import dataclasses
+
+    from ..data.star import release_freed_memory
+
+    lean = dataclasses.replace(stack, metadata=None)
+    del stack
+    release_freed_memory()
+    return lean
 
 
 def _main_streamed(args, stack, model, settings, dist=None) -> int:
@@ -393,6 +408,7 @@ def main(args) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     _atomic.write_json(os.path.join(args.out, "config.json"), settings)
     if args.stream:
+        stack = _without_table(stack)
         return _main_streamed(args, stack, model, settings)
     from ..data.errors import CryosipInputError
 
