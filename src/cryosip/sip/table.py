@@ -88,8 +88,8 @@ def catmull_rom_basis(
 def _node_tables(base, nodes, y, nu, center: bool):
     """Gram matrix, cross products and |y|^2 for a batch of observations (module-level: compiled once per shape)."""
     b, n_nodes = jax.tree_util.tree_leaves(y)[0].shape[0], nodes.shape[0]
-    # every (observation, node) image as one flat batch: see AbstractRandomOperator.pair_means
-    return gram_tables(base.pair_means(nodes, nu).reshape(b, n_nodes, -1), y, center)
+    # every (observation, node) image: AbstractRandomOperator.node_means (one flat batch)
+    return gram_tables(base.node_means(nodes, nu).reshape(b, n_nodes, -1), y, center)
 
 
 def gram_tables(ms: Float[Array, "b g p"], y, center: bool):
@@ -129,12 +129,9 @@ class TabulatedOperator(AbstractRandomOperator):
         *,
         batch_size: int = 64,
         progress=None,
-        tables=None,
     ) -> TabulatedOperator:
-        """One simulation per (observation, node); ``progress(n_done)`` is called after each batch.
-
-        ``tables(base, nodes, values, nuisance, center)``: a faster kernel for this base operator
-        that returns what :func:`_node_tables` returns (default: :func:`_node_tables`)."""
+        """One simulation per (observation, node) (:meth:`node_means`); ``progress(n_done)`` is
+        called after each batch."""
         lower, upper = (np.asarray(b, np.float64) for b in base.domain)
         if lower.shape != (1,) or not (np.isfinite(lower).all() and np.isfinite(upper).all()):
             raise ValueError(
@@ -142,7 +139,6 @@ class TabulatedOperator(AbstractRandomOperator):
             )
         nodes = jnp.linspace(float(lower[0]), float(upper[0]), n_nodes)[:, None]
         center = base.fit_scale
-        tables = _node_tables if tables is None else tables
 
         n = len(obs)
         parts = []
@@ -152,7 +148,7 @@ class TabulatedOperator(AbstractRandomOperator):
             parts.append(
                 [
                     np.asarray(a)[: min(batch_size, n - s)]
-                    for a in tables(base, nodes, sub.values, sub.nuisance, center)
+                    for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)
                 ]
             )
             if progress is not None:
