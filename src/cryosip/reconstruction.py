@@ -229,7 +229,7 @@ def prepare(
                     op,
                     obs,
                     n_nodes,
-                    batch_size=max(1, (batch_size * 32) // n_nodes**dim),
+                    batch_size=loglik_table_batch(n_nodes, dim, batch_size),
                     progress=bar.advance if bar else None,
                 )
         finally:
@@ -346,6 +346,12 @@ def _initial_gradient(disc, key, op, init, obs):
     return jax.grad(lambda p: disc(key, op, ParticleMeasure(p, init.log_weights), obs))(
         init.positions
     )
+
+
+def loglik_table_batch(n_nodes: int, dim: int, batch_size: int = 64) -> int:
+    """Images per compiled call when tabulating the log-likelihood on n_nodes^dim nodes:
+    ``batch_size x 32`` (image, node) pairs, at least one image."""
+    return max(1, (batch_size * 32) // n_nodes**dim)
 
 
 def default_grid_nodes(dim: int) -> int:

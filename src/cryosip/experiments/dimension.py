@@ -79,7 +79,13 @@ from .. import _atomic
 from ..analysis.metrics import w2
 from ..data.distributions import as_rng, make_distribution
 from ..pipeline.simulate import simulate_dataset
-from ..reconstruction import EXACT_PHYSICS, default_grid_nodes, prepare, run_method
+from ..reconstruction import (
+    EXACT_PHYSICS,
+    default_grid_nodes,
+    loglik_table_batch,
+    prepare,
+    run_method,
+)
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
 from ._common import Results, check_names, make_operator, pyplot, setting, summarise
@@ -259,16 +265,12 @@ def grid_nodes_per_cv(d: int, n_images: int, budget_seconds, per_entry, max_entr
     return max(4, k)
 
 
-def _batch(per_cv: int, d: int) -> int:
-    return max(1, 2048 // per_cv**d)  # (images x nodes) per compiled call, as prepare's
-
-
 def tabulation_cost(problem, per_cv: int, min_entries: int = 20_000) -> tuple[float, float]:
     """Seconds per (image, node) of the exact log-likelihood table in steady state, and the
     first call's extra time (compilation), measured on the first images (at least 4 calls and
     ``min_entries`` entries after the first)."""
     d = int(np.size(problem.lower))
-    G, bs = per_cv**d, _batch(per_cv, d)
+    G, bs = per_cv**d, loglik_table_batch(per_cv, d)
     n_calls = max(4, int(np.ceil(min_entries / (bs * G))) + 1)
     n = min(len(problem.observations), n_calls * bs)
     stamps = [time.perf_counter()]
@@ -286,7 +288,7 @@ def _table(problem, per_cv: int):
     t0 = time.perf_counter()
     d = int(np.size(problem.lower))
     table = LogLikTableOperator.build(
-        problem.operator, problem.observations, per_cv, batch_size=_batch(per_cv, d)
+        problem.operator, problem.observations, per_cv, batch_size=loglik_table_batch(per_cv, d)
     )
     jax.block_until_ready(table.table)
     return table, time.perf_counter() - t0
