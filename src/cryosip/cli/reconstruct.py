@@ -262,17 +262,20 @@ def _devices(text: str):
     return n
 
 
-def _main_distributed(args, dist) -> int:
-    """One process of a multi-process streamed run: reads what ``main`` reads; only process 0
-    checks and writes the output folder."""
+def _start(args, dist=None):
+    """``(stack, model, settings)`` of a run; the writing process (the only one without ``dist``)
+    checks the output folder and writes config.json."""
     from .. import _atomic
     from ..data.particles import read_particles
 
     stack = read_particles(args.particles, datadir=args.datadir)
     model, model_description = model_from_args(args)
-    logger.info("model: %s (%s)", model_description, dist.describe())
+    if dist is None:
+        logger.info("model: %s", model_description)
+    else:
+        logger.info("model: %s (%s)", model_description, dist.describe())
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    if dist.is_writer:
+    if dist is None or dist.is_writer:
         prepare_output_dir(
             args.out,
             overwrite=args.overwrite,
@@ -281,6 +284,69 @@ def _main_distributed(args, dist) -> int:
             inputs=[args.particles],
         )
         _atomic.write_json(os.path.join(args.out, "config.json"), settings)
+    return stack, model, settings
+
+
+def _flow_options(args) -> dict:
+    """The options that ``run_method`` and ``run_streamed`` take alike from the flags."""
+    ck = (
+        os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
+    )
+    return dict(
+        key=jax.random.key(args.seed),
+        n_particles=args.n_particles,
+        n_steps=args.steps,
+        entropy=args.entropy,
+        fisher_rao=args.fisher_rao,
+        progress=not args.no_progress,
+        checkpoint=ck,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+
+
+def _calibration_options(args) -> dict:
+    """The calibration options that ``prepare`` and ``run_streamed`` take alike from the flags."""
+    return dict(
+        sigma=args.sigma,
+        contrast=args.contrast,
+        fit_scale=args.fit_scale,
+        box_size=args.box,
+        noise=args.noise,
+        envelope=not args.no_envelope,
+    )
+
+
+def _write_outputs(args, settings, stack, model, problem, res, extra: dict, posterior) -> int:
+    """Write the run's outputs (cryosip.analysis.outputs), log and print the result."""
+    from ..analysis.outputs import write_reconstruction
+
+    summary = write_reconstruction(
+        args.out,
+        problem,
+        res,
+        model.cv_names,
+        settings,
+        summary_extra={**extra, **_problem_summary(problem, res, args.out, args.seed)},
+        stack=stack,
+        model=model,
+        posterior=posterior,
+    )
+    logger.info(
+        "done: %s%s in %.1f s (final objective %s)",
+        res.label,
+        " (streamed)" if extra.get("streamed") else "",
+        res.seconds,
+        summary.get("final_objective"),
+    )
+    _print_result(res, args.out)
+    return 0
+
+
+def _main_distributed(args, dist) -> int:
+    """One process of a multi-process streamed run: reads what ``main`` reads; only process 0
+    checks and writes the output folder."""
+    stack, model, settings = _start(args, dist)
     stack = _without_table(stack)
     return _main_streamed(args, stack, model, settings, dist=dist)
 
@@ -300,7 +366,6 @@ def _without_table(stack):
 
 
 def _main_streamed(args, stack, model, settings, dist=None) -> int:
-    from ..analysis.outputs import write_reconstruction
     from ..data.errors import CryosipInputError
     from ..reconstruction import run_streamed
 
@@ -315,34 +380,21 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
     else:
         devices = len(jax.devices()) if args.devices == "all" else args.devices
     batch = args.batch_size or 256
-    ck = (
-        os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
+    options = _flow_options(args)
+    resumed = bool(
+        args.resume and options["checkpoint"] is not None and os.path.exists(options["checkpoint"])
     )
-    resumed = bool(args.resume and ck is not None and os.path.exists(ck))
     try:
         problem, res = run_streamed(
             stack,
             model,
             args.objective,
-            key=jax.random.key(args.seed),
-            n_particles=args.n_particles,
-            n_steps=args.steps,
+            **_calibration_options(args),
             batch_size=batch,
             devices=devices,
-            sigma=args.sigma,
-            contrast=args.contrast,
-            fit_scale=args.fit_scale,
-            box_size=args.box,
-            noise=args.noise,
-            envelope=not args.no_envelope,
             n_nodes=args.nodes or 33,
             pilot_images=args.pilot_images,
-            entropy=args.entropy,
-            fisher_rao=args.fisher_rao,
-            progress=not args.no_progress,
-            checkpoint=ck,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
+            **options,
         )
     except CryosipInputError:
         raise
@@ -364,49 +416,17 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
         "checkpoint_every": args.checkpoint_every,
         "resumed": resumed,
     }
-    summary = write_reconstruction(
-        args.out,
-        problem,
-        res,
-        model.cv_names,
-        settings,
-        summary_extra={**extra, **_problem_summary(problem, res, args.out, args.seed)},
-        stack=stack,
-        model=model,
-        posterior=None,
-    )
-    logger.info(
-        "done: %s (streamed) in %.1f s (final objective %s)",
-        res.label,
-        res.seconds,
-        summary.get("final_objective"),
-    )
-    _print_result(res, args.out)
-    return 0
+    return _write_outputs(args, settings, stack, model, problem, res, extra, posterior=None)
 
 
 def main(args) -> int:
-    from .. import _atomic
-    from ..analysis.outputs import write_reconstruction
-    from ..data.particles import read_particles
     from ..reconstruction import posterior_cv, prepare, run_method
 
     dist = _distributed.from_args(args)  # several processes: --coordinator ... or srun
     if dist is not None:
         _distributed.initialize(dist)
         return _distributed.run(dist, lambda: _main_distributed(args, dist))
-    stack = read_particles(args.particles, datadir=args.datadir)
-    model, model_description = model_from_args(args)
-    logger.info("model: %s", model_description)
-    prepare_output_dir(
-        args.out,
-        overwrite=args.overwrite,
-        command="reconstruct",
-        resume=args.resume,
-        inputs=[args.particles],
-    )
-    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    _atomic.write_json(os.path.join(args.out, "config.json"), settings)
+    stack, model, settings = _start(args)
     if args.stream:
         stack = _without_table(stack)
         return _main_streamed(args, stack, model, settings)
@@ -426,58 +446,25 @@ def main(args) -> int:
             args.particles,
             "--pose-error needs --objective kl and a 1-D CV (a tabulated likelihood)",
         )
-    progress = not args.no_progress
+    options = _flow_options(args)
     problem = prepare(
         stack,
         model,
-        sigma=args.sigma,
-        fit_scale=args.fit_scale,
-        contrast=args.contrast,
+        **_calibration_options(args),
         n_nodes=args.nodes,
-        progress=progress,
-        box_size=args.box,
-        noise=args.noise,
-        envelope=not args.no_envelope,
+        progress=options["progress"],
         pose_error=args.pose_error,
-    )
-    ck = (
-        os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
     )
     res = run_method(
         problem,
         args.method,
         args.objective,
-        key=jax.random.key(args.seed),
-        n_particles=args.n_particles,
-        n_steps=args.steps,
+        **options,
         batch_size=args.batch_size,
-        entropy=args.entropy,
-        fisher_rao=args.fisher_rao,
         n_bootstrap=args.bootstrap,
-        progress=progress,
-        checkpoint=ck,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
         heldout_fraction=args.heldout,
         grid_nodes=args.nodes,
         bandwidth=args.bandwidth,
     )
-    summary = write_reconstruction(
-        args.out,
-        problem,
-        res,
-        model.cv_names,
-        settings,
-        summary_extra=_problem_summary(problem, res, args.out, args.seed),
-        stack=stack,
-        model=model,
-        posterior=posterior_cv(problem, res) if problem.table is not None else None,
-    )
-    logger.info(
-        "done: %s in %.1f s (final objective %s)",
-        res.label,
-        res.seconds,
-        summary.get("final_objective"),
-    )
-    _print_result(res, args.out)
-    return 0
+    posterior = posterior_cv(problem, res) if problem.table is not None else None
+    return _write_outputs(args, settings, stack, model, problem, res, {}, posterior)
