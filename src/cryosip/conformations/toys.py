@@ -50,11 +50,11 @@ def _angle_in_degrees(u, v):
 
 
 class _BoxToy(AbstractConformationModel):
-    """Shared plumbing: a box domain stored as static floats."""
+    """Shared plumbing: the pseudo-atoms and a box domain stored as static floats."""
 
-    atoms: eqx.AbstractVar[AtomParameters]
-    domain_lower: eqx.AbstractVar[tuple[float, ...]]
-    domain_upper: eqx.AbstractVar[tuple[float, ...]]
+    atoms: AtomParameters
+    domain_lower: tuple[float, ...] = eqx.field(static=True)
+    domain_upper: tuple[float, ...] = eqx.field(static=True)
 
     @property
     def lower(self):
@@ -76,19 +76,13 @@ def _blobs(n: int, domain, sigma_in_angstroms: float, amplitude: float):
 class Dumbbell(_BoxToy):
     """Two equal blobs on the x axis; CV = their separation in Angstrom."""
 
-    atoms: AtomParameters
-    domain_lower: tuple[float, ...] = eqx.field(static=True)
-    domain_upper: tuple[float, ...] = eqx.field(static=True)
+    cv_names = ("separation",)
 
     def __init__(
         self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 4.0, amplitude: float = 1.0
     ):
         blobs = _blobs(2, domain, blob_sigma_in_angstroms, amplitude)
         self.atoms, self.domain_lower, self.domain_upper = blobs
-
-    @property
-    def cv_names(self):
-        return ("separation",)
 
     def coordinates(self, theta):
         half = 0.5 * theta[0]
@@ -113,9 +107,8 @@ class Hinge(_BoxToy):
     Arm 1 points along +x from the pivot, arm 2 at the opening angle from it (in the xy plane).
     """
 
-    atoms: AtomParameters
-    domain_lower: tuple[float, ...] = eqx.field(static=True)
-    domain_upper: tuple[float, ...] = eqx.field(static=True)
+    cv_names = ("angle",)
+
     n_per_arm: int = eqx.field(static=True)
     spacing_in_angstroms: float = eqx.field(static=True)
 
@@ -139,10 +132,6 @@ class Hinge(_BoxToy):
         self.n_per_arm = int(n_per_arm)
         self.spacing_in_angstroms = float(spacing_in_angstroms)
 
-    @property
-    def cv_names(self):
-        return ("angle",)
-
     def coordinates(self, theta):
         o = jnp.zeros((2,))
         arm1 = _arm(jnp.zeros(()), self.n_per_arm, self.spacing_in_angstroms, o)
@@ -158,19 +147,13 @@ class Hinge(_BoxToy):
 class Square(_BoxToy):
     """Four blobs at the corners of a square; CV = the side length in Angstrom."""
 
-    atoms: AtomParameters
-    domain_lower: tuple[float, ...] = eqx.field(static=True)
-    domain_upper: tuple[float, ...] = eqx.field(static=True)
+    cv_names = ("side",)
 
     def __init__(
         self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 3.0, amplitude: float = 1.0
     ):
         blobs = _blobs(4, domain, blob_sigma_in_angstroms, amplitude)
         self.atoms, self.domain_lower, self.domain_upper = blobs
-
-    @property
-    def cv_names(self):
-        return ("side",)
 
     def coordinates(self, theta):
         corners = jnp.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]], jnp.float32)
@@ -193,9 +176,8 @@ class TwoHinge(_BoxToy):
     map (a, b) to (b, a) and the two angles could not be told apart from images.
     """
 
-    atoms: AtomParameters
-    domain_lower: tuple[float, ...] = eqx.field(static=True)
-    domain_upper: tuple[float, ...] = eqx.field(static=True)
+    cv_names = ("angle1", "angle2")
+
     n_body: int = eqx.field(static=True)
     n_arm1: int = eqx.field(static=True)
     n_arm2: int = eqx.field(static=True)
@@ -227,10 +209,6 @@ class TwoHinge(_BoxToy):
         self.domain_lower, self.domain_upper = lo, hi
         self.n_body, self.n_arm1, self.n_arm2 = int(n_body), int(n_arm1), int(n_arm2)
         self.spacing_in_angstroms = float(spacing_in_angstroms)
-
-    @property
-    def cv_names(self):
-        return ("angle1", "angle2")
 
     def coordinates(self, theta):
         s = self.spacing_in_angstroms
