@@ -95,15 +95,63 @@ class _State(eqx.Module):
     backoffs: Int[Array, ""]
 
 
-def _schedule(kind: str, step, n_steps: int, decay: float):
+def _schedule(kind: str, step, horizon, decay, keep):
+    """Step-size factor at ``step``. ``horizon``: n_steps (cosine) or max(1, decay * n_steps)
+    (inverse); ``keep`` = 1 - decay. Traced scalars, so that the run's length is not compiled in."""
     t = step.astype(jnp.float32)
     if kind == "constant":
         return jnp.ones_like(t)
     if kind == "cosine":
-        return 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / n_steps, 1.0))) * (1 - decay) + decay
+        return 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / horizon, 1.0))) * keep + decay
     if kind == "inverse":
-        return 1.0 / (1.0 + t / max(1.0, decay * n_steps))
+        return 1.0 / (1.0 + t / horizon)
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+class _Knobs(eqx.Module):
+    """The flow's numbers as traced scalars (:func:`_run_chunk`): runs that differ only in them
+    (a bootstrap replicate's shorter ``n_steps``, another data set's step size) share one
+    compiled chunk."""
+
+    n_steps: Int[Array, ""]
+    horizon: Float[Array, ""]
+    decay: Float[Array, ""]
+    keep: Float[Array, ""]
+    step_size: Float[Array, ""]
+    max_displacement: Float[Array, ""]
+    entropy: Float[Array, ""]
+    fisher_rao: Float[Array, ""]
+
+
+def _split_flow(flow) -> tuple:
+    """(the flow with its numbers replaced by placeholders that keep every branch, the numbers
+    as :class:`_Knobs`). The values are rounded to float32 on the host as the Python constants
+    were when they were compiled in, so the steps are the same."""
+    n, decay = int(flow.n_steps), float(flow.schedule_decay)
+    horizon = max(1.0, decay * n) if flow.schedule == "inverse" else float(n)
+    f32 = lambda v: jnp.asarray(np.float32(v))  # noqa: E731
+    knobs = _Knobs(
+        jnp.asarray(np.int32(n)),
+        f32(horizon),
+        f32(decay),
+        f32(1 - decay),
+        f32(flow.step_size),
+        f32(0.0 if flow.max_displacement is None else flow.max_displacement),
+        f32(flow.entropy),
+        f32(flow.fisher_rao),
+    )
+    shape = dataclasses.replace(
+        flow,
+        step_size=0.0,
+        n_steps=0,
+        schedule_decay=0.0,
+        max_displacement=None if flow.max_displacement is None else 1.0,
+        entropy=1.0 if flow.entropy > 0 else 0.0,
+        fisher_rao=1.0 if flow.fisher_rao > 0 else 0.0,
+        record_every=1,
+        heldout_every=0,
+    )
+    return shape, knobs
 
 
 class WassersteinGradientFlow(eqx.Module):
@@ -154,9 +202,9 @@ class WassersteinGradientFlow(eqx.Module):
         state = _State(
             init.positions,
             init.log_weights,
-            jnp.asarray(0),
-            jnp.asarray(1.0, jnp.float32),
-            jnp.asarray(0),
+            jnp.asarray(0, jnp.int32),  # int32, not weak-typed: the chunk's output carry is
+            jnp.asarray(1.0, jnp.float32),  # int32, and a weak input would compile twice
+            jnp.asarray(0, jnp.int32),
         )
 
         records = _Records(losses, held, traj, wtraj)
@@ -208,7 +256,6 @@ class WassersteinGradientFlow(eqx.Module):
         )
 
 
-@eqx.filter_jit
 def _run_chunk(
     flow: WassersteinGradientFlow,
     discrepancy,
@@ -221,8 +268,28 @@ def _run_chunk(
 ):
     """``flow.chunk_size`` steps in one compiled scan (steps past n_steps leave the state unchanged).
 
-    A module-level jit: repeated runs with the same shapes (bootstrap replicates, resumed runs)
-    reuse the compiled program."""
+    The compiled program is module-level and sees the flow's numbers (step count, step size,
+    schedule decay, displacement cap, entropy, Fisher-Rao rate) as traced values: repeated runs
+    with the same shapes (bootstrap replicates with their shorter ``n_steps``, resumed runs,
+    held-out runs) reuse it."""
+    shape, knobs = _split_flow(flow)
+    return _run_chunk_compiled(
+        shape, knobs, discrepancy, operator, observations, key, lower, upper, state
+    )
+
+
+@eqx.filter_jit
+def _run_chunk_compiled(
+    flow: WassersteinGradientFlow,
+    knobs: _Knobs,
+    discrepancy,
+    operator,
+    observations,
+    key,
+    lower,
+    upper,
+    state: _State,
+):
     n_obs = len(observations)
     P = state.positions.shape[0]
 
@@ -241,16 +308,16 @@ def _run_chunk(
             state.positions, state.log_weights, obs, kd
         )
         tau = (
-            flow.step_size
-            * _schedule(flow.schedule, state.step, flow.n_steps, flow.schedule_decay)
+            knobs.step_size
+            * _schedule(flow.schedule, state.step, knobs.horizon, knobs.decay, knobs.keep)
             * state.scale
         )
         disp = tau * (-P * gpos)
         if flow.max_displacement is not None:
             norm = jnp.linalg.norm(disp, axis=-1, keepdims=True)
-            disp = disp * jnp.minimum(1.0, flow.max_displacement / jnp.maximum(norm, 1e-30))
+            disp = disp * jnp.minimum(1.0, knobs.max_displacement / jnp.maximum(norm, 1e-30))
         if flow.entropy > 0:
-            disp = disp + jnp.sqrt(2 * flow.entropy * tau) * jax.random.normal(
+            disp = disp + jnp.sqrt(2 * knobs.entropy * tau) * jax.random.normal(
                 kn, disp.shape, disp.dtype
             )
         new_pos = reflect_into(state.positions + disp, lower, upper)
@@ -262,11 +329,11 @@ def _run_chunk(
             # for KL, phi_i = -R_i / w_i (R_i: responsibility mass), so fisher_rao = 1 is an EM-like update
             # guard: at most a factor e per step, whatever the objective's scale
             new_logw = state.log_weights - jnp.clip(
-                flow.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0
+                knobs.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0
             )
             new_logw = new_logw - jax.scipy.special.logsumexp(new_logw)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_pos)) & jnp.all(jnp.isfinite(new_logw))
-        active = state.step < flow.n_steps
+        active = state.step < knobs.n_steps
         take = ok & active
         new_state = _State(
             jnp.where(take, new_pos, state.positions),
@@ -418,9 +485,9 @@ def load_checkpoint(path, records: _Records) -> tuple[_State, dict]:
         state = _State(
             jnp.asarray(z["positions"]),
             jnp.asarray(z["log_weights"]),
-            jnp.asarray(int(z["step"])),
-            jnp.asarray(z["scale"]),
-            jnp.asarray(int(z["backoffs"])),
+            jnp.asarray(int(z["step"]), jnp.int32),
+            jnp.asarray(z["scale"], jnp.float32),
+            jnp.asarray(int(z["backoffs"]), jnp.int32),
         )
         records.losses[:], records.heldout[:] = z["losses"], z["heldout"]
         records.trajectory[:], records.wtrajectory[:] = z["trajectory"], z["wtrajectory"]
