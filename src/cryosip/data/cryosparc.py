@@ -31,10 +31,9 @@ import pandas as pd
 
 from ..cryoem.pose import matrix_to_axis_angle
 from .errors import CryosipInputError, existing_file
-from .particles import ParticleStack, on_working_box
+from .particles import ParticleStack, checked_stack
 from .star import (
     locate_stacks,
-    make_checked_nuisance,
     native_images,
     parse_image_names,
     stack_image_names,
@@ -252,10 +251,7 @@ def read_cs(
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
         shift = np.zeros((n, 2))
 
-    nuisance = make_checked_nuisance(
-        path,
-        rot,
-        shift,
+    ctf = dict(
         defocus_u_in_angstroms=dfu,
         defocus_v_in_angstroms=dfv,
         defocus_angle_in_degrees=ang,
@@ -266,19 +262,21 @@ def read_cs(
         bfactor_in_angstroms2=bfac,
         scale=scale,
     )
-    stack = ParticleStack(
+    return checked_stack(
+        path,
+        box_size,
+        rot,
+        shift,
+        ctf,
         images=images,
-        nuisance=nuisance,
         pixel_size=pixel_size,
         metadata=cs_to_dataframe(data),
         optics=None,
-        source=os.fspath(path),
         has_poses=has_poses,
         has_shifts=has_poses,
         optics_group=None if optics_group is None else optics_group.astype(np.int64),
         native_grid=grids,
     )
-    return on_working_box(stack, box_size, path)
 
 
 def _cs_image_locations(

@@ -541,6 +541,24 @@ class AbstractImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _take_index(self, idx) -> np.ndarray:
+        """The particle indices of ``take(idx)`` (an int gives a one-image view)."""
+        return _normalise_index(
+            idx if not isinstance(idx, (int, np.integer)) else [idx], len(self)
+        )[0]
+
+    def _read_by_group(self, idx: np.ndarray, groups: np.ndarray, read_group) -> np.ndarray:
+        """The images ``idx``, read one group at a time (``groups[i]``: the stack file or optics
+        group of ``idx[i]``): ``read_group(k, idx[sel])`` for the positions ``sel`` of group ``k``
+        returns ``(order, images)``, the images of ``idx[sel[order]]``."""
+        D = self.box_size
+        out = np.empty((idx.shape[0], D, D), np.float32)
+        for k in np.unique(groups):
+            sel = np.nonzero(groups == k)[0]
+            order, chunk = read_group(int(k), idx[sel])
+            out[sel[order]] = chunk
+        return out
+
     @property
     def size(self) -> int:
         n, y, x = self.shape
@@ -682,9 +700,7 @@ class LazyImageStack(AbstractImages):
 
     def take(self, idx) -> LazyImageStack:
         """A lazy view of a subset of the particles."""
-        idx, _ = _normalise_index(
-            idx if not isinstance(idx, (int, np.integer)) else [idx], len(self)
-        )
+        idx = self._take_index(idx)
         return LazyImageStack(
             self.files,
             self.file_index[idx],
@@ -697,34 +713,30 @@ class LazyImageStack(AbstractImages):
         )
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
-        D = self.box_size
-        out = np.empty((idx.shape[0], D, D), np.float32)
-        fidx = self.file_index[idx]
-        for k in np.unique(fidx):
-            sel = np.nonzero(fidx == k)[0]
-            rows = self.image_index[idx[sel]]
-            mm = self._map(int(k))
-            if mm.shape[1] != mm.shape[2]:
-                raise CryosipInputError(
-                    self.files[k], f"images are not square ({mm.shape[1]}x{mm.shape[2]})"
-                )
-            if rows.size and rows.max() >= mm.shape[0]:
-                bad = int(rows.max())
-                raise CryosipInputError(
-                    self.files[k],
-                    f"image index {bad + 1} out of range (stack has {mm.shape[0]} images)",
-                )
-            order = np.argsort(rows, kind="stable")
-            chunk = np.asarray(mm[rows[order]], dtype=np.float32)
-            if self.check_finite and not np.isfinite(chunk).all():
-                bad = int(rows[order][np.nonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0][0]])
-                raise CryosipInputError(
-                    self.files[k], f"image {bad + 1} contains NaN or Inf pixels"
-                )
-            if chunk.shape[-1] != D:
-                chunk = fourier_crop(chunk, D)
-            out[sel[order]] = chunk
-        return out
+        return self._read_by_group(idx, self.file_index[idx], self._read_file)
+
+    def _read_file(self, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images ``idx`` (all in file ``k``) in file order, and where they go in ``idx``."""
+        rows = self.image_index[idx]
+        mm = self._map(k)
+        if mm.shape[1] != mm.shape[2]:
+            raise CryosipInputError(
+                self.files[k], f"images are not square ({mm.shape[1]}x{mm.shape[2]})"
+            )
+        if rows.size and rows.max() >= mm.shape[0]:
+            bad = int(rows.max())
+            raise CryosipInputError(
+                self.files[k],
+                f"image index {bad + 1} out of range (stack has {mm.shape[0]} images)",
+            )
+        order = np.argsort(rows, kind="stable")
+        chunk = np.asarray(mm[rows[order]], dtype=np.float32)
+        if self.check_finite and not np.isfinite(chunk).all():
+            bad = int(rows[order][np.nonzero(~np.isfinite(chunk).all(axis=(1, 2)))[0][0]])
+            raise CryosipInputError(self.files[k], f"image {bad + 1} contains NaN or Inf pixels")
+        if chunk.shape[-1] != self.box_size:
+            chunk = fourier_crop(chunk, self.box_size)
+        return order, chunk
 
 
 class TransformedImages(AbstractImages):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from ..cryoem.ctf import CTFParams
 from ..cryoem.image_model import CryoNuisance
 from ..sip.operator import Observations
 from .errors import CryosipInputError
-from .mrc import AbstractImages, MissingImages, _normalise_index
+from .mrc import AbstractImages, MissingImages
 
 
 def nuisance_to_numpy(nu: CryoNuisance) -> CryoNuisance:
@@ -305,25 +306,21 @@ class GroupedImages(AbstractImages):
         )
 
     def take(self, idx) -> GroupedImages:
-        idx, _ = _normalise_index(
-            idx if not isinstance(idx, (int, np.integer)) else [idx], len(self)
-        )
+        idx = self._take_index(idx)
         out = self.regrid(self.box_size, self.pixel_size)
         out.group, out.index_in_group = self.group[idx], self.index_in_group[idx]
         return out
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
-        D = self.box_size
-        out = np.empty((idx.shape[0], D, D), np.float32)
-        g_of = self.group[idx]
-        for g in np.unique(g_of):
-            sel = np.nonzero(g_of == g)[0]
-            chunk = np.asarray(self.sources[g][self.index_in_group[idx[sel]]], np.float32)
-            R = self._mats[g]
-            if R is not None:
-                chunk = np.einsum("ji,nik,lk->njl", R, chunk.astype(np.float64), R, optimize=True)
-            out[sel] = chunk
-        return out
+        return self._read_by_group(idx, self.group[idx], self._read_group)
+
+    def _read_group(self, g: int, idx: np.ndarray) -> tuple[slice, np.ndarray]:
+        """The images ``idx`` (all in optics group ``g``) on the working grid, in ``idx``'s order."""
+        chunk = np.asarray(self.sources[g][self.index_in_group[idx]], np.float32)
+        R = self._mats[g]
+        if R is not None:
+            chunk = np.einsum("ji,nik,lk->njl", R, chunk.astype(np.float64), R, optimize=True)
+        return slice(None), chunk
 
     def __repr__(self) -> str:
         return f"GroupedImages(shape={self.shape}, grids={list(zip(self.boxes, self.pixel_sizes))})"
@@ -519,6 +516,20 @@ def on_working_box(stack: ParticleStack, box_size: int | None, path) -> Particle
         if isinstance(e, CryosipInputError):
             raise
         raise CryosipInputError(path, str(e)) from None
+
+
+def checked_stack(path, box_size: int | None, rot, shift, ctf: dict, **fields) -> ParticleStack:
+    """What a reader returns: the :class:`ParticleStack` of ``fields`` read from ``path``, its
+    nuisance made from ``rot``, ``shift`` and the ``ctf`` keywords (:meth:`CTFParams.make`), on
+    the ``box_size`` working grid (:func:`on_working_box`). A value that does not fit in float32
+    is a :class:`CryosipInputError` naming ``path``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        nuisance = ParticleStack.make_nuisance(rot, shift, **ctf)
+    for leaf in jax.tree_util.tree_leaves(nuisance):
+        if not np.isfinite(leaf).all():
+            raise CryosipInputError(path, "pose, shift or CTF values out of range (overflow)")
+    stack = ParticleStack(nuisance=nuisance, source=os.fspath(path), **fields)
+    return on_working_box(stack, box_size, path)
 
 
 def estimate_noise_sigma(

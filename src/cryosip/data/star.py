@@ -51,8 +51,8 @@ from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, 
 from .particles import (
     MissingStackImages,
     ParticleStack,
+    checked_stack,
     grouped_images,
-    on_working_box,
     working_grid,
 )
 
@@ -569,18 +569,6 @@ def _numeric(
     return vals
 
 
-def make_checked_nuisance(path: Path, rot, shift, **ctf):
-    """ParticleStack.make_nuisance, with a clear error if a value does not fit in float32."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        nu = ParticleStack.make_nuisance(rot, shift, **ctf)
-    import jax
-
-    for leaf in jax.tree_util.tree_leaves(nu):
-        if not np.isfinite(leaf).all():
-            raise CryosipInputError(path, "pose, shift or CTF values out of range (overflow)")
-    return nu
-
-
 # RELION labels cryosip reads or commonly meets (others are kept but never suggested)
 _KNOWN_LABELS = {
     *_POSE_COLUMNS,
@@ -982,10 +970,7 @@ def read_star(
         has_shifts = False
     shift = -origin_a
 
-    nuisance = make_checked_nuisance(
-        path,
-        rot,
-        shift,
+    ctf = dict(
         defocus_u_in_angstroms=dfu,
         defocus_v_in_angstroms=dfv,
         defocus_angle_in_degrees=dfang,
@@ -996,13 +981,16 @@ def read_star(
         bfactor_in_angstroms2=bfac,
         scale=scale,
     )
-    stack = ParticleStack(
+    return checked_stack(
+        path,
+        box_size,
+        rot,
+        shift,
+        ctf,
         images=images,
-        nuisance=nuisance,
         pixel_size=pixel_size,
         metadata=particles,
         optics=optics,
-        source=os.fspath(path),
         has_poses=has_poses,
         has_shifts=has_shifts,
         ctf_premultiplied=is_premult,
@@ -1010,7 +998,6 @@ def read_star(
         optics_group=optics_group,
         native_grid=grids,
     )
-    return on_working_box(stack, box_size, path)
 
 
 # ----------------------------------------------------------------------------------------------
