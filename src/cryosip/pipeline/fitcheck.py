@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 Z_LIMIT = 4.0
 SHELL_TOLERANCE = 0.1  # a shell's residual power off the predicted by more than 10%
 CHI2_TOLERANCE = 0.005  # residual power per mode 0.5% above the predicted
+# points of the recovered measure scored per image: all of them on a table (a lookup each), a
+# resample of the measure on the direct path (one rendering per image and point)
+MAX_POINTS_TABLE = 8192
+MAX_POINTS_DIRECT = 256
 
 
 @dataclasses.dataclass
@@ -81,6 +85,22 @@ def _stats(y, m, keep, fit_scale: bool):
     return a, b, chi2, radial_average(pw.mean(0), D)
 
 
+def _support(w: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The points that carry the measure (indices, weights summing to 1): those with mass (a
+    grid's empty nodes cost renders and carry none), and above ``max_points`` a systematic
+    resample of the measure (equal-weight quantiles of its mass, repeats merged). Never the
+    heaviest ``max_points`` alone: a smoothed measure's points have equal weights, and a
+    cut-off drops whole particles (on a 300-image cryojax set the 256 heaviest of 1,088 points
+    held 25 % of the mass, and the check saw the missing conformations as misfit)."""
+    keep = np.flatnonzero(w > 1e-4 * w.max())
+    if len(keep) <= max_points:
+        return keep, w[keep] / w[keep].sum()
+    c = np.cumsum(w[keep])
+    pick = np.searchsorted(c, (np.arange(max_points) + 0.5) / max_points * c[-1])
+    idx, counts = np.unique(np.minimum(pick, len(keep) - 1), return_counts=True)
+    return keep[idx], counts / counts.sum()
+
+
 def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     """Run the check on ``problem`` (a prepared :class:`~cryosip.reconstruction.Problem`) and a
     method's ``result`` (positions, weights)."""
@@ -90,11 +110,10 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     n_all = len(obs_all)
     idx = np.unique(np.linspace(0, n_all - 1, min(n_all, n_images)).round().astype(np.int64))
     obs = obs_all.take(jnp.asarray(idx))
-    w = np.asarray(result.weights, np.float64)
-    # the particles that carry the distribution (a grid's empty nodes cost renders, no mass)
-    keep_p = np.argsort(-w)[:256]
-    keep_p = np.sort(keep_p[w[keep_p] > 1e-4 * w.max()])
-    w = w[keep_p] / w[keep_p].sum()
+    keep_p, w = _support(
+        np.asarray(result.weights, np.float64),
+        MAX_POINTS_TABLE if problem.table is not None else MAX_POINTS_DIRECT,
+    )
     pos = jnp.asarray(np.asarray(result.positions)[keep_p], jnp.float32)
     logw = jnp.log(jnp.clip(jnp.asarray(w, jnp.float32), 1e-30))
     if problem.table is not None:
