@@ -299,27 +299,61 @@ def _candidate_perturbations():
     g = np.arange(-3, 4) * 0.5
     shifts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     shifts = shifts[np.argsort(np.hypot(*shifts.T), kind="stable")]  # identity first
-    rots = np.asarray(axis_angle_to_matrix(jnp.asarray(vecs, jnp.float32)))
+    # one compiled program (op by op it compiled ~20 small ones)
+    rots = np.asarray(jax.jit(axis_angle_to_matrix)(jnp.asarray(vecs, jnp.float32)))
     return rots, np.degrees(np.linalg.norm(vecs, axis=1)), shifts
 
 
 @eqx.filter_jit
-def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
-    """LS fit gain of each image on its model under each candidate perturbation: (c, R).
+def _clean_means(op, theta, nuisance):
+    """Each image's model at its given pose (module-level: compiled once, not per call)."""
+    return jax.vmap(op.mean)(theta, nuisance)
 
-    All c x R (image, candidate) renders form one flat batch (as in
-    :meth:`~cryosip.sip.operator.AbstractRandomOperator.pair_means`): a vmap over images of a
-    vmap over candidates would hide the projector's batching rule and run ~5x slower."""
+
+@eqx.filter_jit
+def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
+    """LS fit gain of images on their model under each candidate perturbation: (k, c, R + S)
+    for ``y`` (k, c, D, D), k images per row fitted on row c's model (the data and its
+    replicate share the renders), the R rotations ``rots`` (shift as given), then the S shifts
+    ``shifts`` (rotation as given).
+
+    Nothing is rendered twice: each image's structure once, R projections per image (all c x R
+    of them one flat batch, as in :meth:`~cryosip.pipeline.operator.CryoEMOperator.node_means`:
+    a vmap over images of a vmap over candidates would hide the projector's batching rule and
+    run ~5x slower) and one at the given rotation, whose Fourier transform times each shifted
+    transfer (CTF, shift phase, filter) gives the S shift candidates. The same images as
+    rendering every (image, candidate) pair with ``op.mean`` (``tests/pipeline/
+    test_pose_search_kernel.py``), at (R + 1) / (R + S) of the projections, shared by the k."""
     from .pose_marginal import perturb_nuisance
 
-    c, r = theta.shape[0], rots.shape[0]
-    flat = jax.tree_util.tree_map(lambda a: jnp.repeat(a, r, axis=0), nuisance)  # row i * R + j
-    nu = perturb_nuisance(flat, jnp.tile(rots, (c, 1, 1)), jnp.tile(shifts, (c, 1)))
-    ms = jax.vmap(op.mean)(jnp.repeat(theta, r, axis=0), nu).reshape(c, r, -1)
-    yc = y.reshape(c, -1)
-    yc = yc - yc.mean(axis=1, keepdims=True)
+    im, atoms = op.image_model, op.conformation.atoms
+    c, r, s, d = theta.shape[0], rots.shape[0], shifts.shape[0], im.box_size
+    coords = jax.vmap(op.conformation)(theta)  # (c, atoms, 3)
+    # rotation candidates: rows i * R + j; each image's transfer (its own shift) once
+    rot = perturb_nuisance(
+        jax.tree_util.tree_map(lambda a: jnp.repeat(a, r, axis=0), nuisance),
+        jnp.tile(rots, (c, 1, 1)),
+        jnp.zeros((c * r, 2), rots.dtype),
+    ).rotation
+    proj = jax.vmap(lambda x, q: im.project(x, atoms, q))(jnp.repeat(coords, r, axis=0), rot)
+    own = jax.vmap(im.transfer)(nuisance)  # (c, D, D/2+1)
+    f_rot = jnp.fft.rfft2(proj).reshape(c, r, d, d // 2 + 1) * own[:, None]
+    # shift candidates: the projection at the given rotation, each shift's transfer
+    proj0 = jax.vmap(lambda x, q: im.project(x, atoms, q))(coords, nuisance.rotation)
+    moved = perturb_nuisance(
+        jax.tree_util.tree_map(lambda a: jnp.repeat(a, s, axis=0), nuisance),
+        jnp.broadcast_to(jnp.eye(3, dtype=rots.dtype), (c * s, 3, 3)),
+        jnp.tile(shifts, (c, 1)),
+    )
+    f_shift = jnp.fft.rfft2(proj0)[:, None] * jax.vmap(im.transfer)(moved).reshape(
+        c, s, d, d // 2 + 1
+    )
+    ms = jnp.fft.irfft2(jnp.concatenate([f_rot, f_shift], axis=1), s=(d, d)).reshape(c, r + s, -1)
+    yc = y.reshape(y.shape[0], c, -1)
+    yc = yc - yc.mean(axis=2, keepdims=True)
     mc = ms - ms.mean(axis=2, keepdims=True)
-    return jnp.einsum("crp,cp->cr", mc, yc) ** 2 / jnp.maximum(jnp.sum(mc * mc, axis=2), 1e-30)
+    norm = jnp.maximum(jnp.sum(mc * mc, axis=2), 1e-30)
+    return jnp.einsum("crp,kcp->kcr", mc, yc) ** 2 / norm
 
 
 def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=None, chunk: int = 16):
@@ -346,29 +380,26 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
     nu = dataclasses.replace(nu, ctf=ctf, group=jnp.asarray(pilot.groups[:m], jnp.int32))
     theta = jnp.asarray(pilot.points[stats["best"][:m]])
     y = jnp.asarray(spec.whiten(pilot.images[:m], pilot.groups[:m]))
-    clean = jax.jit(jax.vmap(op.mean))(theta, nu)
+    clean = _clean_means(op, theta, nu)
     a = jnp.asarray(stats["a"][:m], jnp.float32)[:, None, None]
     key = jax.random.key(0) if key is None else key
     null = a * clean + jax.random.normal(key, clean.shape, clean.dtype)  # whitened: unit noise
     rots, angles, shifts = _candidate_perturbations()
-    eye, zero = (
-        np.broadcast_to(np.eye(3, dtype=np.float32), (len(shifts), 3, 3)),
-        np.zeros((len(rots), 2), np.float32),
-    )
-    # every candidate (rotations, then shifts) on the data and on the replicate: one compiled
-    # program, run on chunks of images so that memory stays at chunk x candidates images
-    all_rots = jnp.asarray(np.concatenate([rots, eye]), jnp.float32)
-    all_shifts = jnp.asarray(np.concatenate([zero, shifts.astype(np.float32)]), jnp.float32)
-    th2 = np.concatenate([np.asarray(theta)] * 2)
-    nu2 = jax.tree_util.tree_map(lambda a: np.concatenate([np.asarray(a)] * 2), nu)
-    y2 = np.concatenate([np.asarray(y), np.asarray(null)])
+    # every candidate (rotations, then shifts) on the data and on the replicate (one set of
+    # renders for both): one compiled program, run on chunks of images so that memory stays at
+    # chunk x candidates images
+    all_rots = jnp.asarray(rots, jnp.float32)
+    all_shifts = jnp.asarray(shifts, jnp.float32)
+    # the data and its replicate share each image's renders
+    theta, y2 = np.asarray(theta), np.stack([np.asarray(y), np.asarray(null)])
+    nu = jax.tree_util.tree_map(np.asarray, nu)
     gains = []
-    for s in range(0, 2 * m, chunk):
-        idx = np.minimum(np.arange(s, s + chunk), 2 * m - 1)  # one compiled shape
-        sub = jax.tree_util.tree_map(lambda a: a[idx], nu2)
-        g = _perturbed_fits(op, th2[idx], sub, y2[idx], all_rots, all_shifts)
-        gains.append(np.asarray(g)[: min(chunk, 2 * m - s)])
-    gains = np.concatenate(gains)  # (2m, R + S): rows [data; replicate]
+    for s in range(0, m, chunk):
+        idx = np.minimum(np.arange(s, s + chunk), m - 1)  # one compiled shape
+        sub = jax.tree_util.tree_map(lambda a: a[idx], nu)
+        g = _perturbed_fits(op, theta[idx], sub, y2[:, idx], all_rots, all_shifts)
+        gains.append(np.asarray(g)[:, : min(chunk, m - s)])
+    gains = np.concatenate(gains, axis=1).reshape(2 * m, -1)  # rows [data; replicate]
     out = {}
     nr = len(rots)
     for name, cols, size in (
