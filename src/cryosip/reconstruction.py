@@ -28,7 +28,7 @@ from .sip.discrepancies import (
     median_distance,
 )
 from .sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
-from .sip.loglik_table import LogLikTableOperator, product_nodes
+from .sip.loglik_table import LogLikTableOperator, Resolution, choose_resolution, product_nodes
 from .sip.measure import ParticleMeasure, uniform_measure
 from .sip.smoothing import Bandwidth, choose_bandwidth, expand_particles, refine, smooth
 from .sip.table import TabulatedOperator
@@ -56,6 +56,8 @@ class Problem:
     stack: ParticleStack | None = None  # the working stack (cropped, with noise groups)
     # the likelihood on a fine product grid (any d), what regularisation and KL flows run on
     loglik: LogLikTableOperator | None = None
+    # d > 1: how the table's nodes per CV were chosen (None: given, or 1-D)
+    resolution: Resolution | None = None
     _bandwidth: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -132,6 +134,9 @@ class MethodResult:
         return self.method if self.method != "wgf" else f"wgf-{self.objective}"
 
 
+# images of the pilot that measures the log-likelihood's interpolation error per CV (d > 1)
+PILOT_IMAGES = 64
+
 # cryosip's own simulations follow the model exactly: no per-image amplitude, no envelope, the
 # box they were simulated at. Studies of the method (experiments, the demo) state it with these.
 EXACT_PHYSICS = {"fit_scale": False, "envelope": False, "keep_box": True}
@@ -201,7 +206,26 @@ def prepare(
     if use_table is None:
         use_table = bounded
     dim = conformation.dim
-    n_nodes = default_grid_nodes(dim) if n_nodes is None else int(n_nodes)
+    resolution = None
+    if use_table and dim > 1 and n_nodes is None and pose_error is None:
+        # nodes per CV from the measured interpolation error on a pilot of the images
+        m = min(len(obs), PILOT_IMAGES)
+        pilot = np.unique(np.linspace(0, len(obs) - 1, m).round().astype(np.int64))
+        resolution = choose_resolution(op, obs.take(jnp.asarray(pilot)))
+        n_nodes = resolution.shape
+        logger.info(
+            "log-likelihood table: %s nodes per CV (interpolation error %s nats)%s",
+            "x".join(map(str, resolution.shape)),
+            ", ".join(f"{e:.2g}" for e in resolution.expected_error),
+            f"; {'x'.join(map(str, resolution.needed))} would be needed for "
+            f"{resolution.tolerance} nats, capped at {resolution.max_nodes} nodes"
+            if resolution.capped
+            else "",
+        )
+    elif n_nodes is None:
+        n_nodes = default_grid_nodes(dim)
+    else:
+        n_nodes = int(n_nodes)
     table = fine_grid = fine_ll = loglik = None
     if use_table:
         bar = TqdmProgress("tabulate") if progress else None
@@ -229,7 +253,7 @@ def prepare(
                     op,
                     obs,
                     n_nodes,
-                    batch_size=loglik_table_batch(n_nodes, dim, batch_size),
+                    batch_size=loglik_table_batch(int(np.prod(n_nodes)), 1, batch_size),
                     progress=bar.advance if bar else None,
                 )
         finally:
@@ -258,6 +282,7 @@ def prepare(
         calibration=calibration,
         stack=stack,
         loglik=loglik,
+        resolution=resolution,
     )
 
 

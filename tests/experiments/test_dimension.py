@@ -70,7 +70,12 @@ def test_cli_tiny_run_numbers(tmp_path):
     assert len(summary["flow_over_grid"]) == 2 and summary["load_average_start"]
 
     df = pd.read_csv(out / "dimension.csv")
-    assert len(df) == 2 * (len(study.METHODS) + 1)
+    # every method and the oracle per case, and for d > 1 grid EM on the flow's own table,
+    # whose nodes per CV come from the measured interpolation error (sip.loglik_table)
+    assert len(df) == 2 * (len(study.METHODS) + 1) + 1
+    own = df[df["method"] == "em-table"].iloc[0]
+    assert own["case"] == "two-hinge"
+    assert own["grid_nodes"] == np.prod([int(k) for k in own["table_shape"].split("x")])
     assert np.isfinite(df[["w2", "w2_rms", "seconds"]]).all().all()
     # W2 below a fraction of the truth's spread (the W2 of a point mass at its mean); measured:
     # adk-1 0.26 (flow), 0.27 (grid), 0.30 (per-image) of 2.4 A; two-hinge 0.52, 0.55, 0.71 of 30 deg

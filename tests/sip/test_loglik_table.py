@@ -164,3 +164,54 @@ def test_two_dimensional_table_interpolates_a_smooth_loglik():
         ).sum(0)
     ) / (2 * eps)
     np.testing.assert_allclose(np.asarray(g)[:, 0], num, rtol=0.02, atol=0.05)
+
+
+class _TwoRates(DecayOperator):
+    """Two CVs: a decay rate the curves depend on strongly and a slow drift they hardly see,
+    y(t) = xi exp(-theta_0 t) + 0.02 theta_1 t."""
+
+    def mean(self, theta, nuisance):
+        return nuisance * jnp.exp(-theta[0] * self.times) + 0.02 * theta[1] * self.times
+
+    @property
+    def domain(self):
+        return jnp.array([self.lower_bound, 0.0]), jnp.array([self.upper_bound, 1.0])
+
+
+def test_nodes_per_cv_follow_the_measured_interpolation_error():
+    """choose_resolution gives the sharp CV many nodes and the flat one few; the table it builds
+    interpolates the log-likelihood at random points within twice the tolerance, while a square
+    grid of as many nodes does not; with a node budget it shrinks every CV and says so."""
+    from cryosip.sip.loglik_table import choose_resolution
+
+    op = _TwoRates(sigma=0.3)
+    k = jax.random.split(jax.random.key(3), 3)
+    theta = jnp.stack(
+        [jax.random.uniform(k[0], (80,), minval=0.3, maxval=2.5), jnp.full((80,), 0.5)], 1
+    )
+    nu = op.sample_nuisance(k[1], 80)
+    obs = Observations(op.sample(k[2], theta, nu), nu)
+    res = choose_resolution(op, obs.take(jnp.arange(0, 80, 2)), tolerance=0.1)
+    assert res.shape[0] > 2 * res.shape[1], res.to_dict()
+    assert res.shape[1] >= 4 and not res.capped
+    points = jnp.stack(
+        [
+            jax.random.uniform(jax.random.key(5), (300,), minval=0.1, maxval=3.0),
+            jax.random.uniform(jax.random.key(6), (300,)),
+        ],
+        1,
+    )
+    direct = np.asarray(op.log_likelihood_matrix(points, obs), np.float64)
+
+    def rms_error(shape):
+        tab = LogLikTableOperator.build(op, obs, shape)
+        got = np.asarray(tab.log_likelihood_matrix(points, tab.observations()), np.float64)
+        return float(np.sqrt(np.mean((got - direct) ** 2)))
+
+    square = int(np.floor(np.sqrt(np.prod(res.shape))))
+    err, err_square = rms_error(res.shape), rms_error((square, square))
+    assert err < 2 * res.tolerance, (res.to_dict(), err)
+    assert err_square > 2 * err, (square, err_square, err)
+    capped = choose_resolution(op, obs.take(jnp.arange(0, 80, 2)), tolerance=0.1, max_nodes=40)
+    assert capped.capped and np.prod(capped.shape) <= 40 and min(capped.shape) >= 4
+    assert capped.expected_error[0] > res.expected_error[0]

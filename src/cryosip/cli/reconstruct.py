@@ -220,6 +220,8 @@ def _problem_summary(problem, res, out: str, seed: int) -> dict:
     }
     if res.bandwidth is not None:
         out["regularisation"] = res.bandwidth.to_dict()
+    if problem.resolution is not None:
+        out["likelihood_table"] = problem.resolution.to_dict()
     return out
 
 
