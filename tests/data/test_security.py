@@ -598,3 +598,20 @@ def test_cryodrgn_inputs_with_lying_stacks_and_boxes(tmp_path):
     huge[:, 0] = 10**9
     write_pickle(tmp_path / "huge.pkl", huge)
     assert_refused(lambda: read_cryodrgn(ctf=tmp_path / "huge.pkl"), match="above 4096")
+
+
+def test_a_pickle_of_non_data_is_refused(tmp_path):
+    """The restricted unpickler can still build a bare ``numpy.dtype`` (the fuzz test found one
+    in a mutated pose pickle); what the loader returns must be data (containers, numbers,
+    strings, numeric arrays), so it is refused with the file named, at any depth."""
+    for name, obj in (
+        ("dtype.pkl", np.dtype("int64")),
+        ("nested.pkl", {"a": [1, (np.dtype("f4"),)]}),
+    ):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+        with pytest.raises(CryosipInputError, match=f"{name}.*holds a"):
+            load_pickle_safely(path)
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps({"rot": np.eye(3)[None], "ind": [1, 2]}, protocol=2))
+    np.testing.assert_array_equal(load_pickle_safely(ok)["rot"], np.eye(3)[None])

@@ -289,6 +289,24 @@ def _prescan(data: bytes) -> None:
         raise _Refused(f"not a valid pickle ({_printable(why)})") from None
 
 
+# what a loaded pickle may hold (containers of numbers, strings and numeric arrays): anything
+# else the restricted unpickler can still build (a bare ``numpy.dtype``) is refused
+_DATA_TYPES = (tuple, list, dict, set, frozenset, int, float, complex, str, bytes, bytearray,
+               bool, type(None), np.ndarray, np.generic)  # fmt: skip
+
+
+def _check_data(obj) -> None:
+    """Refuse (``_Refused``) a loaded object that is not plain data, at any depth."""
+    stack, seen = [obj], set()
+    while stack:
+        v = stack.pop()
+        if not isinstance(v, _DATA_TYPES):
+            raise _Refused(f"the pickle holds a {type(v).__name__}, not data")
+        if isinstance(v, (tuple, list, set, frozenset, dict)) and id(v) not in seen:
+            seen.add(id(v))
+            stack.extend(v.items() if isinstance(v, dict) else v)
+
+
 def _unguard(obj, depth: int = 0):
     if isinstance(obj, _GuardedArray):
         return obj.view(np.ndarray)
@@ -308,6 +326,7 @@ def load_pickle_safely(path: str | os.PathLike):
     try:
         _prescan(data)
         obj = RestrictedUnpickler(io.BytesIO(data)).load()
+        _check_data(obj)
         return _unguard(obj)
     except _Refused as e:
         raise CryosipInputError(path, f"refusing to load pickle: {e}") from None
