@@ -95,16 +95,19 @@ class _State(eqx.Module):
     backoffs: Int[Array, ""]
 
 
-def _schedule(kind: str, step, horizon, decay, keep):
-    """Step-size factor at ``step``. ``horizon``: n_steps (cosine) or max(1, decay * n_steps)
-    (inverse); ``keep`` = 1 - decay. Traced scalars, so that the run's length is not compiled in."""
+def _schedule(kind: str, step, inv_horizon, decay, keep):
+    """Step-size factor at ``step``. ``inv_horizon``: 1 / n_steps (cosine) or
+    1 / max(1, decay * n_steps) (inverse), in float32; ``keep`` = 1 - decay. Traced scalars, so
+    that the run's length is not compiled in. A product with the reciprocal, not a quotient:
+    XLA compiled ``t / n_steps`` with a constant ``n_steps`` as ``t * (1 / n_steps)``, and this
+    keeps those steps to the bit (a quotient moved the default reconstruct's particles by 5e-3)."""
     t = step.astype(jnp.float32)
     if kind == "constant":
         return jnp.ones_like(t)
     if kind == "cosine":
-        return 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / horizon, 1.0))) * keep + decay
+        return 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t * inv_horizon, 1.0))) * keep + decay
     if kind == "inverse":
-        return 1.0 / (1.0 + t / horizon)
+        return 1.0 / (1.0 + t * inv_horizon)
     raise ValueError(f"unknown schedule {kind!r}")
 
 
@@ -114,7 +117,7 @@ class _Knobs(eqx.Module):
     compiled chunk."""
 
     n_steps: Int[Array, ""]
-    horizon: Float[Array, ""]
+    inv_horizon: Float[Array, ""]
     decay: Float[Array, ""]
     keep: Float[Array, ""]
     step_size: Float[Array, ""]
@@ -132,7 +135,7 @@ def _split_flow(flow) -> tuple:
     f32 = lambda v: jnp.asarray(np.float32(v))  # noqa: E731
     knobs = _Knobs(
         jnp.asarray(np.int32(n)),
-        f32(horizon),
+        jnp.asarray(np.float32(1.0) / np.float32(horizon)),
         f32(decay),
         f32(1 - decay),
         f32(flow.step_size),
@@ -309,7 +312,7 @@ def _run_chunk_compiled(
         )
         tau = (
             knobs.step_size
-            * _schedule(flow.schedule, state.step, knobs.horizon, knobs.decay, knobs.keep)
+            * _schedule(flow.schedule, state.step, knobs.inv_horizon, knobs.decay, knobs.keep)
             * state.scale
         )
         disp = tau * (-P * gpos)
