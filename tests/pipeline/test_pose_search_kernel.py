@@ -1,6 +1,7 @@
 """The pose-error search's kernel (``calibrate._perturbed_fits``: structures once per image,
 the shift candidates from the projection at the given rotation, renders shared by the data and
-its replicate) gives the fit gains of rendering every (image, candidate) pair with ``op.mean``."""
+its replicate, which it builds) gives the fit gains of rendering every (image, candidate) pair
+with ``op.mean``."""
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +54,13 @@ def test_pose_search_kernel_equals_pairwise_renders():
     np.testing.assert_array_equal(
         np.argmax(np.asarray(fast[..., 7:]), -1), np.argmax(np.asarray(ref[..., 7:]), -1)
     )
+    # the noise replicate (a x the model at the given pose + noise), built inside the kernel
+    a = jnp.array([0.5, 1.0, 1.5, 2.0], jnp.float32)
+    noise = jax.random.normal(jax.random.key(3), y.shape[1:])
+    null = a[:, None, None] * jax.vmap(op.mean)(theta, nu) + noise
+    with_rep = _perturbed_fits(
+        op, theta, nu, y[:1], jnp.asarray(rots), jnp.asarray(shifts), (a, noise)
+    )
+    ref_rep = _pairwise_gains(op, theta, nu, null[None], rots, shifts)
+    np.testing.assert_allclose(np.asarray(with_rep[1]), np.asarray(ref_rep[0]), rtol=2e-4)
+    np.testing.assert_allclose(np.asarray(with_rep[0]), np.asarray(fast[0]), rtol=1e-6)

@@ -305,17 +305,12 @@ def _candidate_perturbations():
 
 
 @eqx.filter_jit
-def _clean_means(op, theta, nuisance):
-    """Each image's model at its given pose (module-level: compiled once, not per call)."""
-    return jax.vmap(op.mean)(theta, nuisance)
-
-
-@eqx.filter_jit
-def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
+def _perturbed_fits(op, theta, nuisance, y, rots, shifts, replicate=None):
     """LS fit gain of images on their model under each candidate perturbation: (k, c, R + S)
     for ``y`` (k, c, D, D), k images per row fitted on row c's model (the data and its
     replicate share the renders), the R rotations ``rots`` (shift as given), then the S shifts
-    ``shifts`` (rotation as given).
+    ``shifts`` (rotation as given). ``replicate`` (a (c,), noise (c, D, D)): one more image per
+    row, ``a`` times the row's model at its given pose plus ``noise`` (k + 1 in all).
 
     Nothing is rendered twice: each image's structure once, R projections per image (all c x R
     of them one flat batch, as in :meth:`~cryosip.pipeline.operator.CryoEMOperator.node_means`:
@@ -345,9 +340,12 @@ def _perturbed_fits(op, theta, nuisance, y, rots, shifts):
         jnp.broadcast_to(jnp.eye(3, dtype=rots.dtype), (c * s, 3, 3)),
         jnp.tile(shifts, (c, 1)),
     )
-    f_shift = jnp.fft.rfft2(proj0)[:, None] * jax.vmap(im.transfer)(moved).reshape(
-        c, s, d, d // 2 + 1
-    )
+    f0 = jnp.fft.rfft2(proj0)
+    f_shift = f0[:, None] * jax.vmap(im.transfer)(moved).reshape(c, s, d, d // 2 + 1)
+    if replicate is not None:  # the model at the given pose: op.mean's render, from f0
+        a, noise = replicate
+        clean = jnp.fft.irfft2(f0 * own, s=(d, d))
+        y = jnp.concatenate([y, (a[:, None, None] * clean + noise)[None]])
     ms = jnp.fft.irfft2(jnp.concatenate([f_rot, f_shift], axis=1), s=(d, d)).reshape(c, r + s, -1)
     yc = y.reshape(y.shape[0], c, -1)
     yc = yc - yc.mean(axis=2, keepdims=True)
@@ -380,24 +378,23 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
     nu = dataclasses.replace(nu, ctf=ctf, group=jnp.asarray(pilot.groups[:m], jnp.int32))
     theta = jnp.asarray(pilot.points[stats["best"][:m]])
     y = jnp.asarray(spec.whiten(pilot.images[:m], pilot.groups[:m]))
-    clean = _clean_means(op, theta, nu)
-    a = jnp.asarray(stats["a"][:m], jnp.float32)[:, None, None]
+    a = np.asarray(stats["a"][:m], np.float32)
     key = jax.random.key(0) if key is None else key
-    null = a * clean + jax.random.normal(key, clean.shape, clean.dtype)  # whitened: unit noise
+    noise = np.asarray(jax.random.normal(key, y.shape, jnp.float32))  # whitened: unit noise
     rots, angles, shifts = _candidate_perturbations()
-    # every candidate (rotations, then shifts) on the data and on the replicate (one set of
-    # renders for both): one compiled program, run on chunks of images so that memory stays at
-    # chunk x candidates images
+    # every candidate (rotations, then shifts) on the data and on its replicate (each image's
+    # model at its given pose, scaled as fitted, plus the noise; one set of renders for both):
+    # one compiled program, run on chunks of images so that memory stays at chunk x candidates
     all_rots = jnp.asarray(rots, jnp.float32)
     all_shifts = jnp.asarray(shifts, jnp.float32)
-    # the data and its replicate share each image's renders
-    theta, y2 = np.asarray(theta), np.stack([np.asarray(y), np.asarray(null)])
+    theta, y = np.asarray(theta), np.asarray(y)[None]
     nu = jax.tree_util.tree_map(np.asarray, nu)
     gains = []
     for s in range(0, m, chunk):
         idx = np.minimum(np.arange(s, s + chunk), m - 1)  # one compiled shape
         sub = jax.tree_util.tree_map(lambda a: a[idx], nu)
-        g = _perturbed_fits(op, theta[idx], sub, y2[:, idx], all_rots, all_shifts)
+        rep = (a[idx], noise[idx])
+        g = _perturbed_fits(op, theta[idx], sub, y[:, idx], all_rots, all_shifts, rep)
         gains.append(np.asarray(g)[:, : min(chunk, m - s)])
     gains = np.concatenate(gains, axis=1).reshape(2 * m, -1)  # rows [data; replicate]
     out = {}
