@@ -22,7 +22,7 @@ def w1(x, y, wx=None, wy=None) -> float:
     if x.shape[1] == 1:
         return float(scipy.stats.wasserstein_distance(x[:, 0], y[:, 0], wx, wy))
     M = ot.dist(x, y, metric="euclidean")
-    return float(ot.emd2(_w(wx, len(x)), _w(wy, len(y)), M))
+    return float(ot.emd2(_w(wx, len(x)), _w(wy, len(y)), M, numItermax=10**7))
 
 
 def w2(x, y, wx=None, wy=None) -> float:
@@ -35,7 +35,7 @@ def w2(x, y, wx=None, wy=None) -> float:
         qy = _weighted_quantile(y[:, 0], _w(wy, len(y)), qs)
         return float(np.sqrt(np.mean((qx - qy) ** 2)))
     M = ot.dist(x, y, metric="sqeuclidean")
-    return float(np.sqrt(ot.emd2(_w(wx, len(x)), _w(wy, len(y)), M)))
+    return float(np.sqrt(ot.emd2(_w(wx, len(x)), _w(wy, len(y)), M, numItermax=10**7)))
 
 
 def _weighted_quantile(x, w, qs):
