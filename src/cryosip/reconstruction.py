@@ -165,8 +165,10 @@ def prepare(
     operator in whitened working units with the per-image scale and offset profiled
     (``fit_scale``), and tabulate the likelihood on a bounded CV domain: images on ``n_nodes``
     nodes for one CV (default 33), the log-likelihood on a product grid of ``n_nodes`` per CV
-    above (default :func:`default_grid_nodes`; one rendering per image and node, chunked: memory
-    grows with images x nodes, not with particles). ``use_table=False`` keeps the direct operator.
+    above (default: nodes per CV from the interpolation error measured on a pilot of
+    ``PILOT_IMAGES`` images, :func:`~cryosip.sip.loglik_table.choose_resolution`, recorded in
+    :attr:`Problem.resolution`; :func:`default_grid_nodes` with a pose average; one rendering
+    per image and node, chunked: memory grows with images x nodes, not with particles). ``use_table=False`` keeps the direct operator.
 
     ``pose_error`` = "auto": the calibration's estimate when it says it matters
     (:attr:`~cryosip.pipeline.calibrate.Calibration.pose_error_matters`), else none;
