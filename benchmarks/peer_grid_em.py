@@ -29,7 +29,8 @@ back), which is what a user sees from the second run on. The summary reports bot
 
     python benchmarks/peer_grid_em.py                 # 2000 images, 3 rounds (1 cold, 2 warm)
     python benchmarks/peer_grid_em.py --rounds 1 --n-images 500
-Writes benchmarks/results/peer_grid_em.json.
+Writes benchmarks/results/peer_grid_em.json (``--keep-previous``: the runs already there are
+kept under ``previous_runs``).
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ def main(argv=None) -> None:
         "--data", default=None, help="reuse a simulated data set (a cryosip simulate folder)"
     )
     ap.add_argument("--out", default=str(HERE / "results" / "peer_grid_em.json"))
+    ap.add_argument(
+        "--keep-previous",
+        action="store_true",
+        help="keep the runs already in --out under previous_runs (newest first)",
+    )
     a = ap.parse_args(argv)
     if a.peer:
         peer_script(Path(a.peer[0]), Path(a.peer[1]))
@@ -195,6 +201,13 @@ def main(argv=None) -> None:
         "cold, later rounds warm",
         "rounds": [],
     }
+    previous = []
+    if a.keep_previous and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())
+        earlier = old.pop("previous_runs", []) or []
+        if "earlier_run" in old:  # the name of the one kept before this option existed
+            earlier = earlier + [old.pop("earlier_run")]
+        previous = [old] + earlier
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # compilation caches (module docstring): empty at the start, one per method, so that
@@ -239,9 +252,14 @@ def main(argv=None) -> None:
             }
             for name in a.methods:
                 out = tmp / f"{name}-{r}"
+                load = os.getloadavg()[0]
                 secs = timed(commands[name](out), envs[name])
                 pos, wts = recovered(out)
-                row[name] = {"seconds": round(secs, 1), "w1": float(w1(pos, truth, wts))}
+                row[name] = {
+                    "seconds": round(secs, 1),
+                    "w1": float(w1(pos, truth, wts)),
+                    "load_average_1min_before": round(load, 2),
+                }
                 print(f"round {r} {name}: {secs:.1f} s, W1 {row[name]['w1']:.4f}", flush=True)
             row["load_average_after"] = list(os.getloadavg())
             if "peer" in row:
@@ -251,7 +269,7 @@ def main(argv=None) -> None:
                             row["peer"]["seconds"] / row[name]["seconds"], 2
                         )
             results["rounds"].append(row)
-            _atomic.write_json(a.out, results)
+            _atomic.write_json(a.out, {**results, "previous_runs": previous})
     summary = {}
     for cache in ("cold", "warm"):
         rows = [row for row in results["rounds"] if row["cache"] == cache]
@@ -269,7 +287,7 @@ def main(argv=None) -> None:
                     ratios = [row[name]["peer_over_this"] for row in rows]
                     part[name]["peer_over_this_median"] = float(np.median(ratios))
     results["summary"] = summary
-    _atomic.write_json(a.out, results)
+    _atomic.write_json(a.out, {**results, "previous_runs": previous})
     print(json.dumps(summary, indent=2))
 
 
