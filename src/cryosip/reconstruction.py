@@ -601,9 +601,12 @@ def posterior_responsibilities(
     pos = jnp.asarray(result.positions, jnp.float32)
     logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
     n = len(obs)
+    chunk = min(chunk, n)
     out = []
     for s in range(0, n, chunk):
-        lj = _llm_weighted(op, pos, logw, obs.take(jnp.arange(s, min(n, s + chunk))))
+        # the last chunk padded with repeats of the last image: one compiled shape
+        idx = jnp.asarray(np.minimum(np.arange(s, s + chunk), n - 1))
+        lj = _llm_weighted(op, pos, logw, obs.take(idx))[: min(chunk, n - s)]
         out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32))
     return np.concatenate(out)
 

@@ -79,3 +79,17 @@ def test_support_resamples_instead_of_cutting():
     idx2, wk2 = _support(w2, 256)
     np.testing.assert_array_equal(idx2, np.arange(10))
     np.testing.assert_allclose(wk2, 0.1, rtol=1e-12)
+
+
+def test_posteriors_do_not_depend_on_the_chunking(problem_and_truth):
+    """posterior_responsibilities pads its last chunk (one compiled shape for every chunk): the
+    same numbers whatever the chunk size, rows summing to one."""
+    from cryosip.reconstruction import posterior_responsibilities
+
+    problem, s = problem_and_truth
+    res = _rho_h(s, float(problem.lower[0]), float(problem.upper[0]))
+    whole = posterior_responsibilities(problem, res)
+    chunked = posterior_responsibilities(problem, res, chunk=64)  # 300 = 4 x 64 + 44
+    assert whole.shape == (300, 1088)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(whole.sum(1), 1.0, rtol=1e-5)
