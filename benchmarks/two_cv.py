@@ -9,7 +9,7 @@ then, on the same files:
   flow on the 20 x 20 likelihood table with the bandwidth chosen by cross-validation, 8
   bootstrap replicates, every output);
 - ``em-grid-15``: ``--method em-grid --nodes 15`` (the 15 x 15 grid of the issue);
-- ``em-grid``: ``--method em-grid`` (the default 20 x 20 table);
+- ``em-grid``: ``--method em-grid`` (the default table: nodes per CV from the pilot);
 - ``per-image``: ``--method per-image``.
 
 W2 and W1 (degrees) against the true angles of the images (``cryosip evaluate``). Targets:
