@@ -6,8 +6,8 @@ builds: 3 PCA modes of MDAnalysisTests' AdK trajectory (C-alpha atoms; 1 CV unit
 RMS displacement). The truth is a two-component Gaussian mixture in the modes' box (weights
 0.6 / 0.4, sd 0.12 of each range, means at 0.3 and 0.7 of the ranges). Images: 64 px at
 2 A/px, SNR 0.01, known poses and CTF (cryosip's simulator). Reconstructions, in this process,
-after one shared tabulation (7^3 nodes): the default KL flow (regularised, 8 bootstrap
-replicates), em-grid on the 7^3 table nodes, per-image MAP. W2 in CV units (= Angstrom RMS).
+after one shared tabulation (nodes per CV from the pilot's interpolation probe): the default
+KL flow (regularised, 8 bootstrap replicates), em-grid on the table's nodes, per-image MAP. W2 in CV units (= Angstrom RMS).
 
     python benchmarks/three_cv.py                 # 5000 images
     python benchmarks/three_cv.py --n-images 1000
