@@ -259,26 +259,16 @@ class WassersteinGradientFlow(eqx.Module):
         )
 
 
-def _run_chunk(
-    flow: WassersteinGradientFlow,
-    discrepancy,
-    operator,
-    observations,
-    key,
-    lower,
-    upper,
-    state: _State,
-):
-    """``flow.chunk_size`` steps in one compiled scan (steps past n_steps leave the state unchanged).
+def _run_chunk(flow: WassersteinGradientFlow, *args):
+    """``flow.chunk_size`` steps in one compiled scan (steps past n_steps leave the state
+    unchanged); ``args`` = (discrepancy, operator, observations, key, lower, upper, state).
 
     The compiled program is module-level and sees the flow's numbers (step count, step size,
     schedule decay, displacement cap, entropy, Fisher-Rao rate) as traced values: repeated runs
     with the same shapes (bootstrap replicates with their shorter ``n_steps``, resumed runs,
     held-out runs) reuse it."""
     shape, knobs = _split_flow(flow)
-    return _run_chunk_compiled(
-        shape, knobs, discrepancy, operator, observations, key, lower, upper, state
-    )
+    return _run_chunk_compiled(shape, knobs, *args)
 
 
 @eqx.filter_jit
