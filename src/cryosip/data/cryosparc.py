@@ -52,18 +52,19 @@ _REQUIRED = [
     "ctf/cs_mm",
     "ctf/amp_contrast",
 ]
-# the CTF fields read_cs reads and write_cs writes (``cryosip inspect`` reports which are present)
-CS_CTF_FIELDS = (
-    "ctf/df1_A",
-    "ctf/df2_A",
-    "ctf/df_angle_rad",
-    "ctf/accel_kv",
-    "ctf/cs_mm",
-    "ctf/amp_contrast",
-    "ctf/phase_shift_rad",
-    "ctf/bfactor",
-    "ctf/scale",
-)
+# the CTF fields read_cs reads and write_cs writes (``cryosip inspect`` reports which are present):
+# each one's CTFParams keyword, and whether the field is in radians (the keyword in degrees)
+CS_CTF_FIELDS = {
+    "ctf/df1_A": ("defocus_u_in_angstroms", False),
+    "ctf/df2_A": ("defocus_v_in_angstroms", False),
+    "ctf/df_angle_rad": ("defocus_angle_in_degrees", True),
+    "ctf/accel_kv": ("voltage_in_kilovolts", False),
+    "ctf/cs_mm": ("spherical_aberration_in_mm", False),
+    "ctf/amp_contrast": ("amplitude_contrast", False),
+    "ctf/phase_shift_rad": ("phase_shift_in_degrees", True),
+    "ctf/bfactor": ("bfactor_in_angstroms2", False),
+    "ctf/scale": ("scale", False),
+}
 _RECOMPUTED = {
     "blob/path",
     "blob/idx",
@@ -230,17 +231,6 @@ def read_cs(
     if "ctf/exp_group_id" in names:
         optics_group = np.unique(np.asarray(data["ctf/exp_group_id"]), return_inverse=True)[1]
 
-    dfu = _field(data, "ctf/df1_A", path)
-    dfv = _field(data, "ctf/df2_A", path) if "ctf/df2_A" in names else dfu
-    ang = np.rad2deg(_field(data, "ctf/df_angle_rad", path)) if "ctf/df_angle_rad" in names else 0.0
-    phase = (
-        np.rad2deg(_field(data, "ctf/phase_shift_rad", path))
-        if "ctf/phase_shift_rad" in names
-        else 0.0
-    )
-    bfac = _field(data, "ctf/bfactor", path) if "ctf/bfactor" in names else 0.0
-    scale = _field(data, "ctf/scale", path) if "ctf/scale" in names else 1.0
-
     if has_poses:
         pose = _field(data, "alignments3D/pose", path, shape=(3,))
         shift_px = _field(data, "alignments3D/shift", path, shape=(2,))
@@ -251,23 +241,12 @@ def read_cs(
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
         shift = np.zeros((n, 2))
 
-    ctf = dict(
-        defocus_u_in_angstroms=dfu,
-        defocus_v_in_angstroms=dfv,
-        defocus_angle_in_degrees=ang,
-        voltage_in_kilovolts=_field(data, "ctf/accel_kv", path),
-        spherical_aberration_in_mm=_field(data, "ctf/cs_mm", path),
-        amplitude_contrast=_field(data, "ctf/amp_contrast", path),
-        phase_shift_in_degrees=phase,
-        bfactor_in_angstroms2=bfac,
-        scale=scale,
-    )
     return checked_stack(
         path,
         box_size,
         rot,
         shift,
-        ctf,
+        _cs_ctf(data, names, path),
         images=images,
         pixel_size=pixel_size,
         metadata=cs_to_dataframe(data),
@@ -277,6 +256,16 @@ def read_cs(
         optics_group=None if optics_group is None else optics_group.astype(np.int64),
         native_grid=grids,
     )
+
+
+def _cs_ctf(data: np.ndarray, names: set, path: Path) -> dict:
+    """The :meth:`CTFParams.make` keywords of the CTF fields present (the others: its defaults)."""
+    ctf = {}
+    for field, (keyword, radians) in CS_CTF_FIELDS.items():
+        if field in names:
+            v = _field(data, field, path)
+            ctf[keyword] = np.rad2deg(v) if radians else v
+    return ctf
 
 
 def _cs_image_locations(
@@ -308,7 +297,6 @@ def write_cs(
     grids = stack.grids(native=image_names is None)
     stack_paths, idx = _cs_image_locations(stack, path.parent, image_names)
     nu = stack.nuisance
-    ctf = nu.ctf
     f4 = np.float32
     cols: dict[str, tuple[np.ndarray, str, tuple]] = {}
     meta = stack.metadata
@@ -328,23 +316,9 @@ def write_cs(
     cols["blob/idx"] = (np.asarray(idx, np.uint32), "<u4", ())
     cols["blob/shape"] = (np.repeat(grids[:, :1], 2, axis=1).astype(np.uint32), "<u4", (2,))
     cols["blob/psize_A"] = (grids[:, 1].astype(f4), "<f4", ())
-    cols["ctf/accel_kv"] = (np.asarray(ctf.voltage_in_kilovolts, f4), "<f4", ())
-    cols["ctf/cs_mm"] = (np.asarray(ctf.spherical_aberration_in_mm, f4), "<f4", ())
-    cols["ctf/amp_contrast"] = (np.asarray(ctf.amplitude_contrast, f4), "<f4", ())
-    cols["ctf/df1_A"] = (np.asarray(ctf.defocus_u_in_angstroms, f4), "<f4", ())
-    cols["ctf/df2_A"] = (np.asarray(ctf.defocus_v_in_angstroms, f4), "<f4", ())
-    cols["ctf/df_angle_rad"] = (
-        np.deg2rad(np.asarray(ctf.defocus_angle_in_degrees, np.float64)).astype(f4),
-        "<f4",
-        (),
-    )
-    cols["ctf/phase_shift_rad"] = (
-        np.deg2rad(np.asarray(ctf.phase_shift_in_degrees, np.float64)).astype(f4),
-        "<f4",
-        (),
-    )
-    cols["ctf/bfactor"] = (np.asarray(ctf.bfactor_in_angstroms2, f4), "<f4", ())
-    cols["ctf/scale"] = (np.asarray(ctf.scale, f4), "<f4", ())
+    for field, (keyword, radians) in CS_CTF_FIELDS.items():
+        v = np.asarray(getattr(nu.ctf, keyword), np.float64)
+        cols[field] = ((np.deg2rad(v) if radians else v).astype(f4), "<f4", ())
     if stack.has_poses:
         A = np.asarray(nu.rotation, np.float64)
         cols["alignments3D/pose"] = (
