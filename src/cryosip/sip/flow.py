@@ -193,24 +193,7 @@ class WassersteinGradientFlow(eqx.Module):
         stop: Callable[[int], bool] | None = None,
     ) -> FlowResult:
         """Run the flow. ``stop(step)`` returning True ends it early (used to test resume)."""
-        lower, upper = operator.domain
-        lower = jnp.asarray(lower, init.positions.dtype)
-        upper = jnp.asarray(upper, init.positions.dtype)
-        P = init.n_particles
-        n_rec = self.n_steps // self.record_every
-        losses = np.full(n_rec, np.nan, np.float32)
-        held = np.full(n_rec, np.nan, np.float32)
-        traj = np.full((n_rec,) + init.positions.shape, np.nan, np.float32)
-        wtraj = np.full((n_rec, P), np.nan, np.float32)
-        state = _State(
-            init.positions,
-            init.log_weights,
-            jnp.asarray(0, jnp.int32),  # int32, not weak-typed: the chunk's output carry is
-            jnp.asarray(1.0, jnp.float32),  # int32, and a weak input would compile twice
-            jnp.asarray(0, jnp.int32),
-        )
-
-        records = _Records(losses, held, traj, wtraj)
+        lower, upper, records, state = _start(self, operator, init)
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             state, _ = load_checkpoint(checkpoint, records)
             logger.info("resumed from %s at step %d", checkpoint, int(state.step))
@@ -232,12 +215,12 @@ class WassersteinGradientFlow(eqx.Module):
                 and self.heldout_every
                 and (int(state.step) % self.heldout_every == 0 or int(state.step) == self.n_steps)
             ):
-                r = min((int(state.step) - 1) // self.record_every, n_rec - 1)
-                held[r] = float(
+                r = min((int(state.step) - 1) // self.record_every, len(records.heldout) - 1)
+                records.heldout[r] = float(
                     held_fn(state.positions, state.log_weights, jax.random.fold_in(key, 2**31 - 1))
                 )
 
-        state = drive(
+        return drive(
             self,
             state,
             records,
@@ -248,15 +231,20 @@ class WassersteinGradientFlow(eqx.Module):
             stop=stop,
             after_chunk=after_chunk,
         )
-        return FlowResult(
-            _measure(state.positions, state.log_weights),
-            jnp.asarray(losses),
-            jnp.asarray(held),
-            jnp.asarray(traj),
-            jnp.asarray(wtraj),
-            self.record_every,
-            int(state.backoffs),
-        )
+
+
+def _start(flow: WassersteinGradientFlow, operator, init: ParticleMeasure, scalar=jnp.asarray):
+    """(lower, upper) in the particles' dtype, NaN records and the initial state of a run;
+    ``scalar`` places the state's step, scale and back-off count (int32/float32, not
+    weak-typed: the chunk's output carry is int32, and a weak input would compile twice)."""
+    lower, upper = (jnp.asarray(b, init.positions.dtype) for b in operator.domain)
+    n_rec = flow.n_steps // flow.record_every
+    nan = lambda *shape: np.full(shape, np.nan, np.float32)  # noqa: E731
+    records = _Records(
+        nan(n_rec), nan(n_rec), nan(n_rec, *init.positions.shape), nan(n_rec, init.n_particles)
+    )
+    zero, one = scalar(np.int32(0)), scalar(np.float32(1.0))
+    return lower, upper, records, _State(init.positions, init.log_weights, zero, one, zero)
 
 
 def _run_chunk(flow: WassersteinGradientFlow, *args):
@@ -356,6 +344,10 @@ class _Records:
     trajectory: np.ndarray
     wtrajectory: np.ndarray
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.losses, self.heldout, self.trajectory, self.wtrajectory
+
     def put(self, s0: int, n: int, record_every: int, ls, ps, ws) -> None:
         """Store steps ``s0 .. s0 + n - 1`` of a chunk's outputs (every ``record_every``-th)."""
         ls, ps, ws = np.asarray(ls), np.asarray(ps), np.asarray(ws)
@@ -380,13 +372,13 @@ def drive(
     after_chunk: Callable[[_State], None] | None = None,
     checkpoint_extra: Callable[[_State], dict] | None = None,
     write_checkpoint: bool = True,
-) -> _State:
+) -> FlowResult:
     """The flow's outer loop, shared by :meth:`WassersteinGradientFlow.run` and
     :func:`cryosip.sip.streaming_flow.run_streaming`: ``advance(state)`` runs the next compiled
     chunk (``(state, (losses, positions, log_weights))``, or None when its data ran out); this
     records it, warns about skipped non-finite steps, updates ``progress``, writes a checkpoint
     every ``checkpoint_every`` steps (with ``checkpoint_extra(state)``'s arrays; only where
-    ``write_checkpoint``) and stops when ``stop(step)`` says so."""
+    ``write_checkpoint``), stops when ``stop(step)`` says so and returns the run's result."""
     if progress is not None:
         progress.start(flow.n_steps, int(state.step))
     prev_backoffs = int(state.backoffs)
@@ -425,7 +417,12 @@ def drive(
     finally:
         if progress is not None:
             progress.close()
-    return state
+    return FlowResult(
+        _measure(state.positions, state.log_weights),
+        *(jnp.asarray(a) for a in records.arrays),
+        flow.record_every,
+        int(state.backoffs),
+    )
 
 
 def save_checkpoint(path, state: _State, records: _Records, **extra) -> None:

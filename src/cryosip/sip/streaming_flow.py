@@ -41,9 +41,9 @@ from .discrepancies.base import AbstractDiscrepancy
 from .flow import (
     FlowResult,
     WassersteinGradientFlow,
-    _measure,
     _Records,
     _run_chunk,
+    _start,
     _State,
     drive,
     load_checkpoint,
@@ -77,15 +77,10 @@ def _restore(checkpoint, records: _Records, state: _State, tag: dict) -> _State:
         have = bool(broadcast_from_first_process(np.int32(have)))
     if not have:
         return state
-    host = {
-        "positions": np.asarray(state.positions),
-        "log_weights": np.asarray(state.log_weights),
-        "step": np.int32(0),
-        "scale": np.float32(1.0),
-        "backoffs": np.int32(0),
-    }
+    # every process's placeholder (the initial state); process 0 reads the checkpoint's
+    src = _State(state.positions, state.log_weights, np.int32(0), np.float32(1.0), np.int32(0))
     if first:
-        loaded, extra = load_checkpoint(checkpoint, records)
+        src, extra = load_checkpoint(checkpoint, records)
         for name, want in tag.items():
             got = extra.get(name)
             if got is None or np.shape(got) != np.shape(want) or not np.array_equal(got, want):
@@ -94,30 +89,22 @@ def _restore(checkpoint, records: _Records, state: _State, tag: dict) -> _State:
                     f"{np.asarray(got).tolist() if got is not None else 'missing'} vs "
                     f"{np.asarray(want).tolist()}); remove it or resume with the same settings"
                 )
-        pos = int(extra.get("stream_position", loaded.step))
-        if pos != int(loaded.step):
-            raise ValueError(f"{checkpoint}: stream position {pos} != step {int(loaded.step)}")
-        host = {
-            "positions": np.asarray(loaded.positions, host["positions"].dtype),
-            "log_weights": np.asarray(loaded.log_weights, host["log_weights"].dtype),
-            "step": np.int32(loaded.step),
-            "scale": np.float32(loaded.scale),
-            "backoffs": np.int32(loaded.backoffs),
-        }
-    if multi:
-        host, arrays = broadcast_from_first_process(
-            (host, (records.losses, records.heldout, records.trajectory, records.wtrajectory))
-        )
-        records.losses[:], records.heldout[:] = arrays[0], arrays[1]
-        records.trajectory[:], records.wtrajectory[:] = arrays[2], arrays[3]
-    logger.info("resumed from %s at step %d", checkpoint, int(host["step"]))
-    return _State(
-        _place_like(host["positions"], state.positions),
-        _place_like(host["log_weights"], state.log_weights),
-        _place_like(host["step"], state.step),
-        _place_like(host["scale"], state.scale),
-        _place_like(host["backoffs"], state.backoffs),
+        pos = int(extra.get("stream_position", src.step))
+        if pos != int(src.step):
+            raise ValueError(f"{checkpoint}: stream position {pos} != step {int(src.step)}")
+    host = _State(
+        np.asarray(src.positions, state.positions.dtype),
+        np.asarray(src.log_weights, state.log_weights.dtype),
+        np.int32(src.step),
+        np.float32(src.scale),
+        np.int32(src.backoffs),
     )
+    if multi:
+        host, arrays = broadcast_from_first_process((host, records.arrays))
+        for mine, got in zip(records.arrays, arrays):
+            mine[:] = got
+    logger.info("resumed from %s at step %d", checkpoint, int(host.step))
+    return jax.tree_util.tree_map(_place_like, host, state)
 
 
 def run_streaming(
@@ -146,23 +133,8 @@ def run_streaming(
     resume must match (e.g. the keys, the batch size). ``stop(step)`` True ends the run early.
     """
     step_flow = dataclasses.replace(flow, chunk_size=1, batch_size=None)
-    lower, upper = operator.domain
-    lower = jnp.asarray(lower, init.positions.dtype)
-    upper = jnp.asarray(upper, init.positions.dtype)
-    n_rec = flow.n_steps // flow.record_every
-    records = _Records(
-        np.full(n_rec, np.nan, np.float32),
-        np.full(n_rec, np.nan, np.float32),
-        np.full((n_rec,) + init.positions.shape, np.nan, np.float32),
-        np.full((n_rec, init.n_particles), np.nan, np.float32),
-    )
-    state = _State(
-        init.positions,
-        init.log_weights,
-        _place_like(np.int32(0), init.positions),
-        _place_like(np.float32(1.0), init.positions),
-        _place_like(np.int32(0), init.positions),
-    )
+    place = lambda v: _place_like(v, init.positions)  # noqa: E731
+    lower, upper, records, state = _start(flow, operator, init, place)
     tag = {k: np.asarray(v) for k, v in (checkpoint_tag or {}).items()}
     if resume and checkpoint is not None:
         state = _restore(checkpoint, records, state, tag)
@@ -191,7 +163,7 @@ def run_streaming(
             )
         return _run_chunk(step_flow, discrepancy, operator, batch, key, lower, upper, state)
 
-    state = drive(
+    return drive(
         step_flow,
         state,
         records,
@@ -202,13 +174,4 @@ def run_streaming(
         stop=stop,
         checkpoint_extra=lambda st: {"stream_position": int(st.step), **tag},
         write_checkpoint=jax.process_index() == 0,
-    )
-    return FlowResult(
-        _measure(state.positions, state.log_weights),
-        jnp.asarray(records.losses),
-        jnp.asarray(records.heldout),
-        jnp.asarray(records.trajectory),
-        jnp.asarray(records.wtrajectory),
-        flow.record_every,
-        int(state.backoffs),
     )
