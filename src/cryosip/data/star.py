@@ -898,10 +898,17 @@ def read_star(
     else:
         dfv = dfu
         defaults_used["rlnDefocusV"] = "rlnDefocusU"
-    dfang = optional(particles, "rlnDefocusAngle", "particles", 0.0)
-    phase = optional(particles, "rlnPhaseShift", "particles", 0.0)
-    bfac = optional(particles, "rlnCtfBfactor", "particles", 0.0)
-    scale = optional(particles, "rlnCtfScalefactor", "particles", 1.0)
+    ctf = dict(
+        defocus_u_in_angstroms=dfu,
+        defocus_v_in_angstroms=dfv,
+        defocus_angle_in_degrees=optional(particles, "rlnDefocusAngle", "particles", 0.0),
+        voltage_in_kilovolts=voltage,
+        spherical_aberration_in_mm=cs,
+        amplitude_contrast=w,
+        phase_shift_in_degrees=optional(particles, "rlnPhaseShift", "particles", 0.0),
+        bfactor_in_angstroms2=optional(particles, "rlnCtfBfactor", "particles", 0.0),
+        scale=optional(particles, "rlnCtfScalefactor", "particles", 1.0),
+    )
     if defaults_used:
         logger.warning(
             "%s: optional CTF column(s) missing, RELION defaults used: %s",
@@ -968,24 +975,11 @@ def read_star(
     else:
         origin_a = np.zeros((n, 2))
         has_shifts = False
-    shift = -origin_a
-
-    ctf = dict(
-        defocus_u_in_angstroms=dfu,
-        defocus_v_in_angstroms=dfv,
-        defocus_angle_in_degrees=dfang,
-        voltage_in_kilovolts=voltage,
-        spherical_aberration_in_mm=cs,
-        amplitude_contrast=w,
-        phase_shift_in_degrees=phase,
-        bfactor_in_angstroms2=bfac,
-        scale=scale,
-    )
     return checked_stack(
         path,
         box_size,
         rot,
-        shift,
+        -origin_a,
         ctf,
         images=images,
         pixel_size=pixel_size,
