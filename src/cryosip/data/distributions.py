@@ -380,9 +380,12 @@ def _is_number(s) -> bool:
 
 
 class _Shape2D(_Truncated):
-    """A 2-D shape defined in unit coordinates u = (theta - lower) / (upper - lower)."""
+    """A 2-D shape defined in unit coordinates u = (theta - lower) / (upper - lower); the
+    parameters named in ``_positive`` must be > 0."""
 
-    def _check_2d(self):
+    _positive = ()
+
+    def __post_init__(self):
         lo, hi = _box(self.lower, self.upper)
         if lo.shape[0] != 2:
             raise ValueError(
@@ -390,6 +393,8 @@ class _Shape2D(_Truncated):
             )
         object.__setattr__(self, "lower", lo)
         object.__setattr__(self, "upper", hi)
+        if not all(getattr(self, p) > 0 for p in self._positive):
+            raise ValueError(" and ".join(self._positive) + " must be positive")
 
     @property
     def _width(self) -> np.ndarray:
@@ -429,11 +434,7 @@ class Banana(_Shape2D):
     sd2: float = 0.05
     curvature: float = 2.0
     name = "banana"
-
-    def __post_init__(self):
-        self._check_2d()
-        if not (self.sd1 > 0 and self.sd2 > 0):
-            raise ValueError("sd1 and sd2 must be positive")
+    _positive = ("sd1", "sd2")
 
     def _draw_unit(self, rng, n):
         c1, c2 = self.center
@@ -459,11 +460,7 @@ class Ring(_Shape2D):
     radius: float = 0.3
     width: float = 0.05
     name = "ring"
-
-    def __post_init__(self):
-        self._check_2d()
-        if not (self.radius > 0 and self.width > 0):
-            raise ValueError("radius and width must be positive")
+    _positive = ("radius", "width")
 
     def _draw_unit(self, rng, n):
         # radius ~ r N(r; radius, width) on r > 0: propose from N(radius, width), accept with
