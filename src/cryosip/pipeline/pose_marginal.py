@@ -126,10 +126,8 @@ class PoseMarginalOperator(AbstractWrappedOperator):
         self.base = base
         self.key = jax.random.key(0) if key is None else key
         self.n_draws = int(n_draws)
-        self.rotation_sd_in_degrees, self.shift_sd_in_angstroms = (
-            float(rotation_sd_in_degrees),
-            float(shift_sd_in_angstroms),
-        )
+        self.rotation_sd_in_degrees = float(rotation_sd_in_degrees)
+        self.shift_sd_in_angstroms = float(shift_sd_in_angstroms)
         self.antithetic = bool(antithetic)
 
     @property

@@ -168,13 +168,8 @@ class TabulatedOperator(AbstractRandomOperator):
         )
 
     def __init__(self, noise, fit_scale, lower, upper, n_nodes, n_obs_entries, gram, cross, ysq):
-        self.noise, self.fit_scale = noise, bool(fit_scale)
-        self.lower, self.upper, self.n_nodes, self.n_obs_entries = (
-            lower,
-            upper,
-            n_nodes,
-            n_obs_entries,
-        )
+        self.noise, self.fit_scale, self.lower, self.upper = noise, bool(fit_scale), lower, upper
+        self.n_nodes, self.n_obs_entries = n_nodes, n_obs_entries
         self.gram, self.cross, self.ysq = gram, cross, ysq
         # natural cubic spline in theta: segment k touches [m_k, m_k+1, m''_k, m''_k+1], linear in the node outputs
         T = natural_spline_transform(n_nodes, (upper - lower) / (n_nodes - 1))
