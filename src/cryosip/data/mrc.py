@@ -617,8 +617,8 @@ class LazyImageStack(AbstractImages):
         validate: bool = True,
     ):
         self.files = [Path(f) for f in files]
-        self.file_index = np.asarray(file_index, dtype=np.int64)
-        self.image_index = np.asarray(image_index, dtype=np.int64)
+        self.file_index = np.asarray(file_index, dtype=np.int32)
+        self.image_index = np.asarray(image_index, dtype=np.int32)
         if self.file_index.shape != self.image_index.shape or self.file_index.ndim != 1:
             raise ValueError("file_index and image_index must be 1-D arrays of equal length")
         if self.file_index.size and (

@@ -71,6 +71,28 @@ class ParticleStack:
             v = getattr(self, name)
             if v is not None and len(v) != n:
                 raise ValueError(f"{n} images but {len(v)} {name} rows")
+        self._compact()
+
+    def _compact(self) -> None:
+        """Hold what every particle shares once: a streamed run keeps these arrays for all N
+        images (about 120 bytes an image at 10^6 images), so a CTF field that is the same for
+        every particle (voltage, Cs, amplitude contrast, ... within one optics group) becomes a
+        read-only broadcast view of one value, and a native grid equal to the stack's own
+        becomes ``None`` (what :meth:`grids` means by it). Values are unchanged."""
+        if self.native_grid is not None and np.array_equal(
+            np.unique(np.asarray(self.native_grid, np.float64), axis=0),
+            [[float(self.box_size), float(self.pixel_size)]],
+        ):
+            self.native_grid = None
+
+        def once(a):
+            if isinstance(a, np.ndarray) and a.ndim == 1 and a.size > 1 and a.strides[0]:
+                if np.all(a == a[0]):
+                    return np.broadcast_to(a[:1], a.shape)
+            return a
+
+        ctf = jax.tree_util.tree_map(once, self.nuisance.ctf)
+        self.nuisance = dataclasses.replace(self.nuisance, ctf=ctf)
 
     def __len__(self) -> int:
         return self.images.shape[0]
