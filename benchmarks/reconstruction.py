@@ -23,14 +23,13 @@ import time
 
 import jax
 
-from cryosip import _atomic
+from cryosip import _atomic, prepare, run_method
 from cryosip.analysis.metrics import w1
 from cryosip.cryoem.image_model import ImageModel, NuisancePrior
 from cryosip.data.distributions import make_distribution
 from cryosip.data.models import load_model
 from cryosip.pipeline.operator import CryoEMOperator
 from cryosip.pipeline.simulate import simulate_dataset
-from cryosip.reconstruction import prepare, run_method
 
 TARGETS = {"0.01": {"wgf-kl": 0.015}, "0.001": {"wgf-kl": 0.03}, "0.1": {"wgf-mmd": 0.05}}
 

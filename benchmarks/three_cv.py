@@ -39,13 +39,14 @@ def main() -> int:
 
     from MDAnalysisTests.datafiles import DCD, PSF
 
+    from cryosip import prepare, run_method
     from cryosip.analysis.metrics import w2
     from cryosip.cryoem.image_model import ImageModel, NuisancePrior
     from cryosip.data.distributions import make_distribution
     from cryosip.data.models import model_from_files
     from cryosip.pipeline.operator import CryoEMOperator
+    from cryosip.pipeline.problem import EXACT_PHYSICS
     from cryosip.pipeline.simulate import simulate_dataset
-    from cryosip.reconstruction import EXACT_PHYSICS, prepare, run_method
 
     t_all = time.perf_counter()
     model, _ = model_from_files([DCD], topology=PSF, atoms="ca", modes=3)

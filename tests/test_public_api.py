@@ -39,6 +39,15 @@ EXPORTS = {
     "Ring": "cryosip.data.distributions",
     "PairedMMD": "cryosip.sip.discrepancies",
     "KL": "cryosip.sip.discrepancies",
+    "prepare": "cryosip.pipeline.problem",
+    "run_method": "cryosip.pipeline.methods",
+    "method_from_name": "cryosip.pipeline.methods",
+    "WGF": "cryosip.pipeline.methods",
+    "EMGrid": "cryosip.pipeline.methods",
+    "PerImageMAP": "cryosip.pipeline.methods",
+    "MAPClasses": "cryosip.pipeline.methods",
+    "GMM": "cryosip.pipeline.methods",
+    "Bootstrap": "cryosip.pipeline.methods",
 }
 
 

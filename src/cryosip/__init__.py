@@ -13,7 +13,9 @@ a user needs is exported here, flat:
 - conformation models: :class:`PathModel`, :class:`LinearModes`, :func:`load_model`;
 - data: :class:`ParticleStack`, the readers and writers of RELION STAR, cryoSPARC ``.cs``,
   cryoDRGN pickles and MRC stacks, the distributions of the CV (:func:`make_distribution`);
-- the pipeline: :func:`simulate_dataset`, :func:`prepare`, :func:`run_method`.
+- the pipeline: :func:`simulate_dataset`, :func:`prepare`, :func:`run_method` and the methods
+  :class:`WGF`, :class:`EMGrid`, :class:`PerImageMAP`, :class:`MAPClasses`, :class:`GMM` and
+  :class:`Bootstrap`.
 
 ``MMD`` is an alias of :class:`UnpairedMMD`, kept for code written before the rename.
 """
@@ -54,10 +56,17 @@ from .data.particles import ParticleStack as ParticleStack
 from .data.particles import read_particles as read_particles
 from .data.star import read_star as read_star
 from .data.star import write_star as write_star
+from .pipeline.methods import GMM as GMM
+from .pipeline.methods import WGF as WGF
+from .pipeline.methods import Bootstrap as Bootstrap
+from .pipeline.methods import EMGrid as EMGrid
+from .pipeline.methods import MAPClasses as MAPClasses
+from .pipeline.methods import PerImageMAP as PerImageMAP
+from .pipeline.methods import method_from_name as method_from_name
+from .pipeline.methods import run_method as run_method
 from .pipeline.operator import CryoEMOperator as CryoEMOperator
+from .pipeline.problem import prepare as prepare
 from .pipeline.simulate import simulate_dataset as simulate_dataset
-from .reconstruction import prepare as prepare
-from .reconstruction import run_method as run_method
 from .sip.discrepancies import KL as KL
 from .sip.discrepancies import MMD as MMD
 from .sip.discrepancies import Composite as Composite

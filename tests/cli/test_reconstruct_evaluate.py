@@ -67,6 +67,7 @@ def test_simulate_reconstruct_evaluate(tmp_path, capsys):
     np.testing.assert_allclose(saved["w1"], out["w1"], rtol=1e-12)
     summary = json.loads((rec / "summary.json").read_text())
     assert summary["n_images"] == 300 and np.isfinite(summary["final_objective"])
+    assert summary["step_size"] > 0  # the flow's step size, as its policy resolved it
 
 
 def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
@@ -78,13 +79,13 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
 def test_inverted_contrast_is_detected_and_flipped(tmp_path, caplog):
     import jax
 
+    from cryosip import prepare, run_method
     from cryosip.cryoem.image_model import ImageModel, NuisancePrior
     from cryosip.data.adk import adk_model
     from cryosip.data.distributions import make_distribution
     from cryosip.pipeline.calibrate import calibrate
     from cryosip.pipeline.operator import CryoEMOperator
     from cryosip.pipeline.simulate import simulate_dataset
-    from cryosip.reconstruction import prepare, run_method
 
     model = adk_model(ca_only=True)
     op = CryoEMOperator(

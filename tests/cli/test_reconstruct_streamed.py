@@ -44,6 +44,7 @@ def test_streamed_reconstruction_recovers_the_truth(sim, tmp_path, capsys):
     assert (
         summary["streamed"] is True and summary["n_images"] == 400 and summary["batch_size"] == 64
     )
+    assert summary["step_size"] > 0  # chosen on the pilot, as the in-memory flow chooses it
     hist = pd.read_csv(rec / "history.csv")["objective"].to_numpy()
     assert hist.size == int(STEPS) and np.isfinite(hist).all()  # one record per streamed minibatch
     capsys.readouterr()

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pandas as pd
 
+from cryosip import WGF
 from cryosip.cli import experiment as cli_experiment
 from cryosip.experiments import _common
 from cryosip.experiments import robustness as study
-from cryosip.reconstruction import run_method
 from cryosip.sip.table import TabulatedOperator
 
 
@@ -78,8 +78,8 @@ def test_cli_tiny_sweep_writes_csv_and_plots(tmp_path):
         assert (out / name).stat().st_size > 0, name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["snrs"] == [0.1, 0.001] and cfg["n_images"] == [200] and cfg["box"] == 32
-    # the pipeline's default, recorded as it is (None: run_method picks it per objective)
-    assert cfg["fisher_rao"] == run_method.__kwdefaults__["fisher_rao"]
+    # the pipeline's default, recorded as it is (None: the WGF picks it per objective)
+    assert cfg["fisher_rao"] == WGF.fisher_rao
 
     df = pd.read_csv(out / "robustness.csv")
     assert len(df) == 2 * (len(study.METHODS) + 1)

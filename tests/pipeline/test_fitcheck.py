@@ -16,7 +16,8 @@ from cryojax_sets import ForeignSpec, make_foreign_set
 from cryosip.data.models import load_model
 from cryosip.data.particles import read_particles
 from cryosip.pipeline.fitcheck import _support, fit_check
-from cryosip.reconstruction import MethodResult, prepare
+from cryosip.pipeline.methods import MethodResult
+from cryosip.pipeline.problem import prepare
 from cryosip.sip.smoothing import expand_particles
 
 
@@ -84,7 +85,7 @@ def test_support_resamples_instead_of_cutting():
 def test_posteriors_do_not_depend_on_the_chunking(problem_and_truth):
     """posterior_responsibilities pads its last chunk (one compiled shape for every chunk): the
     same numbers whatever the chunk size, rows summing to one."""
-    from cryosip.reconstruction import posterior_responsibilities
+    from cryosip.pipeline.methods import posterior_responsibilities
 
     problem, s = problem_and_truth
     res = _rho_h(s, float(problem.lower[0]), float(problem.upper[0]))

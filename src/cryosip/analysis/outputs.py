@@ -180,6 +180,7 @@ def write_reconstruction(
         summary["n_steps_taken"] = (
             int(result.flow.n_steps_taken) if result.flow is not None else None
         )
+        summary["step_size"] = getattr(result, "step_size", None)  # the flow's, as resolved
     if result.trajectory is not None:
         plots.plot_trajectories(
             os.path.join(out_dir, "trajectories.png"), result.trajectory, xlabel=cv_names[0]

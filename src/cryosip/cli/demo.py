@@ -65,9 +65,10 @@ def main(args) -> int:
     from ..cryoem.image_model import ImageModel, NuisancePrior
     from ..data.distributions import make_distribution
     from ..data.models import load_model
+    from ..pipeline.methods import WGF, Bootstrap, EMGrid, PerImageMAP
     from ..pipeline.operator import CryoEMOperator
+    from ..pipeline.problem import EXACT_PHYSICS, prepare
     from ..pipeline.simulate import simulate_dataset
-    from ..reconstruction import EXACT_PHYSICS, prepare, run_method
 
     t_start = time.perf_counter()
     if args.quick:
@@ -108,26 +109,12 @@ def main(args) -> int:
     )
 
     problem = prepare(sim.stack, model, sigma=sim.sigma, progress=progress, **EXACT_PHYSICS)
-    methods = [
-        ("wgf", "kl"),
-        ("wgf", "mmd"),
-        ("wgf", "kl+mmd"),
-        ("em-grid", None),
-        ("per-image", None),
+    flow = dict(n_particles=args.n_particles, n_steps=args.steps, progress=progress)
+    methods = [WGF(o, **flow) for o in ("kl", "mmd", "kl+mmd")] + [EMGrid(), PerImageMAP()]
+    results = [
+        Bootstrap(m, args.bootstrap).run(problem, jax.random.fold_in(k_rec, i))
+        for i, m in enumerate(methods)
     ]
-    results = []
-    for i, (method, objective) in enumerate(methods):
-        r = run_method(
-            problem,
-            method,
-            objective or "kl",
-            key=jax.random.fold_in(k_rec, i),
-            n_particles=args.n_particles,
-            n_steps=args.steps,
-            n_bootstrap=args.bootstrap,
-            progress=progress,
-        )
-        results.append(r)
 
     lo, hi = float(model.lower[0]), float(model.upper[0])
     grid = np.linspace(lo, hi, 201)

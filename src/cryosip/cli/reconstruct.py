@@ -291,7 +291,8 @@ def _start(args, dist=None):
 
 
 def _flow_options(args) -> dict:
-    """The options that ``run_method`` and ``run_streamed`` take alike from the flags."""
+    """The method's settings from the flags (:func:`~cryosip.pipeline.methods.method_from_name`
+    takes those it uses) and the key."""
     ck = (
         os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
     )
@@ -302,9 +303,14 @@ def _flow_options(args) -> dict:
         entropy=args.entropy,
         fisher_rao=args.fisher_rao,
         progress=not args.no_progress,
+        objective=args.objective,
+        batch_size=args.batch_size,
         checkpoint=ck,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        heldout_fraction=args.heldout,
+        nodes=args.nodes,
+        bandwidth=args.bandwidth,
     )
 
 
@@ -370,7 +376,7 @@ def _without_table(stack):
 
 def _main_streamed(args, stack, model, settings, dist=None) -> int:
     from ..data.errors import CryosipInputError
-    from ..reconstruction import run_streamed
+    from ..pipeline.methods import method_from_name, run_streamed
 
     if args.method != "wgf":
         raise CryosipInputError(
@@ -391,13 +397,13 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
         problem, res = run_streamed(
             stack,
             model,
-            args.objective,
+            method_from_name(args.method, **options),
+            key=options["key"],
             **_calibration_options(args),
             batch_size=batch,
             devices=devices,
             n_nodes=args.nodes or 33,
             pilot_images=args.pilot_images,
-            **options,
         )
     except CryosipInputError:
         raise
@@ -423,7 +429,8 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
 
 
 def main(args) -> int:
-    from ..reconstruction import posterior_cv, prepare, run_method
+    from ..pipeline.methods import Bootstrap, method_from_name, posterior_cv
+    from ..pipeline.problem import prepare
 
     dist = _distributed.from_args(args)  # several processes: --coordinator ... or srun
     if dist is not None:
@@ -458,16 +465,9 @@ def main(args) -> int:
         progress=options["progress"],
         pose_error=args.pose_error,
     )
-    res = run_method(
-        problem,
-        args.method,
-        args.objective,
-        **options,
-        batch_size=args.batch_size,
-        n_bootstrap=args.bootstrap,
-        heldout_fraction=args.heldout,
-        grid_nodes=args.nodes,
-        bandwidth=args.bandwidth,
-    )
+    method = method_from_name(args.method, **options)
+    if args.bootstrap and method.resamples:
+        method = Bootstrap(method, args.bootstrap)
+    res = method.run(problem, options["key"])
     posterior = posterior_cv(problem, res) if problem.table is not None else None
     return _write_outputs(args, settings, stack, model, problem, res, {}, posterior)

@@ -21,7 +21,6 @@ first N images of the seed's largest one.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -36,8 +35,9 @@ from ..analysis.metrics import w1, w2
 from ..cryoem.image_model import ImageModel, NuisancePrior
 from ..data.distributions import make_distribution
 from ..data.models import load_model
+from ..pipeline.methods import WGF, run_method
 from ..pipeline.operator import CryoEMOperator
-from ..reconstruction import Problem, run_method
+from ..pipeline.problem import Problem
 from ..sip import dto
 from ..sip.discrepancies import median_distance
 from ..sip.measure import ParticleMeasure
@@ -121,12 +121,9 @@ class AdkFlowSettings(Settings):
 
 
 def fisher_rao_used(settings) -> float | None:
-    """The Fisher-Rao step the flows run with: the setting, or the pipeline's default
-    (``run_method``'s; None: it picks one by objective, 0.3 for the KL and 0 for the MMDs)."""
-    if settings.fisher_rao is not None:
-        return settings.fisher_rao
-    default = inspect.signature(run_method).parameters["fisher_rao"].default
-    return None if default is None else float(default)
+    """The Fisher-Rao step the flows run with: the setting, or the pipeline's default (None:
+    :meth:`~cryosip.pipeline.methods.WGF.flow` picks 0.3 for the KL and 0 for the MMDs)."""
+    return settings.fisher_rao if settings.fisher_rao is not None else WGF.fisher_rao
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,7 +252,7 @@ class NoiseFreeTables:
         return Observations(jnp.asarray(self.images(sigma, n)), nu)
 
     def problem(self, operator: CryoEMOperator, sigma: float, n: int | None = None) -> Problem:
-        """A :class:`~cryosip.reconstruction.Problem` (tables, per-image log-likelihood on a fine grid, bandwidth)."""
+        """A :class:`~cryosip.pipeline.problem.Problem` (tables, per-image log-likelihood on a fine grid, bandwidth)."""
         t0 = time.perf_counter()
         n = len(self) if n is None else int(n)
         m = min(n, len(self.clean_head), 1000)
@@ -373,7 +370,7 @@ def tabulate_noise_free(
 def reconstruct(problem: Problem, method: str, settings, *, key, init: str = "auto", **kw):
     """One method by its label (``wgf-kl``, ``wgf-mmd``, ``wgf-kl+mmd``, ``em-grid``, ``per-image``, ...).
 
-    The flows use the pipeline's settings (:func:`cryosip.reconstruction.run_method`) with the
+    The flows use the pipeline's settings (:func:`cryosip.pipeline.methods.run_method`) with the
     study's ``n_particles``, ``n_steps`` and ``fisher_rao`` (None: the pipeline's default);
     ``kw`` overrides them."""
     if not method.startswith("wgf-"):

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import os
 import platform
@@ -78,14 +77,9 @@ import pandas as pd
 from .. import _atomic
 from ..analysis.metrics import w2
 from ..data.distributions import as_rng, make_distribution
+from ..pipeline.methods import WGF, run_method
+from ..pipeline.problem import EXACT_PHYSICS, default_grid_nodes, loglik_table_batch, prepare
 from ..pipeline.simulate import simulate_dataset
-from ..reconstruction import (
-    EXACT_PHYSICS,
-    default_grid_nodes,
-    loglik_table_batch,
-    prepare,
-    run_method,
-)
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
 from ._common import Results, check_names, make_operator, pyplot, setting, summarise
@@ -97,7 +91,6 @@ NAME = "dimension"
 CASES = ("adk-1", "adk-2", "adk-3", "adk-4", "two-hinge")
 METHODS = ("wgf-kl", "em-grid", "per-image")
 N_REFERENCE_1D = 200_000
-_RUN_DEFAULTS = inspect.signature(run_method).parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +103,8 @@ class Settings(_Settings):
     snr: float = setting(0.01, "SNR")
     box: int = setting(40, "box size in pixels", quick=32)
     pixel_size: float = setting(2.0, "pixel size in Angstrom", quick=3.0)
-    n_particles: int = setting(_RUN_DEFAULTS["n_particles"].default, "flow particles")
-    n_steps: int = setting(_RUN_DEFAULTS["n_steps"].default, "flow steps", quick=100)
+    n_particles: int = setting(WGF.n_particles, "flow particles")
+    n_steps: int = setting(WGF.n_steps, "flow steps", quick=100)
     n_reference: int = setting(3000, "draws of the truth for W2 when d > 1 (exact OT)")
     max_grid_entries: float = setting(5e7, "at most this many (image, node) entries in the grid")
 

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from ..reconstruction import Problem
+from ..pipeline.problem import Problem
 from ._common import AdkFlowSettings, Results, adk_study, check_names, reconstruct, score, setting
 
 logger = logging.getLogger(__name__)

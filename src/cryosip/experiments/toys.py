@@ -5,8 +5,8 @@ angle 30-150 degrees, square side 10-40 A) under every truth of
 :func:`cryosip.data.distributions.make_distribution` (``unimodal``, ``bimodal``, ``skewed``,
 ``uniform``). Images are simulated by :func:`cryosip.pipeline.simulate.simulate_dataset` (40 px at
 2 A/px, random poses, shifts with sd 2 A and astigmatic CTF, known to every method) and
-reconstructed through the ordinary pipeline (:func:`cryosip.reconstruction.prepare` and
-:func:`~cryosip.reconstruction.run_method`): ``wgf-kl``, ``wgf-mmd``, ``em-grid``,
+reconstructed through the ordinary pipeline (:func:`cryosip.pipeline.problem.prepare` and
+:func:`~cryosip.pipeline.methods.run_method`): ``wgf-kl``, ``wgf-mmd``, ``em-grid``,
 ``per-image``. W1 to rho* (200,000 draws) is reported in the CV's unit and divided by the
 domain width (``w1_rel``), so that toys can be compared.
 
@@ -48,8 +48,8 @@ import pandas as pd
 
 from ..analysis.metrics import w1, w2
 from ..data.distributions import make_distribution
+from ..pipeline.problem import EXACT_PHYSICS, prepare
 from ..pipeline.simulate import simulate_dataset
-from ..reconstruction import EXACT_PHYSICS, prepare
 from ..sip import dto
 from ._common import (
     Results,

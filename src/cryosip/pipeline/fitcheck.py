@@ -102,7 +102,7 @@ def _support(w: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
-    """Run the check on ``problem`` (a prepared :class:`~cryosip.reconstruction.Problem`) and a
+    """Run the check on ``problem`` (a prepared :class:`~cryosip.pipeline.problem.Problem`) and a
     method's ``result`` (positions, weights)."""
     op = problem.operator
     cal = problem.calibration
