@@ -21,8 +21,10 @@ def _problem() -> Problem:
 
 def test_the_registry_names_the_cli_methods():
     assert list(METHODS) == ["wgf", "em-grid", "per-image", "map-classes", "gmm"]
-    m = method_from_name("wgf", objective="mmd", n_steps=7, nodes=5, key=None)  # others ignored
-    assert m == WGF(objective="mmd", n_steps=7)
+    m = method_from_name("wgf", objective="mmd", n_steps=7, nodes=5, n_components=2)
+    assert m == WGF(objective="mmd", n_steps=7)  # other methods' settings are ignored
+    with pytest.raises(TypeError, match="n_step\\b"):  # a typo is not
+        method_from_name("wgf", n_step=7)
     assert method_from_name("gmm", n_components=3) == GMM(3)
     with pytest.raises(ValueError, match="unknown method"):
         method_from_name("em")

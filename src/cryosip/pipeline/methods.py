@@ -397,9 +397,13 @@ METHODS: dict[str, type[Method]] = {
 
 def method_from_name(name: str, **settings) -> Method:
     """The method called ``name`` (:data:`METHODS`) with those of ``settings`` that are its
-    fields (the others are ignored: one set of options configures any method)."""
+    fields (settings of other methods are ignored: one set of options configures any method;
+    a setting no method takes is a TypeError)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {tuple(METHODS)}")
+    known = {f.name for c in METHODS.values() for f in dataclasses.fields(c)}
+    if unknown := sorted(set(settings) - known):
+        raise TypeError(f"no method takes the setting(s) {', '.join(unknown)}")
     cls = METHODS[name]
     return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
