@@ -243,30 +243,19 @@ def simulate_dataset(
     distribution,
     n_images: int,
     *,
-    snr: float | None = None,
-    sigma: float | None = None,
-    pilot_size: int = 256,
-    batch_size: int = 128,
     chunk_size: int = 1000,
     progress: Callable[[int], object] | None = None,
-    noise_colour: RadialNoiseSpectrum | None = None,
+    **plan_options,
 ) -> SimulatedDataset:
     """Simulate a particle stack in memory (what ``cryosip simulate`` writes to files).
 
-    Same key and arguments give the same images as the CLI with ``--seed`` (the key is
-    ``jax.random.key(seed)``). Returns the noisy stack (with its nuisances), the noise-free
+    ``plan_options`` are :func:`plan_simulation`'s keywords (``snr`` or ``sigma``,
+    ``pilot_size``, ``batch_size``, ``noise_colour``); ``batch_size`` also batches the
+    rendering. Same key and arguments give the same images as the CLI with ``--seed`` (the key
+    is ``jax.random.key(seed)``). Returns the noisy stack (with its nuisances), the noise-free
     images and the true CV of each particle."""
-    plan = plan_simulation(
-        key,
-        operator,
-        distribution,
-        n_images,
-        snr=snr,
-        sigma=sigma,
-        pilot_size=pilot_size,
-        batch_size=batch_size,
-        noise_colour=noise_colour,
-    )
+    plan = plan_simulation(key, operator, distribution, n_images, **plan_options)
+    batch_size = plan_options.get("batch_size", 128)
     D = operator.image_model.box_size
     images = np.empty((len(plan), D, D), np.float32)
     clean = np.empty_like(images)
