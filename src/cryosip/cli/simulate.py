@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -63,31 +64,90 @@ MONTAGE_NAME = "montage.png"
 N_MONTAGE = 8
 
 
+DATA, IMAGING, OUTPUT = "data set", "imaging", "output"  # the --help groups of the flags
+
+
+def setting(default, group: str, type, help: str, flag: str | None = None, **kw):
+    """A :class:`SimulateConfig` field with its flag, ``add_argument(flag, type=type, help=help,
+    **kw)`` in the --help ``group``. ``help`` may name the field's ``{default}``; ``flag`` is
+    ``--field-name`` without a unit suffix (``_in_angstroms``) unless given."""
+    meta = dict(group=group, flag=flag, type=type, help=help, **kw)
+    if isinstance(default, dict):  # mutable: a fresh copy for every config
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class SimulateConfig:
-    """The resolved settings of one simulation (written to config.json)."""
+    """The resolved settings of one simulation (written to config.json); the flags of
+    ``cryosip simulate`` are generated from these fields."""
 
-    dataset: str = "adk"
-    distribution: str = "bimodal"
-    distribution_params: dict = dataclasses.field(default_factory=dict)
-    n_images: int = 10000
-    box_size: int = 64
-    pixel_size: float = 1.5
-    snr: float | None = 0.1
-    sigma: float | None = None
-    seed: int = 0
-    defocus_min_in_angstroms: float = 10000.0
-    defocus_max_in_angstroms: float = 25000.0
-    astigmatism_sd_in_angstroms: float = 200.0
-    shift_sd_in_angstroms: float = 2.0
-    voltage_in_kilovolts: float = 300.0
-    spherical_aberration_in_mm: float = 2.7
-    amplitude_contrast: float = 0.1
-    bfactor_in_angstroms2: float = 0.0
-    pilot_size: int = 256
-    chunk_size: int = 1000
-    images_per_file: int = 10000
-    noise_spectrum: str = "white"
+    dataset: str = setting(
+        "adk", DATA, None, "conformation model (default {default})", choices=DATASETS
+    )
+    distribution: str = setting(
+        "bimodal", DATA, None, "ground-truth CV distribution (default {default})"
+    )
+    distribution_params: dict = setting(
+        {}, DATA, json.loads, "JSON object of distribution parameters, in the CV's units"
+    )
+    n_images: int = setting(10000, DATA, positive_int, "default {default}")
+    box_size: int = setting(
+        64, IMAGING, positive_int, "box size in pixels (default {default})", "--box"
+    )
+    pixel_size: float = setting(
+        1.5, IMAGING, positive_float, "Angstrom per pixel (default {default})"
+    )
+    snr: float | None = setting(
+        0.1, IMAGING, positive_float, "signal-to-noise ratio (default {default})"
+    )
+    sigma: float | None = setting(
+        None, IMAGING, positive_float, "noise standard deviation instead of --snr"
+    )
+    seed: int = setting(0, DATA, nonnegative_int, "random seed (default {default})")
+    defocus_min_in_angstroms: float = setting(
+        10000.0, IMAGING, positive_float, "Angstrom, underfocus positive (default {default:g})"
+    )
+    defocus_max_in_angstroms: float = setting(
+        25000.0, IMAGING, positive_float, "Angstrom (default {default:g})"
+    )
+    astigmatism_sd_in_angstroms: float = setting(
+        200.0,
+        IMAGING,
+        nonnegative_float,
+        "sd of |defocusU - defocusV| in Angstrom (default {default:g})",
+    )
+    shift_sd_in_angstroms: float = setting(
+        2.0,
+        IMAGING,
+        nonnegative_float,
+        "sd of each in-plane shift component, Angstrom (default {default:g})",
+    )
+    voltage_in_kilovolts: float = setting(
+        300.0, IMAGING, positive_float, "kV (default {default:g})"
+    )
+    spherical_aberration_in_mm: float = setting(
+        2.7, IMAGING, nonnegative_float, "spherical aberration in mm (default {default:g})", "--cs"
+    )
+    amplitude_contrast: float = setting(0.1, IMAGING, fraction, "default {default:g}")
+    bfactor_in_angstroms2: float = setting(
+        0.0, IMAGING, nonnegative_float, "CTF B-factor in Angstrom^2 (default {default:g})"
+    )
+    pilot_size: int = 256  # no flag
+    chunk_size: int = setting(
+        1000, OUTPUT, positive_int, "images simulated at a time (default {default})", "--chunk"
+    )
+    images_per_file: int = setting(
+        10000, OUTPUT, positive_int, "images per .mrcs stack (default {default})"
+    )
+    noise_spectrum: str = setting(
+        "white",
+        IMAGING,
+        None,
+        "noise colour: white (default), detector (3.9x more power at low than at high "
+        "frequency), or a CSV with columns frequency_per_A and power (e.g. a reconstruction's "
+        "noise_spectrum.csv); --snr/--sigma set the pixel sd",
+    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -196,111 +256,33 @@ def file_names(n_images: int, images_per_file: int) -> list[str]:
 # ---------------------------------------------------------------------------- command line
 
 
+def _add_settings(group, name: str) -> None:
+    """Add the flags of the :class:`SimulateConfig` fields in the --help group ``name``."""
+    defaults = SimulateConfig()
+    for f in dataclasses.fields(SimulateConfig):
+        if f.metadata.get("group") == name:
+            kw = {k: v for k, v in f.metadata.items() if k not in ("group", "flag")}
+            kw["help"] = kw["help"].format(default=getattr(defaults, f.name))
+            group.add_argument(_flag(f), dest=f.name, **kw)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + re.sub(r"_in_\w+$", "", f.name).replace("_", "-")
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
-    d = SimulateConfig()
-    g = parser.add_argument_group("data set")
+    g = parser.add_argument_group(DATA)
     g.add_argument(
         "--config",
         type=Path,
         help="a config.json of an earlier run: its settings are the "
         "defaults, flags given here override them",
     )
-    g.add_argument("--dataset", choices=DATASETS, help=f"conformation model (default {d.dataset})")
-    g.add_argument(
-        "--distribution", help=f"ground-truth CV distribution (default {d.distribution})"
-    )
-    g.add_argument(
-        "--distribution-params",
-        type=json.loads,
-        dest="distribution_params",
-        help="JSON object of distribution parameters, in the CV's units",
-    )
-    g.add_argument("--n-images", type=positive_int, dest="n_images", help=f"default {d.n_images}")
-    g.add_argument("--seed", type=nonnegative_int, help=f"random seed (default {d.seed})")
-    g = parser.add_argument_group("imaging")
-    g.add_argument(
-        "--box",
-        type=positive_int,
-        dest="box_size",
-        help=f"box size in pixels (default {d.box_size})",
-    )
-    g.add_argument(
-        "--pixel-size",
-        type=positive_float,
-        dest="pixel_size",
-        help=f"Angstrom per pixel (default {d.pixel_size})",
-    )
-    g.add_argument("--snr", type=positive_float, help=f"signal-to-noise ratio (default {d.snr})")
-    g.add_argument("--sigma", type=positive_float, help="noise standard deviation instead of --snr")
-    g.add_argument(
-        "--noise-spectrum",
-        dest="noise_spectrum",
-        help="noise colour: white (default), detector (3.9x more power at low than at high "
-        "frequency), or a CSV with columns frequency_per_A and power (e.g. a reconstruction's "
-        "noise_spectrum.csv); --snr/--sigma set the pixel sd",
-    )
-    g.add_argument(
-        "--defocus-min",
-        type=positive_float,
-        dest="defocus_min_in_angstroms",
-        help=f"Angstrom, underfocus positive (default {d.defocus_min_in_angstroms:g})",
-    )
-    g.add_argument(
-        "--defocus-max",
-        type=positive_float,
-        dest="defocus_max_in_angstroms",
-        help=f"Angstrom (default {d.defocus_max_in_angstroms:g})",
-    )
-    g.add_argument(
-        "--astigmatism-sd",
-        type=nonnegative_float,
-        dest="astigmatism_sd_in_angstroms",
-        help=f"sd of |defocusU - defocusV| in Angstrom (default {d.astigmatism_sd_in_angstroms:g})",
-    )
-    g.add_argument(
-        "--shift-sd",
-        type=nonnegative_float,
-        dest="shift_sd_in_angstroms",
-        help=f"sd of each in-plane shift component, Angstrom (default {d.shift_sd_in_angstroms:g})",
-    )
-    g.add_argument(
-        "--voltage",
-        type=positive_float,
-        dest="voltage_in_kilovolts",
-        help=f"kV (default {d.voltage_in_kilovolts:g})",
-    )
-    g.add_argument(
-        "--cs",
-        type=nonnegative_float,
-        dest="spherical_aberration_in_mm",
-        help=f"spherical aberration in mm (default {d.spherical_aberration_in_mm:g})",
-    )
-    g.add_argument(
-        "--amplitude-contrast",
-        type=fraction,
-        dest="amplitude_contrast",
-        help=f"default {d.amplitude_contrast:g}",
-    )
-    g.add_argument(
-        "--bfactor",
-        type=nonnegative_float,
-        dest="bfactor_in_angstroms2",
-        help=f"CTF B-factor in Angstrom^2 (default {d.bfactor_in_angstroms2:g})",
-    )
-    g = parser.add_argument_group("output")
+    _add_settings(g, DATA)
+    _add_settings(parser.add_argument_group(IMAGING), IMAGING)
+    g = parser.add_argument_group(OUTPUT)
     g.add_argument("--out", type=Path, required=True, help="output folder")
-    g.add_argument(
-        "--chunk",
-        type=positive_int,
-        dest="chunk_size",
-        help=f"images simulated at a time (default {d.chunk_size})",
-    )
-    g.add_argument(
-        "--images-per-file",
-        type=positive_int,
-        dest="images_per_file",
-        help=f"images per .mrcs stack (default {d.images_per_file})",
-    )
+    _add_settings(g, OUTPUT)
     g.add_argument(
         "--overwrite", action="store_true", help="replace an existing simulation in --out"
     )
@@ -413,28 +395,12 @@ def noise_colour(cfg: SimulateConfig):
 
 def _command_line(cfg: SimulateConfig) -> str:
     """The command that regenerates ``cfg`` (every flag explicit)."""
-    d = cfg
-    flags = [("--dataset", d.dataset), ("--distribution", d.distribution)]
-    if d.distribution_params:
-        flags.append(("--distribution-params", json.dumps(d.distribution_params)))
-    flags += [("--n-images", d.n_images), ("--box", d.box_size), ("--pixel-size", d.pixel_size)]
-    flags.append(("--snr", d.snr) if d.snr is not None else ("--sigma", d.sigma))
-    flags += [
-        ("--seed", d.seed),
-        ("--defocus-min", d.defocus_min_in_angstroms),
-        ("--defocus-max", d.defocus_max_in_angstroms),
-        ("--astigmatism-sd", d.astigmatism_sd_in_angstroms),
-        ("--shift-sd", d.shift_sd_in_angstroms),
-        ("--voltage", d.voltage_in_kilovolts),
-        ("--cs", d.spherical_aberration_in_mm),
-        ("--amplitude-contrast", d.amplitude_contrast),
-        ("--bfactor", d.bfactor_in_angstroms2),
-        ("--noise-spectrum", d.noise_spectrum),
-        ("--chunk", d.chunk_size),
-        ("--images-per-file", d.images_per_file),
-    ]
-    parts = ["cryosip", "simulate"] + [str(x) for flag in flags for x in flag]
-    return shlex.join(parts) + " --out DIR"
+    parts = ["cryosip", "simulate"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "group" in f.metadata and value is not None and value != {}:  # snr or sigma is None
+            parts += [_flag(f), json.dumps(value) if isinstance(value, dict) else value]
+    return shlex.join(map(str, parts)) + " --out DIR"
 
 
 def run_simulation(
