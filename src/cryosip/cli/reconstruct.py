@@ -292,12 +292,11 @@ def _start(args, dist=None):
 
 def _flow_options(args) -> dict:
     """The method's settings from the flags (:func:`~cryosip.pipeline.methods.method_from_name`
-    takes those it uses) and the key."""
+    takes those it uses)."""
     ck = (
         os.path.join(args.out, "checkpoint.npz") if (args.checkpoint_every or args.resume) else None
     )
     return dict(
-        key=jax.random.key(args.seed),
         n_particles=args.n_particles,
         n_steps=args.steps,
         entropy=args.entropy,
@@ -398,7 +397,7 @@ def _main_streamed(args, stack, model, settings, dist=None) -> int:
             stack,
             model,
             method_from_name(args.method, **options),
-            key=options["key"],
+            key=jax.random.key(args.seed),
             **_calibration_options(args),
             batch_size=batch,
             devices=devices,
@@ -468,6 +467,6 @@ def main(args) -> int:
     method = method_from_name(args.method, **options)
     if args.bootstrap and method.resamples:
         method = Bootstrap(method, args.bootstrap)
-    res = method.run(problem, options["key"])
+    res = method.run(problem, jax.random.key(args.seed))
     posterior = posterior_cv(problem, res) if problem.table is not None else None
     return _write_outputs(args, settings, stack, model, problem, res, {}, posterior)
