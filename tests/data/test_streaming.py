@@ -12,7 +12,13 @@ import pytest
 
 from cryosip.data.mrc import MrcsWriter, read_mrcs
 from cryosip.data.particles import ParticleStack
-from cryosip.data.streaming import MinibatchStream, epoch_batches, release_pages
+from cryosip.data.streaming import (
+    DiskRows,
+    MinibatchStream,
+    epoch_batches,
+    release_pages,
+    spill_rows,
+)
 from cryosip.sip.discrepancies import KL
 from cryosip.sip.examples import DecayOperator
 from cryosip.sip.flow import WassersteinGradientFlow
@@ -116,6 +122,36 @@ def test_particle_stack_batches_carry_their_nuisances(stack_path):
         np.asarray(b.nuisance.ctf.defocus_u_in_angstroms), np.asarray(b.index) + 1e4
     )
     assert b.nuisance.rotation.shape == (32, 3, 3)
+
+
+def test_spilled_nuisances_read_the_same_rows_from_disk(stack_path):
+    """spill_rows keeps per-particle arrays out of memory (issue 18: flat memory in N): varying
+    arrays become DiskRows read with pread, constant ones broadcast views; a stream over the
+    spilled stack yields the same batches as over the in-memory one."""
+    rng = np.random.default_rng(1)
+    rot = rng.normal(size=(N, 3, 3)).astype(np.float32)
+    nu = ParticleStack.make_nuisance(
+        rot, rng.normal(size=(N, 2)), defocus_u_in_angstroms=np.arange(N) + 1e4
+    )
+    spilled = spill_rows(nu, min_rows=10)
+    assert isinstance(spilled.rotation, DiskRows)
+    assert spilled.ctf.voltage_in_kilovolts.strides == (0,)  # one value for every particle
+    idx = np.array([7, 3, 3, 100, 0])
+    np.testing.assert_array_equal(spilled.rotation[idx], rot[idx])
+    np.testing.assert_array_equal(spilled.rotation[5:9], rot[5:9])
+    np.testing.assert_array_equal(spilled.rotation[np.arange(N) % 4 == 1], rot[1::4])
+    np.testing.assert_array_equal(np.asarray(spilled.shift_in_angstroms), nu.shift_in_angstroms)
+    assert len(spilled.rotation) == N and spilled.rotation.ndim == 3
+    assert spill_rows(nu).rotation is nu.rotation  # below min_rows: left in memory
+
+    mm = read_mrcs(stack_path)
+    batches = []
+    for n in (nu, spilled):
+        with MinibatchStream(ParticleStack(mm, n, 2.0), 32, jax.random.key(4), n_epochs=1) as s:
+            batches.append(next(iter(s)))
+    a, b = batches
+    for x, y in zip(jax.tree_util.tree_leaves(a.nuisance), jax.tree_util.tree_leaves(b.nuisance)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_prefetch_is_bounded_and_errors_reach_the_consumer(stack_path):

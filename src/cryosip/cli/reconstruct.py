@@ -361,13 +361,21 @@ def _main_distributed(args, dist) -> int:
 
 def _without_table(stack):
     """The stack without its per-particle input table (O(N) strings), the table's memory given
-    back: a streamed run writes no per-image outputs, and its memory must stay flat in N. The
-    caller rebinds its name to the result so that the table has no reference left."""
+    back, and its per-particle nuisances read from a temporary file on demand
+    (:func:`~cryosip.data.streaming.spill_rows`): a streamed run writes no per-image outputs,
+    and its memory must stay flat in N. The caller rebinds its name to the result so that the
+    table and the arrays have no reference left."""
     import dataclasses
 
     from ..data.star import release_freed_memory
+    from ..data.streaming import spill_rows
 
-    lean = dataclasses.replace(stack, metadata=None)
+    lean = dataclasses.replace(
+        stack,
+        metadata=None,
+        nuisance=spill_rows(stack.nuisance),
+        optics_group=spill_rows(stack.optics_group),
+    )
     del stack
     release_freed_memory()
     return lean

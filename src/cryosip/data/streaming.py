@@ -44,8 +44,10 @@ import logging
 import mmap
 import os
 import queue
+import tempfile
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ from ..sip.operator import Observations
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MinibatchStream", "epoch_batches", "read_rows", "release_pages"]
+__all__ = ["DiskRows", "MinibatchStream", "epoch_batches", "read_rows", "release_pages", "spill_rows"]
 
 _DONE = object()
 
@@ -155,6 +157,60 @@ def read_rows(images, idx, *, chunk: int = 64) -> np.ndarray:
     if not parts:
         return np.empty((0,) + tuple(images.shape[1:]), np.float32)
     return np.concatenate(parts)
+
+
+class DiskRows:
+    """An array kept in an unlinked temporary file (gone when the object is) whose rows are read
+    on demand with ``os.preadv``: ``rows[idx]`` is an in-memory array, and no page of the file
+    stays in the process's RSS. ``np.asarray(rows)`` reads it all."""
+
+    def __init__(self, a: np.ndarray):
+        a = np.ascontiguousarray(a)
+        self.shape, self.dtype = a.shape, a.dtype
+        self._file = tempfile.TemporaryFile(prefix="cryosip-rows-")
+        self._closer = weakref.finalize(self, self._file.close)  # the file goes with the object
+        a.tofile(self._file)
+        self._file.flush()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.arange(self.shape[0])[idx] if not isinstance(idx, np.ndarray) else idx
+        idx = np.nonzero(idx)[0] if idx.dtype == bool else np.asarray(idx, np.int64)
+        flat = idx.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        rows = _pread_rows(self._file.fileno(), 0, self.dtype, self.shape[1:], flat[order])
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out.reshape(idx.shape + self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[np.arange(self.shape[0])]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def spill_rows(tree, min_rows: int = 1 << 16):
+    """``tree`` (a pytree of arrays whose leading axis is the particles, e.g. a ``CryoNuisance``)
+    with every array of at least ``min_rows`` rows held out of memory: one value shared by every
+    row as a read-only broadcast view, the others as :class:`DiskRows`. What a streamed run keeps
+    for each of N images (pose, shift, CTF, noise group: ~70 bytes an image) then no longer grows
+    its memory with N; values are unchanged."""
+
+    def one(a):
+        if not isinstance(a, np.ndarray) or a.ndim == 0 or a.shape[0] < min_rows:
+            return a
+        if a.strides[0] == 0:
+            return a
+        if np.all(a == a[:1]):
+            return np.broadcast_to(a[:1], a.shape)
+        return DiskRows(a)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def epoch_batches(key: PRNGKeyArray, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +331,7 @@ class MinibatchStream:
                 release_pages(self.images)
         nuisance = None
         if self.nuisance is not None:
-            nuisance = jax.tree_util.tree_map(lambda a: put(np.asarray(a)[idx]), self.nuisance)
+            nuisance = jax.tree_util.tree_map(lambda a: put(np.asarray(a[idx])), self.nuisance)
         return Observations(put(values), nuisance, put(idx.astype(np.int32)), put(w))
 
     def _batches(self):

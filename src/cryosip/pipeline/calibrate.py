@@ -199,7 +199,7 @@ class _Pilot:
         self.D, self.p = stack.box_size, float(stack.pixel_size)
         self.groups = group_ids(stack)[idx]
         self.images = read_rows(stack.images, idx)  # no file pages left in the RSS
-        self.nuisance = jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stack.nuisance)
+        self.nuisance = jax.tree_util.tree_map(lambda a: np.asarray(a[idx]), stack.nuisance)
         self.points = probe_points(conformation)
         self.conformation = conformation
         self.chunk = chunk

@@ -495,7 +495,8 @@ def run_streamed(
     image). No per-image table is written, so ``stack.metadata`` is not needed: the CLI drops it
     before the call (O(N) strings; memory stays flat in N).
     """
-    from ..data.streaming import MinibatchStream
+    from ..data.star import release_freed_memory
+    from ..data.streaming import MinibatchStream, spill_rows
     from ..sip import sharding
     from ..sip.streaming_flow import run_streaming
 
@@ -522,7 +523,10 @@ def run_streamed(
         b0 = np.asarray(stack.nuisance.ctf.bfactor_in_angstroms2)
         ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=b0 + np.float32(bfactor))
         working = dataclasses.replace(working, nuisance=dataclasses.replace(nu, ctf=ctf))
-    stack = working
+    # the calibration's per-image envelope and noise group: held out of memory like the rest
+    stack = dataclasses.replace(working, nuisance=spill_rows(working.nuisance))
+    del working
+    release_freed_memory()  # the calibration's per-image temporaries
     pilot_idx = np.sort(
         np.asarray(jax.random.choice(k_pilot, n, (min(pilot_images, n),), replace=False))
     )
