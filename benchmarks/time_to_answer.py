@@ -124,6 +124,11 @@ def simulate(n: int, out: Path, seed: int) -> float:
 
 
 def reconstruct(sim: Path, out: Path, n_proc: int, args) -> dict:
+    for stale in [out, *out.parent.glob(f"{out.name}-p*")]:  # a kept --workdir's earlier run
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
     base = [
         "reconstruct",
         str(sim / "particles.star"),

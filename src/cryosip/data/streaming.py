@@ -58,7 +58,14 @@ from ..sip.operator import Observations
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiskRows", "MinibatchStream", "epoch_batches", "read_rows", "release_pages", "spill_rows"]
+__all__ = [
+    "DiskRows",
+    "MinibatchStream",
+    "epoch_batches",
+    "read_rows",
+    "release_pages",
+    "spill_rows",
+]
 
 _DONE = object()
 
