@@ -51,7 +51,7 @@ from ..cryoem.noise import (
     rfft_mode_counts,
     shell_index,
 )
-from ..data.particles import ParticleStack, downsample
+from ..data.particles import ParticleStack, downsample, working_pixel_size
 from ..data.streaming import read_rows
 from ..sip.operator import Observations
 
@@ -442,8 +442,7 @@ def calibrate(
     n_pilot = min(n_pilot, max(64, 2**26 // (D * D)))  # pilot images in memory: <= 256 MB
     idx = np.unique(np.linspace(0, n - 1, min(n, n_pilot)).round().astype(np.int64))
     pilot = _Pilot(stack, conformation, idx)
-    groups_all = group_ids(stack)
-    n_groups = int(groups_all.max()) + 1 if n else 1
+    n_groups = int(group_ids(stack).max()) + 1 if n else 1
 
     stats = _residual_pass(pilot, 0.0)
     pooled = float(
@@ -493,14 +492,12 @@ def calibrate(
             raise ValueError(f"--box {work} is larger than the images ({D} pixels)")
     if work < D:
         shell = int(np.floor(NYQUIST_FRACTION * work / 2))
-        working = downsample(stack, work)
+        working_px = working_pixel_size(D, p, work)
         power = np.asarray(spec.power)[:, : n_shells(work)] * (work / D) ** 2
-        spec_w = RadialNoiseSpectrum(
-            jnp.asarray(power, jnp.float32), work, float(working.pixel_size), shell
-        )
+        spec_w = RadialNoiseSpectrum(jnp.asarray(power, jnp.float32), work, working_px, shell)
         kept = float(info[: shell + 1].sum() / total) if total > 0 else None
     else:
-        working, spec_w, kept = stack, spec, 1.0
+        working_px, spec_w, kept = p, spec, 1.0
     native = p if work < D else None
     cal = Calibration(
         inverted=inverted,
@@ -511,7 +508,7 @@ def calibrate(
         native_box=D,
         native_pixel_size=p if native is None else native,
         box_size=work,
-        pixel_size=float(working.pixel_size),
+        pixel_size=float(working_px),
         box_rule=rule,
         information_cutoff_per_A=info_freq,
         information_kept=kept,
@@ -519,13 +516,6 @@ def calibrate(
         input_noise_sigma=tuple(float(x) for x in spec.pixel_sigma()),
         pose_error=pose,
     )
-    # the particles carry their noise group and the envelope in their CTF
-    nu = working.nuisance
-    ctf = dataclasses.replace(
-        nu.ctf, bfactor_in_angstroms2=np.asarray(nu.ctf.bfactor_in_angstroms2) + np.float32(bfactor)
-    )
-    nu = dataclasses.replace(nu, ctf=ctf, group=groups_all.astype(np.int32))
-    working = dataclasses.replace(working, nuisance=nu)
     logger.info(
         "calibration: %s noise (pixel sd %s), envelope B %.0f A^2, %d-px box at %.3g A/px -> "
         "working %d px at %.3g A/px (98%% of the CV signal below %.3g 1/A)",
@@ -538,4 +528,17 @@ def calibrate(
         cal.pixel_size,
         info_freq,
     )
-    return working, cal
+    return calibrated_stack(stack, cal), cal
+
+
+def calibrated_stack(stack: ParticleStack, cal: Calibration) -> ParticleStack:
+    """``stack`` as ``cal`` says to use it: on the working grid (Fourier-cropped when the
+    working box is smaller), each particle carrying its noise group and the envelope in its CTF.
+    What :func:`calibrate` returns; a process of a multi-process run that receives process 0's
+    calibration builds its stack with it."""
+    working = downsample(stack, cal.box_size) if cal.box_size < stack.box_size else stack
+    nu = working.nuisance
+    b = np.asarray(nu.ctf.bfactor_in_angstroms2) + np.float32(cal.bfactor_in_angstroms2)
+    ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=b)
+    nu = dataclasses.replace(nu, ctf=ctf, group=group_ids(stack).astype(np.int32))
+    return dataclasses.replace(working, nuisance=nu)

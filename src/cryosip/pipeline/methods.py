@@ -31,7 +31,7 @@ from ..sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from ..sip.loglik_table import LogLikTableOperator, product_nodes
 from ..sip.measure import ParticleMeasure, uniform_measure
 from ..sip.smoothing import Bandwidth, expand_particles
-from .calibrate import calibrate
+from .calibrate import calibrate, calibrated_stack
 from .problem import Problem, default_grid_nodes, prepare
 
 logger = logging.getLogger(__name__)
@@ -465,7 +465,7 @@ def run_streamed(
     prefetch: int = 2,
     stop=None,
     **calibration,
-) -> tuple[Problem, MethodResult]:
+) -> tuple[Problem | None, MethodResult]:
     """The particle flow ``method`` on the direct operator, fed one minibatch read from disk per
     step (its ``batch_size``, ``init``, ``heldout_fraction`` and ``bandwidth`` are not used).
 
@@ -482,15 +482,18 @@ def run_streamed(
 
     Several processes (``jax.distributed`` initialised, ``jax.process_count()`` > 1): every
     process calls this with the same arguments; each minibatch is split over every process's
-    devices and each process reads only its own rows of it; the calibration, the pilot's choices
-    and the initial particles are process 0's (broadcast), so every process takes the same
-    steps. ``devices`` is then ignored (all devices of all processes are used).
+    devices and each process reads only its own rows of it; only process 0 calibrates and
+    prepares the pilot, and the others receive its calibration, operator, objective, initial
+    particles and step sizes (pickled, bit for bit), so every process takes the same steps and
+    none compiles the pilot's programs for its own device. ``devices`` is then ignored (all
+    devices of all processes are used).
 
     The method's ``checkpoint`` (a path) with ``checkpoint_every`` k: the flow's state and the stream position
     are saved every k steps (process 0 writes); ``resume`` continues from it (same particles as
     an uninterrupted run). ``stop(step)`` True ends the flow early (tests).
 
-    Returns the pilot :class:`Problem` (its operator is the direct one) and the flow's result.
+    Returns the pilot :class:`Problem` (its operator is the direct one; None on the processes
+    other than 0 of a multi-process run) and the flow's result.
     Not available here: bootstrap bands and per-image posteriors (both need passes over every
     image). No per-image table is written, so ``stack.metadata`` is not needed: the CLI drops it
     before the call (O(N) strings; memory stays flat in N).
@@ -511,18 +514,16 @@ def run_streamed(
     if n_dev > 1 and batch_size % n_dev:
         raise ValueError(f"batch size {batch_size} does not split evenly over {n_dev} devices")
     k_pilot, k_init, k_flow, k_stream = jax.random.split(key, 4)
-    working, cal = calibrate(stack, conformation, n_pilot=pilot_images, **calibration)
-    if multi:  # every process must whiten, sign-correct and blur exactly as process 0 does
-        spec, inverted, bfactor = sharding.broadcast_from_first_process(
-            (cal.noise, np.int32(cal.inverted), np.float32(cal.bfactor_in_angstroms2))
-        )
-        cal = dataclasses.replace(
-            cal, noise=spec, inverted=bool(inverted), bfactor_in_angstroms2=float(bfactor)
-        )
-        nu = working.nuisance
-        b0 = np.asarray(stack.nuisance.ctf.bfactor_in_angstroms2)
-        ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=b0 + np.float32(bfactor))
-        working = dataclasses.replace(working, nuisance=dataclasses.replace(nu, ctf=ctf))
+    # in a multi-process run only process 0 calibrates and builds the pilot; the others take
+    # its results (bit for bit) instead of compiling the same programs for their own device:
+    # JAX caches compiled programs from process 0 only (docs/scaling.md)
+    lead = jax.process_index() == 0
+    if lead:
+        working, cal = calibrate(stack, conformation, n_pilot=pilot_images, **calibration)
+    if multi:
+        cal = sharding.share_from_first_process(cal if lead else None)
+        if not lead:
+            working = calibrated_stack(stack, cal)
     # the calibration's per-image envelope and noise group: held out of memory like the rest
     stack = dataclasses.replace(working, nuisance=spill_rows(working.nuisance))
     del working
@@ -532,17 +533,25 @@ def run_streamed(
     )
     # the pilot's rows are read into memory it owns, so the stack's file pages do not stay in
     # this process's RSS (peak memory must not grow with the stack: benchmarks/time_to_answer.py)
-    rows = stack.read(pilot_idx)
-    pilot = prepare(
-        rows, conformation, fit_scale=fit_scale, n_nodes=n_nodes, progress=False, calibration=cal
-    )
-    m0 = initial_measure(pilot, n_particles, k_init)
-    disc = make_discrepancy(pilot, objective, key=k_flow, init=m0)
-    flow = method.flow(pilot, disc, m0, k_flow, min(batch_size, len(pilot_idx)))
-    op = pilot.operator
+    pilot = None
+    if lead:
+        rows = stack.read(pilot_idx)
+        pilot = prepare(
+            rows,
+            conformation,
+            fit_scale=fit_scale,
+            n_nodes=n_nodes,
+            progress=False,
+            calibration=cal,
+        )
+        m0 = initial_measure(pilot, n_particles, k_init)
+        disc = make_discrepancy(pilot, objective, key=k_flow, init=m0)
+        flow = method.flow(pilot, disc, m0, k_flow, min(batch_size, len(pilot_idx)))
+        op = pilot.operator
     if multi:  # the same start, objective, operator and step sizes on every process
-        op, disc, m0, flow = sharding.broadcast_from_first_process((op, disc, m0, flow))
-        pilot = dataclasses.replace(pilot, operator=op)
+        op, disc, m0, flow = sharding.share_from_first_process(
+            (op, disc, m0, flow) if lead else None
+        )
     shard = None
     if n_dev > 1:
         if not multi and n_dev > len(jax.devices()):
@@ -555,8 +564,8 @@ def run_streamed(
         if multi:
             op, disc = sharding.replicate((op, disc), mesh)
         shard = sharding.data_sharding(mesh)
-    setup = time.perf_counter() - t0
-    pilot = dataclasses.replace(pilot, setup_seconds=setup)
+    if pilot is not None:
+        pilot = dataclasses.replace(pilot, setup_seconds=time.perf_counter() - t0)
     t1 = time.perf_counter()
     transform = jax.jit(lambda b: cal.transform(b))  # one compiled program, global arrays too
     streams = []

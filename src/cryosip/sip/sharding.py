@@ -43,6 +43,7 @@ __all__ = [
     "DATA_AXIS",
     "DataParallelOperator",
     "broadcast_from_first_process",
+    "share_from_first_process",
     "data_sharding",
     "global_rows",
     "make_mesh",
@@ -135,6 +136,25 @@ def broadcast_from_first_process(tree: PyTree) -> PyTree:
         else:  # Python or NumPy scalar
             leaves[i] = type(old)(v[()])
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def share_from_first_process(obj):
+    """Process 0's ``obj`` (any picklable object: modules, measures, dataclasses) on every
+    process, sent pickled; the other processes pass anything (their value is not used, so they
+    need not compute it). Identity in a single process."""
+    if jax.process_count() == 1:
+        return obj
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    first = jax.process_index() == 0
+    payload = np.frombuffer(pickle.dumps(obj), np.uint8) if first else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
+    if not first:
+        payload = np.zeros(size, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(payload), np.uint8)
+    return obj if first else pickle.loads(got.tobytes())  # noqa: S301 - from process 0 of this run
 
 
 def _pad_rows(a, n_pad: int):
