@@ -20,7 +20,8 @@ Several processes (hosts): call ``jax.distributed.initialize()`` first in every 
 same code runs data-parallel over all of them. Each process builds only its own rows of a
 batch (:func:`process_rows`, :func:`global_rows`); what every process must agree on (the
 particles, the operator, the step sizes) is made identical with
-:func:`broadcast_from_first_process` (``docs/scaling.md`` has the recipe, SLURM included). The mesh uses ``AxisType.Auto`` (classic sharding
+:func:`broadcast_from_first_process`, or taken whole from process 0 with
+:func:`share_from_first_process` (``docs/scaling.md`` has the recipe, SLURM included). The mesh uses ``AxisType.Auto`` (classic sharding
 propagation; ``jax.make_mesh`` defaults to ``Explicit`` in recent JAX).
 """
 
