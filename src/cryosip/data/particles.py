@@ -21,6 +21,15 @@ def nuisance_to_numpy(nu: CryoNuisance) -> CryoNuisance:
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), nu)
 
 
+def shared_once(a):
+    """``a`` as a read-only broadcast view of its first row when every row is the same (the
+    value held once, whatever the number of rows); anything else unchanged."""
+    if isinstance(a, np.ndarray) and a.ndim and a.shape[0] > 1 and a.strides[0]:
+        if np.all(a == a[:1]):
+            return np.broadcast_to(a[:1], a.shape)
+    return a
+
+
 def take_nuisance(nu: CryoNuisance, idx) -> CryoNuisance:
     return jax.tree_util.tree_map(lambda a: a[idx], nu)
 
@@ -85,13 +94,7 @@ class ParticleStack:
         ):
             self.native_grid = None
 
-        def once(a):
-            if isinstance(a, np.ndarray) and a.ndim == 1 and a.size > 1 and a.strides[0]:
-                if np.all(a == a[0]):
-                    return np.broadcast_to(a[:1], a.shape)
-            return a
-
-        ctf = jax.tree_util.tree_map(once, self.nuisance.ctf)
+        ctf = jax.tree_util.tree_map(shared_once, self.nuisance.ctf)
         self.nuisance = dataclasses.replace(self.nuisance, ctf=ctf)
 
     def __len__(self) -> int:

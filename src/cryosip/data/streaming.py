@@ -208,14 +208,13 @@ def spill_rows(tree, min_rows: int = 1 << 16):
     for each of N images (pose, shift, CTF, noise group: ~70 bytes an image) then no longer grows
     its memory with N; values are unchanged."""
 
+    from .particles import shared_once
+
     def one(a):
         if not isinstance(a, np.ndarray) or a.ndim == 0 or a.shape[0] < min_rows:
             return a
-        if a.strides[0] == 0:
-            return a
-        if np.all(a == a[:1]):
-            return np.broadcast_to(a[:1], a.shape)
-        return DiskRows(a)
+        a = shared_once(a)
+        return a if a.strides[0] == 0 else DiskRows(a)
 
     return jax.tree_util.tree_map(one, tree)
 
