@@ -196,6 +196,31 @@ def test_window_rule():
     sigma = 0.798  # carbon's widest Peng Gaussian
     assert [window_half_width(sigma**2, p) for p in (1.0, 1.5, 2.0, 3.0)] == [2, 2, 1, 1]
     assert chunk_size(3341, 1) >= 1 and chunk_size(214, 1) > chunk_size(3341, 1)
+    # on the CPU, chunks that fit in cache; on an accelerator, a whole large batch at once
+    assert chunk_size(3341, 1, "cpu") == 3 and chunk_size(3341, 1, "gpu") == 2231
+
+
+def test_one_chunk_for_the_whole_batch_gives_the_same_images(adk, monkeypatch):
+    """The accelerator's rule (one chunk per batch) renders what the CPU's chunks render."""
+    from cryosip.cryoem import projection as P
+
+    model, coords = adk
+    a = model.atoms
+    rots = sample_uniform_rotations(jax.random.key(4), 4 * chunk_size(a.n_atoms, 1) + 1)
+    xys = jnp.einsum("nj,bij->bni", coords, rots[:, :2])
+
+    def render():
+        f = jax.vmap(lambda x: project_gaussians(x, a.amplitudes, a.variances, 64, 2.0, 1))
+        loss = lambda x: jnp.sum(f(x) ** 2)  # noqa: E731 - the backward kernels too
+        return jax.jit(lambda x: (f(x), jax.grad(loss)(x)))(xys)
+
+    chunked = render()
+    monkeypatch.setattr(P, "chunk_size", lambda n, h, backend=None: 10**6)
+    whole = render()
+    for c, w in zip(chunked, whole):
+        np.testing.assert_allclose(
+            np.asarray(w), np.asarray(c), rtol=0, atol=1e-6 * float(np.abs(c).max())
+        )
 
 
 def test_vmap_matches_single_images_with_a_partial_last_chunk(adk):

@@ -46,6 +46,11 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 # Working-set target of one chunk, in atom-window pixels (n_atoms * w^2 * chunk); tuned on a
 # 2-core AVX-512 machine with 1 MiB L2 per core (AdK, 3,341 atoms, 3x3 windows -> 4 images).
 _CHUNK_BUDGET = 120_000
+# On a GPU the loop over chunks only serialises small kernels (an H200 ran the CPU's 3-image
+# chunks at 0.3-0.9x cryojax's fastest projector; benchmarks/README.md, "GPU"): one chunk of
+# up to this many atom-window pixels (~270 MB per intermediate in float32; AdK all-atom at
+# h=1: 2,231 images; the same H200 then ran 1.3-1.5x cryojax's fastest).
+_ACCELERATOR_CHUNK_BUDGET = 1 << 26
 
 
 def window_half_width(max_variance: float, pixel_size: float) -> int:
@@ -57,9 +62,14 @@ def window_half_width(max_variance: float, pixel_size: float) -> int:
     return max(1, math.ceil(_WINDOW_SIGMAS * math.sqrt(max_variance) / pixel_size - 1e-9))
 
 
-def chunk_size(n_atoms: int, half_width: int) -> int:
-    """Images per chunk in the batched projector (keeps one chunk's intermediates in cache)."""
+def chunk_size(n_atoms: int, half_width: int, backend: str | None = None) -> int:
+    """Images per chunk in the batched projector: on the CPU, one chunk's intermediates stay in
+    cache; on an accelerator (``backend``, default JAX's default backend), chunks are as large
+    as memory allows, so that a batch runs as a few large kernels."""
     w = 2 * half_width + 1
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu":
+        return max(1, _ACCELERATOR_CHUNK_BUDGET // max(1, n_atoms * w * w))
     return int(min(64, max(1, _CHUNK_BUDGET // max(1, n_atoms * w * w))))
 
 
