@@ -40,6 +40,8 @@ EXPORTS = {
     "PairedMMD": "cryosip.sip.discrepancies",
     "KL": "cryosip.sip.discrepancies",
     "prepare": "cryosip.pipeline.problem",
+    "Problem": "cryosip.pipeline.problem",
+    "MethodResult": "cryosip.pipeline.methods",
     "run_method": "cryosip.pipeline.methods",
     "method_from_name": "cryosip.pipeline.methods",
     "WGF": "cryosip.pipeline.methods",

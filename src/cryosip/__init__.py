@@ -13,9 +13,10 @@ a user needs is exported here, flat:
 - conformation models: :class:`PathModel`, :class:`LinearModes`, :func:`load_model`;
 - data: :class:`ParticleStack`, the readers and writers of RELION STAR, cryoSPARC ``.cs``,
   cryoDRGN pickles and MRC stacks, the distributions of the CV (:func:`make_distribution`);
-- the pipeline: :func:`simulate_dataset`, :func:`prepare`, :func:`run_method` and the methods
-  :class:`WGF`, :class:`EMGrid`, :class:`PerImageMAP`, :class:`MAPClasses`, :class:`GMM` and
-  :class:`Bootstrap`.
+- the pipeline: :func:`simulate_dataset`, :func:`prepare` (a :class:`Problem`),
+  :func:`run_method` and the methods :class:`WGF`, :class:`EMGrid`, :class:`PerImageMAP`,
+  :class:`MAPClasses`, :class:`GMM` and :class:`Bootstrap`, each returning a
+  :class:`MethodResult`.
 
 ``MMD`` is an alias of :class:`UnpairedMMD`, kept for code written before the rename.
 """
@@ -61,10 +62,12 @@ from .pipeline.methods import WGF as WGF
 from .pipeline.methods import Bootstrap as Bootstrap
 from .pipeline.methods import EMGrid as EMGrid
 from .pipeline.methods import MAPClasses as MAPClasses
+from .pipeline.methods import MethodResult as MethodResult
 from .pipeline.methods import PerImageMAP as PerImageMAP
 from .pipeline.methods import method_from_name as method_from_name
 from .pipeline.methods import run_method as run_method
 from .pipeline.operator import CryoEMOperator as CryoEMOperator
+from .pipeline.problem import Problem as Problem
 from .pipeline.problem import prepare as prepare
 from .pipeline.simulate import simulate_dataset as simulate_dataset
 from .sip.discrepancies import KL as KL
