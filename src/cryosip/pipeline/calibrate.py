@@ -35,6 +35,7 @@ that renders in the same units (:meth:`Calibration.image_model`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import equinox as eqx
@@ -123,15 +124,14 @@ class Calibration:
 
     def transform_values(self, values, group):
         """Sign-correct and whiten images (n, D, D) on the working grid (JAX arrays)."""
-        y = -values if self.inverted else values
-        w = self.noise.whitening()[jnp.asarray(group, jnp.int32)]
-        f = jnp.fft.rfft2(y) * w
-        return jnp.fft.irfft2(f, s=(self.box_size, self.box_size)).astype(jnp.float32)
+        return _transform_values(
+            values, group, self.noise.whitening(), inverted=self.inverted, box=self.box_size
+        )
 
     def transform(self, obs: Observations) -> Observations:
         """Observations in working units (their nuisance carries the group)."""
         g = obs.nuisance.group
-        g = jnp.zeros((len(obs),), jnp.int32) if g is None else g
+        g = np.zeros((len(obs),), np.int32) if g is None else g
         return Observations(
             self.transform_values(obs.values, g), obs.nuisance, obs.index, obs.weight
         )
@@ -158,6 +158,22 @@ class Calibration:
             "n_pilot_images": self.n_pilot,
             "pose_error_estimate": self.pose_error,
         }
+
+
+def _host(a) -> np.ndarray:
+    """``a`` as the NumPy array ``jnp.asarray`` would make of it (float64 -> float32, ...): host
+    bookkeeping without an eager device copy (a compiled program per shape and dtype)."""
+    a = np.asarray(a)
+    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+
+
+@functools.partial(jax.jit, static_argnames=("inverted", "box"))
+def _transform_values(values, group, whitening, *, inverted: bool, box: int):
+    """:meth:`Calibration.transform_values` as one compiled program (op by op: ~15 programs)."""
+    y = -values if inverted else values
+    w = whitening[jnp.asarray(group, jnp.int32)]
+    f = jnp.fft.rfft2(y) * w
+    return jnp.fft.irfft2(f, s=(box, box)).astype(jnp.float32)
 
 
 def probe_points(conformation: AbstractConformationModel) -> np.ndarray:
@@ -216,10 +232,10 @@ class _Pilot:
             nu.ctf, bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2 + bfactor
         )
         nu = dataclasses.replace(nu, ctf=ctf)
-        pts = jnp.asarray(self.points)
+        pts = self.points  # NumPy: handed to the compiled program as is (no eager copies)
         n = len(self.images) if n is None else min(n, len(self.images))
         for s in range(0, n, self.chunk):
-            sub = jax.tree_util.tree_map(lambda a: jnp.asarray(a[s : min(n, s + self.chunk)]), nu)
+            sub = jax.tree_util.tree_map(lambda a: _host(a[s : min(n, s + self.chunk)]), nu)
             yield s, np.asarray(_pair_means(op, pts, sub), np.float64)
 
 
@@ -300,7 +316,7 @@ def _candidate_perturbations():
     shifts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     shifts = shifts[np.argsort(np.hypot(*shifts.T), kind="stable")]  # identity first
     # one compiled program (op by op it compiled ~20 small ones)
-    rots = np.asarray(jax.jit(axis_angle_to_matrix)(jnp.asarray(vecs, jnp.float32)))
+    rots = np.asarray(jax.jit(axis_angle_to_matrix)(vecs.astype(np.float32)))
     return rots, np.degrees(np.linalg.norm(vecs, axis=1)), shifts
 
 
@@ -373,11 +389,14 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
         ),
         1.0,
     )
-    nu = jax.tree_util.tree_map(lambda a: jnp.asarray(a[:m]), pilot.nuisance)
-    ctf = dataclasses.replace(nu.ctf, bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2 + bfactor)
-    nu = dataclasses.replace(nu, ctf=ctf, group=jnp.asarray(pilot.groups[:m], jnp.int32))
-    theta = jnp.asarray(pilot.points[stats["best"][:m]])
-    y = jnp.asarray(spec.whiten(pilot.images[:m], pilot.groups[:m]))
+    # host-side bookkeeping in NumPy (as float32, what the compiled program is handed)
+    nu = jax.tree_util.tree_map(lambda a: _host(a[:m]), pilot.nuisance)
+    ctf = dataclasses.replace(
+        nu.ctf, bfactor_in_angstroms2=nu.ctf.bfactor_in_angstroms2 + np.float32(bfactor)
+    )
+    nu = dataclasses.replace(nu, ctf=ctf, group=np.asarray(pilot.groups[:m], np.int32))
+    theta = np.asarray(pilot.points[stats["best"][:m]], np.float32)
+    y = np.asarray(spec.whiten(pilot.images[:m], pilot.groups[:m]), np.float32)
     a = np.asarray(stats["a"][:m], np.float32)
     key = jax.random.key(0) if key is None else key
     noise = np.asarray(jax.random.normal(key, y.shape, jnp.float32))  # whitened: unit noise
@@ -385,10 +404,9 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
     # every candidate (rotations, then shifts) on the data and on its replicate (each image's
     # model at its given pose, scaled as fitted, plus the noise; one set of renders for both):
     # one compiled program, run on chunks of images so that memory stays at chunk x candidates
-    all_rots = jnp.asarray(rots, jnp.float32)
-    all_shifts = jnp.asarray(shifts, jnp.float32)
-    theta, y = np.asarray(theta), np.asarray(y)[None]
-    nu = jax.tree_util.tree_map(np.asarray, nu)
+    all_rots = np.asarray(rots, np.float32)
+    all_shifts = np.asarray(shifts, np.float32)
+    y = y[None]
     gains = []
     for s in range(0, m, chunk):
         idx = np.minimum(np.arange(s, s + chunk), m - 1)  # one compiled shape

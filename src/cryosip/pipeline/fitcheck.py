@@ -31,6 +31,7 @@ MAP conformations piled at the domain ends   the path does not reach the data
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import equinox as eqx
@@ -65,6 +66,34 @@ class FitCheck:
 @eqx.filter_jit
 def _means(op, theta, nuisance):
     return jax.vmap(op.mean)(theta, nuisance)
+
+
+@eqx.filter_jit
+def _table_loglik(table, pos, idx):
+    """The table's (n, P) log-likelihood of rows ``idx`` at ``pos``: one compiled program (op by
+    op it compiled ~50 small ones)."""
+    return table.log_likelihood_matrix(pos, table.observations().take(idx))
+
+
+@eqx.filter_jit
+def _take(obs, idx):
+    """``obs.take(idx)`` as one compiled program (op by op: ~6 programs per array)."""
+    return obs.take(idx)
+
+
+@jax.jit
+def _log_prior(w):
+    """log(max(w, 1e-30)) of float32 weights, as one compiled program."""
+    return jnp.log(jnp.clip(w, 1e-30))
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _replicate_draws(key, w, shape):
+    """The replicate's particle per image (drawn from the weights ``w``) and its unit noise
+    (``shape``: the images'), from ``key``: one compiled program."""
+    k_draw, k_noise = jax.random.split(key)
+    draw = jax.random.choice(k_draw, w.shape[0], (shape[0],), p=w)
+    return draw, jax.random.normal(k_noise, shape, jnp.float32)
 
 
 def _stats(y, m, keep, fit_scale: bool):
@@ -109,24 +138,22 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     obs_all = problem.observations
     n_all = len(obs_all)
     idx = np.unique(np.linspace(0, n_all - 1, min(n_all, n_images)).round().astype(np.int64))
-    obs = obs_all.take(jnp.asarray(idx))
+    # host-side bookkeeping in NumPy or compiled programs (eager jnp compiles a program per
+    # operation and shape)
+    obs = _take(obs_all, idx.astype(np.int32))
     keep_p, w = _support(
         np.asarray(result.weights, np.float64),
         MAX_POINTS_TABLE if problem.table is not None else MAX_POINTS_DIRECT,
     )
-    pos = jnp.asarray(np.asarray(result.positions)[keep_p], jnp.float32)
-    logw = jnp.log(jnp.clip(jnp.asarray(w, jnp.float32), 1e-30))
+    pos = np.asarray(np.asarray(result.positions)[keep_p], np.float32)
+    logw = np.asarray(_log_prior(w.astype(np.float32)))
     if problem.table is not None:
-        ll = np.asarray(
-            problem.table.log_likelihood_matrix(
-                pos, problem.table.observations().take(jnp.asarray(idx))
-            )
-        )
+        ll = np.asarray(_table_loglik(problem.table, pos, idx.astype(np.int32)))
     else:
         ll = np.asarray(op.log_likelihood_matrix(pos, obs, batch_size=64))
-    best = np.argmax(ll + np.asarray(logw)[None, :], axis=1)
+    best = np.argmax(ll + logw[None, :], axis=1)
     D = cal.box_size
-    keep = np.asarray(cal.noise.whitening()[0] > 0, np.float64)  # the likelihood's band
+    keep = np.asarray(np.asarray(cal.noise.whitening())[0] > 0, np.float64)  # likelihood's band
     fit_scale = bool(op.fit_scale)
 
     y = np.asarray(obs.values, np.float64)
@@ -134,10 +161,10 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     a, b, chi2, spec = _stats(y, m, keep, fit_scale)
 
     # posterior-predictive replicate: same nuisances, conformations from the recovered law
-    k_draw, k_noise = jax.random.split(key)
-    draw = np.asarray(jax.random.choice(k_draw, len(w), (len(idx),), p=jnp.asarray(w)))
+    draw, noise = _replicate_draws(key, w.astype(np.float32), y.shape)
+    draw = np.asarray(draw)
     m_rep = np.asarray(_means(op, pos[draw], obs.nuisance), np.float64)
-    noise = np.asarray(jax.random.normal(k_noise, y.shape, jnp.float32), np.float64)
+    noise = np.asarray(noise, np.float64)
     noise = np.fft.irfft2(np.fft.rfft2(noise) * keep, s=(D, D))
     if fit_scale:
         y_rep = np.maximum(a, 0.0)[:, None, None] * m_rep + b[:, None, None] + noise

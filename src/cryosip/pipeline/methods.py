@@ -8,6 +8,7 @@ one minibatch read from disk per step (``cryosip reconstruct --stream``)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -32,6 +33,7 @@ from ..sip.loglik_table import LogLikTableOperator, product_nodes
 from ..sip.measure import ParticleMeasure, uniform_measure
 from ..sip.smoothing import Bandwidth, expand_particles
 from .calibrate import calibrate, calibrated_stack
+from .fitcheck import _log_prior, _take
 from .problem import Problem, default_grid_nodes, prepare
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class MethodResult:
 
     @property
     def label(self) -> str:
+        """The name used in tables and file names: the method, or ``wgf-<objective>`` for a flow."""
         return self.method if self.method != "wgf" else f"wgf-{self.objective}"
 
 
@@ -94,7 +97,7 @@ def initial_measure(problem: Problem, n_particles: int, key, init: str = "auto")
         m = problem.per_image_map()
         if m.ndim == 1:
             q = np.quantile(m, (np.arange(n_particles) + 0.5) / n_particles)
-            return ParticleMeasure(jnp.asarray(q, jnp.float32)[:, None])
+            return ParticleMeasure(np.asarray(q, np.float32)[:, None])
         k1, k2 = jax.random.split(key)
         idx = jax.random.choice(k1, len(m), (n_particles,), replace=len(m) < n_particles)
         # a quarter of the fine grid's spacing of jitter: no two particles start on one node
@@ -115,10 +118,22 @@ def _initial_gradient(disc, key, op, init, obs):
     )
 
 
+@functools.partial(jax.jit, static_argnames=("n",))
+def _split_keys(key, n: int):
+    """``jax.random.split(key, n)`` as a tuple of n keys: one compiled program."""
+    return tuple(jax.random.split(key, n))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _resample_draw(key, b, n: int):
+    kb = jax.random.fold_in(key, b)
+    return kb, jax.random.randint(kb, (n,), 0, n)
+
+
 def _resample_counts(key, b: int, n: int):
     """The key of the b-th bootstrap resample of n rows and how often it draws each row."""
-    kb = jax.random.fold_in(key, b)
-    return kb, np.bincount(np.asarray(jax.random.randint(kb, (n,), 0, n)), minlength=n)
+    kb, rows = _resample_draw(key, b, n)
+    return kb, np.bincount(np.asarray(rows), minlength=n)
 
 
 class Method:
@@ -129,6 +144,7 @@ class Method:
     resamples = True  # Bootstrap can wrap it
 
     def run(self, problem: Problem, key) -> MethodResult:
+        """The method on all of ``problem``'s images (no bootstrap: wrap it in :class:`Bootstrap`)."""
         return self._run(problem, key, 0)
 
     def _run(self, problem: Problem, key, n_bootstrap: int) -> MethodResult:
@@ -156,6 +172,7 @@ class Bootstrap:
             raise ValueError(f"{type(self.method).__name__} has no bootstrap")
 
     def run(self, problem: Problem, key) -> MethodResult:
+        """The wrapped method's result, with its ``n`` bootstrap replicates in ``replicates``."""
         return self.method._run(problem, key, self.n)
 
 
@@ -195,7 +212,7 @@ class WGF(Method):
     def _fit(self, problem: Problem, key):
         op, obs = problem.engine
         objective, batch_size = self.objective, self.batch_size
-        k_init, k_flow, k_boot = jax.random.split(key, 3)
+        k_init, k_flow, k_boot = _split_keys(key, 3)
         m0 = initial_measure(problem, self.n_particles, k_init, self.init)
         choice, bandwidth = None, self.bandwidth
         if objective == "kl" and problem.loglik is not None and bandwidth not in (None, 0, 0.0):
@@ -426,16 +443,18 @@ def posterior_responsibilities(
     """(N, K) float32 posterior probability of each image over the K recovered particles
     (the recovered weights as the prior, the engine's likelihood)."""
     op, obs = problem.engine
-    pos = jnp.asarray(result.positions, jnp.float32)
-    logw = jnp.log(jnp.clip(jnp.asarray(result.weights, jnp.float32), 1e-30))
+    pos = np.asarray(result.positions, np.float32)
+    logw = _log_prior(np.asarray(result.weights, np.float32))
     n = len(obs)
     chunk = min(chunk, n)
     out = []
     for s in range(0, n, chunk):
-        # the last chunk padded with repeats of the last image: one compiled shape
-        idx = jnp.asarray(np.minimum(np.arange(s, s + chunk), n - 1))
-        lj = _llm_weighted(op, pos, logw, obs.take(idx))[: min(chunk, n - s)]
-        out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32))
+        # the last chunk padded with repeats of the last image: one compiled shape (the
+        # softmax is per row: the padding rows are dropped after it). The softmax stays op by
+        # op: compiled as one program, XLA fuses exp(x - max) and changes the last bits
+        idx = np.minimum(np.arange(s, s + chunk), n - 1).astype(np.int32)
+        lj = _llm_weighted(op, pos, logw, _take(obs, idx))
+        out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32)[: min(chunk, n - s)])
     return np.concatenate(out)
 
 
