@@ -4,6 +4,7 @@ functions hold at run time (checked with beartype, a test dependency)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +126,45 @@ def test_annotations_hold_at_run_time(name):
 def test_a_wrong_shape_is_caught(f, args):
     with pytest.raises(TypeCheckError):
         checked(_function(f))(*args)
+
+
+def undocumented_public_api() -> list[str]:
+    """Names exported by ``cryosip`` without a docstring, and the public methods and properties
+    of its classes that have none anywhere in their class hierarchy (an override may inherit the
+    documentation of the method it overrides)."""
+    out = []
+    for name in sorted(dir(cryosip)):
+        obj = getattr(cryosip, name)
+        if name.startswith("_") or inspect.ismodule(obj):
+            continue
+        if not str(getattr(obj, "__module__", "")).startswith("cryosip"):
+            continue
+        if not inspect.getdoc(obj):
+            out.append(name)
+        if not inspect.isclass(obj):
+            continue
+        for attr in dir(obj):
+            owners = [c for c in obj.__mro__ if attr in vars(c)]
+            if attr.startswith("_") or not owners[0].__module__.startswith("cryosip"):
+                continue
+            v = vars(owners[0])[attr]
+            if not (isinstance(v, property | staticmethod | classmethod) or inspect.isfunction(v)):
+                continue
+            docs = [getattr(vars(c)[attr], "__doc__", None) for c in owners]
+            if not any(d and d.strip() for d in docs):
+                out.append(f"{name}.{attr}")
+    return out
+
+
+def test_every_public_name_and_method_has_a_docstring():
+    assert undocumented_public_api() == []
+
+
+def test_the_docstring_check_sees_a_missing_docstring(monkeypatch):
+    class Undocumented:
+        def method(self):
+            return 1
+
+    Undocumented.__module__ = "cryosip.fake"
+    monkeypatch.setattr(cryosip, "Undocumented", Undocumented, raising=False)
+    assert undocumented_public_api() == ["Undocumented", "Undocumented.method"]

@@ -23,11 +23,13 @@ class AbstractConformationModel(eqx.Module):
 
     @property
     @abc.abstractmethod
-    def lower(self) -> Float[Array, " dim"]: ...
+    def lower(self) -> Float[Array, " dim"]:
+        """Lower corner of the CV box (one value per CV)."""
 
     @property
     @abc.abstractmethod
-    def upper(self) -> Float[Array, " dim"]: ...
+    def upper(self) -> Float[Array, " dim"]:
+        """Upper corner of the CV box (one value per CV)."""
 
     @abc.abstractmethod
     def coordinates(self, theta: Float[Array, " dim"]) -> Float[Array, "n_atoms 3"]:
@@ -39,8 +41,10 @@ class AbstractConformationModel(eqx.Module):
 
     @property
     def dim(self) -> int:
+        """Number of collective variables."""
         return int(self.lower.shape[0])
 
     @property
     def cv_names(self) -> tuple[str, ...]:
+        """One name per CV, for tables and plots (``cv0``, ``cv1``, ... unless a model names them)."""
         return tuple(f"cv{i}" for i in range(self.dim))

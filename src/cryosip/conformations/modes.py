@@ -122,18 +122,22 @@ class LinearModes(AbstractConformationModel):
 
     @property
     def lower(self):
+        """Lower end of each mode's range (the ``bounds`` given or fitted)."""
         return self.bounds[0]
 
     @property
     def upper(self):
+        """Upper end of each mode's range."""
         return self.bounds[1]
 
     @property
     def n_modes(self) -> int:
+        """Number of linear modes (= CVs)."""
         return int(self.modes.shape[0])
 
     @property
     def cv_names(self):
+        """``z1``, ``z2``, ...: one name per mode."""
         return tuple(f"z{i + 1}" for i in range(self.n_modes))
 
     @property

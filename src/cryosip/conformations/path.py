@@ -81,14 +81,17 @@ class PathModel(AbstractConformationModel):
 
     @property
     def lower(self):
+        """The path starts at s = 0."""
         return jnp.zeros((1,))
 
     @property
     def upper(self):
+        """The path ends at s = 1."""
         return jnp.ones((1,))
 
     @property
     def cv_names(self):
+        """One CV, ``s``: the fraction of the path."""
         return ("s",)
 
     def coordinates(self, theta):

@@ -80,4 +80,5 @@ class AtomParameters(eqx.Module):
 
     @property
     def n_atoms(self) -> int:
+        """Number of atoms."""
         return self.amplitudes.shape[0]

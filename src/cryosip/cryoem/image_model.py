@@ -152,6 +152,7 @@ class ImageModel(eqx.Module):
         return (np.exp(2 * np.pi**2 * s2 * (ky**2 + kx**2)) * box).astype(np.float32)
 
     def frequencies(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spatial frequencies (1/Angstrom) of the rfft2 grid: ky (D, 1) and kx (1, D//2+1)."""
         return rfft_frequencies(self.box_size, self.pixel_size)
 
     def _selfconjugate_mask(self) -> np.ndarray:
@@ -227,6 +228,7 @@ class NuisancePrior(eqx.Module):
     bfactor_in_angstroms2: float = 0.0
 
     def sample(self, key, n: int) -> CryoNuisance:
+        """``n`` independent nuisance draws (poses, shifts, CTFs)."""
         from .pose import sample_uniform_rotations
 
         kr, ks, kd, ka, kang = jax.random.split(key, 5)

@@ -95,6 +95,7 @@ class AbstractDistribution(abc.ABC):
 
     @property
     def dim(self) -> int:
+        """Number of CVs the distribution is over."""
         return int(self.lower.shape[0])
 
     @abc.abstractmethod

@@ -125,9 +125,11 @@ class ParticleStack:
 
     @property
     def box_size(self) -> int:
+        """Image side in pixels."""
         return int(self.images.shape[1])
 
     def subset(self, idx) -> ParticleStack:
+        """The particles at ``idx`` (indices or a boolean mask), images and metadata rows alike."""
         idx = np.asarray(idx)
         if idx.dtype == bool:
             idx = np.nonzero(idx)[0]

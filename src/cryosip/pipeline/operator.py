@@ -74,6 +74,7 @@ class CryoEMOperator(AbstractConformationOperator):
         return self.image_model.box_size**2 - int(self.fit_scale)
 
     def with_sigma(self, sigma) -> CryoEMOperator:
+        """The same operator with white noise of standard deviation ``sigma``."""
         return CryoEMOperator(
             self.conformation,
             self.image_model,

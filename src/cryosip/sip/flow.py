@@ -47,6 +47,7 @@ class FlowResult(eqx.Module):
 
     @property
     def n_steps_taken(self) -> int:
+        """Steps run (recorded objective values times ``record_every``)."""
         return int(np.sum(np.isfinite(np.asarray(self.losses)))) * self.record_every
 
     @property
@@ -68,6 +69,7 @@ class TqdmProgress:
         self.desc, self.leave, self.bar = desc, leave, None
 
     def start(self, total: int, initial: int = 0):
+        """Open the bar for ``total`` steps, ``initial`` of them already done (a resumed run)."""
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -75,6 +77,7 @@ class TqdmProgress:
         )
 
     def update(self, n: int, loss: float):
+        """Count ``n`` more steps and show the latest objective."""
         self.bar.set_postfix(objective=f"{loss:.6g}")
         self.bar.update(n)
 
@@ -83,6 +86,7 @@ class TqdmProgress:
         self.bar.update(n)
 
     def close(self):
+        """Close the bar (no-op if it was never started)."""
         if self.bar is not None:
             self.bar.close()
 

@@ -31,21 +31,26 @@ class ParticleMeasure(eqx.Module):
 
     @property
     def weights(self) -> Float[Array, " n_particles"]:
+        """Normalised particle weights (they sum to 1)."""
         return jnp.exp(self.log_weights)
 
     @property
     def n_particles(self) -> int:
+        """Number of particles."""
         return self.positions.shape[0]
 
     @property
     def dim(self) -> int:
+        """Dimension of a particle's position (the number of CVs)."""
         return self.positions.shape[1]
 
     def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n dim"]:
+        """``n`` draws of particle positions, each particle with its weight's probability."""
         idx = jax.random.categorical(key, self.log_weights, shape=(n,))
         return self.positions[idx]
 
     def mean(self) -> Float[Array, " dim"]:
+        """Weighted mean position."""
         return self.weights @ self.positions
 
 

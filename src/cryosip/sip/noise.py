@@ -39,6 +39,7 @@ class GaussianNoise(eqx.Module):
         self.sigma = jnp.asarray(sigma, jnp.float32)
 
     def sample(self, key: PRNGKeyArray, mean: Array) -> Array:
+        """``mean`` plus i.i.d. Gaussian noise of standard deviation ``sigma``."""
         return mean + self.sigma * jax.random.normal(key, mean.shape, mean.dtype)
 
     def log_likelihood(

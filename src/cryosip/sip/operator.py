@@ -59,6 +59,7 @@ class Observations(eqx.Module):
         )
 
     def with_weight(self, weight) -> Observations:
+        """The same observations with per-observation weights ``weight``."""
         return Observations(self.values, self.nuisance, self.index, weight)
 
 

@@ -187,6 +187,7 @@ class TabulatedOperator(AbstractRandomOperator):
 
     @property
     def nodes(self) -> Float[Array, " n_nodes"]:
+        """The tabulated CV values (uniform on the domain)."""
         return jnp.linspace(self.lower, self.upper, self.n_nodes)
 
     @property
@@ -194,6 +195,7 @@ class TabulatedOperator(AbstractRandomOperator):
         return self.n_obs_entries
 
     def observations(self) -> Observations:
+        """The tabulated observations, as indices into the tables."""
         n = self.ysq.shape[0]
         idx = jnp.arange(n, dtype=jnp.int32)
         return Observations(idx, None, idx)

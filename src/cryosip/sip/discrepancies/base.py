@@ -24,4 +24,5 @@ class AbstractDiscrepancy(eqx.Module):
 
     @property
     def name(self) -> str:
+        """The name written to outputs and logs (the class name in lower case unless a subclass says otherwise)."""
         return type(self).__name__.lower()
