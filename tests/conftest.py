@@ -1,6 +1,12 @@
 import jax
 import pytest
 
+# issue 16: the code must not rely on implicit dtype promotion (int32 + float32 arrays,
+# float32 + float64 arrays, ...), so the whole test session runs with JAX's strict promotion;
+# Python scalars stay weakly typed. Production runs use JAX's standard promotion, so every
+# fix is an explicit cast to the dtype standard promotion gives: the same numbers there.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
 
 @pytest.fixture
 def getkey():

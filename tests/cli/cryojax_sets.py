@@ -132,12 +132,13 @@ def make_foreign_set(root, model, spec: ForeignSpec = ForeignSpec()) -> dict:
             quantity_mode="contrast",
         )
 
-    render = eqx.filter_jit(
-        eqx.filter_vmap(
-            lambda info, xyz: image_model(info, xyz).simulate(),
-            in_axes=(spx.get_in_axes(params), 0),
-        )
-    )
+    def simulate(info, xyz):
+        # cryojax relies on implicit dtype promotion (complex64 * float32), which the strict
+        # promotion of the test session (tests/conftest.py, issue 16) refuses: standard for it
+        with jax.numpy_dtype_promotion("standard"):
+            return image_model(info, xyz).simulate()
+
+    render = eqx.filter_jit(eqx.filter_vmap(simulate, in_axes=(spx.get_in_axes(params), 0)))
     clean = np.concatenate(
         [
             np.asarray(render(params[np.arange(a, min(n, a + 256))], coords[a : a + 256]))
@@ -166,10 +167,11 @@ def make_foreign_set(root, model, spec: ForeignSpec = ForeignSpec()) -> dict:
 
     def simulate_fn(info, _, per_particle):
         xyz, key, a, b = per_particle
-        noisy = cxs.GaussianColoredNoiseModel(
-            image_model(info, xyz), colour, signal_scale_factor=sign * a, signal_offset=b
-        )
-        return noisy.sample(key)
+        with jax.numpy_dtype_promotion("standard"):  # cryojax: implicit promotion (issue 16)
+            noisy = cxs.GaussianColoredNoiseModel(
+                image_model(info, xyz), colour, signal_scale_factor=sign * a, signal_offset=b
+            )
+            return noisy.sample(key)
 
     keys = jax.random.split(jax.random.key(spec.seed + 1), n)
     spx.simulate_particle_stack(
@@ -266,11 +268,12 @@ def grid_em_oracle(data: dict, n_nodes: int = 33, *, knows_truth: bool, batch: i
             ),
             envelope=envelope, amplitude_contrast_ratio=0.1,
         )  # fmt: skip
-        return cxs.make_image_model(
-            cxs.GaussianMixtureVolume(xyz, amplitudes, variances), config,
-            cxs.EulerAnglePose(ox, oy, a, b, c), tt, cxs.GaussianMixtureProjection(),
-            quantity_mode="contrast",
-        ).simulate()  # fmt: skip
+        with jax.numpy_dtype_promotion("standard"):  # cryojax: implicit promotion (issue 16)
+            return cxs.make_image_model(
+                cxs.GaussianMixtureVolume(xyz, amplitudes, variances), config,
+                cxs.EulerAnglePose(ox, oy, a, b, c), tt, cxs.GaussianMixtureProjection(),
+                quantity_mode="contrast",
+            ).simulate()  # fmt: skip
 
     per_node = jax.vmap(render, in_axes=(None,) * 8 + (0,))
     f = jax.jit(jax.vmap(per_node, in_axes=(0,) * 8 + (None,)))

@@ -112,22 +112,27 @@ def cryojax_set(tmp_path_factory):
         )
 
     # noise-free pass (cryojax's amplitude scale) fixes sigma: SNR = mean var(signal) / sigma^2
-    render = eqx.filter_vmap(
-        lambda info, xyz: image_model(info, xyz).simulate(), in_axes=(spx.get_in_axes(params), 0)
-    )
+    def simulate(info, xyz):
+        # cryojax relies on implicit dtype promotion (complex64 * float32), which the strict
+        # promotion of the test session (tests/conftest.py, issue 16) refuses: standard for it
+        with jax.numpy_dtype_promotion("standard"):
+            return image_model(info, xyz).simulate()
+
+    render = eqx.filter_vmap(simulate, in_axes=(spx.get_in_axes(params), 0))
     clean = eqx.filter_jit(render)(params[np.arange(n)], coords)
     clean = np.asarray(clean, np.float64)
     sigma = float(np.sqrt(np.mean(np.var(SCALE * clean.reshape(n, -1), axis=1)) / SNR))
 
     def simulate_fn(info, _, per_particle):
         xyz, key = per_particle
-        noisy = cxs.GaussianWhiteNoiseModel(
-            image_model(info, xyz),
-            variance=sigma**2,
-            signal_scale_factor=SCALE,
-            signal_offset=OFFSET,
-        )
-        return noisy.sample(key)
+        with jax.numpy_dtype_promotion("standard"):  # cryojax: implicit promotion (issue 16)
+            noisy = cxs.GaussianWhiteNoiseModel(
+                image_model(info, xyz),
+                variance=sigma**2,
+                signal_scale_factor=SCALE,
+                signal_offset=OFFSET,
+            )
+            return noisy.sample(key)
 
     keys = jax.random.split(jax.random.key(1), n)
     spx.simulate_particle_stack(

@@ -14,6 +14,7 @@ from jaxtyping import Array, Float
 from scipy.interpolate import CubicSpline
 
 from ..cryoem.atoms import AtomParameters
+from ..sip._dtypes import promoted_dtype
 from .base import AbstractConformationModel
 
 
@@ -97,8 +98,8 @@ class PathModel(AbstractConformationModel):
     def coordinates(self, theta):
         u = theta[0] * (self.n_frames - 1)
         k = jnp.clip(jnp.floor(u), 0, self.n_frames - 2).astype(jnp.int32)
-        t = u - k
-        c = self.coeffs[:, k]
+        t = u - k.astype(u.dtype)
+        c = self.coeffs[:, k].astype(promoted_dtype(self.coeffs, t))  # float64 theta: float64
         return ((c[0] * t + c[1]) * t + c[2]) * t + c[3]
 
     def frames(self) -> np.ndarray:

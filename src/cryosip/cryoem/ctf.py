@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ..sip._dtypes import promoted_dtype
+
 
 def wavelength_in_angstroms(voltage_in_kilovolts: Float[Array, "*batch"]) -> Float[Array, "*batch"]:
     """Relativistic electron wavelength (Angstrom)."""
@@ -137,6 +139,9 @@ def compute_ctf(
     safe = jnp.where(nonzero, k2, 1.0)
     cos2a = jnp.where(nonzero, (kx * kx - ky * ky) / safe, 1.0)
     sin2a = jnp.where(nonzero, 2.0 * kx * ky / safe, 0.0)
+    # the grid is float32: where it meets float64 parameters (x64), cast it (as promotion would)
+    dtype = promoted_dtype(ky, kx, *jax.tree_util.tree_leaves(ctf))
+    ky, kx, k2, cos2a, sin2a = (jnp.asarray(a, dtype) for a in (ky, kx, k2, cos2a, sin2a))
     ang = 2.0 * jnp.deg2rad(ctf.defocus_angle_in_degrees)
     mean = 0.5 * (ctf.defocus_u_in_angstroms + ctf.defocus_v_in_angstroms)
     half = 0.5 * (ctf.defocus_u_in_angstroms - ctf.defocus_v_in_angstroms)

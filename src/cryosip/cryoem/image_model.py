@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ..sip._dtypes import promote, promoted_dtype
 from .atoms import AtomParameters
 from .ctf import (
     CTFParams,
@@ -183,8 +184,9 @@ class ImageModel(eqx.Module):
         t = nuisance.shift_in_angstroms
         # separable shift phase: D + D//2 + 1 complex exponentials instead of D * (D//2 + 1);
         # the barrier keeps XLA from fusing (and so repeating) them into the grid
-        sy, cy = sin_cos(-2.0 * jnp.pi * (ky * t[1]))
-        sx, cx = sin_cos(-2.0 * jnp.pi * (kx * t[0]))
+        kt = promoted_dtype(ky, t)  # a float64 shift (x64): float64 phases
+        sy, cy = sin_cos(-2.0 * jnp.pi * (ky.astype(kt, copy=False) * t[1]))
+        sx, cx = sin_cos(-2.0 * jnp.pi * (kx.astype(kt, copy=False) * t[0]))
         ey, ex = jax.lax.optimization_barrier((jax.lax.complex(cy, sy), jax.lax.complex(cx, sx)))
         phase = ey * ex
         if self.contrast_scale is None:
@@ -195,10 +197,14 @@ class ImageModel(eqx.Module):
         corr = self._pixel_correction()
         if corr is not None:
             fixed = fixed * corr
-        ctf = compute_ctf(nuisance.ctf, ky, kx) * (scale * fixed)
+        fixed = fixed.astype(promoted_dtype(scale, fixed), copy=False)  # float64 voltage: float64
+        ctf, fixed = promote(compute_ctf(nuisance.ctf, ky, kx), scale * fixed)
+        ctf = ctf * fixed
         if self.fourier_filter is not None:
             g = 0 if nuisance.group is None else nuisance.group
-            ctf = ctf * self.fourier_filter[g]
+            ctf, filt = promote(ctf, self.fourier_filter[g])
+            ctf = ctf * filt
+        ctf, phase = promote(ctf, phase)  # real CTF -> complex
         return ctf * phase
 
     def apply_optics(

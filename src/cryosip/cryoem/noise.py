@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ..sip._dtypes import promote
+
 
 def shell_index(box_size: int) -> np.ndarray:
     """Integer radius (Fourier index units) of every rfft2 mode of a ``box_size`` image: (D, D//2+1)."""
@@ -125,7 +127,8 @@ class RadialNoiseSpectrum(eqx.Module):
         D = self.box_size
         n = white.shape[0]
         g = jnp.zeros((n,), jnp.int32) if group is None else jnp.asarray(group, jnp.int32)
-        f = jnp.fft.rfft2(white) * jnp.sqrt(jnp.maximum(self.grid(), 0.0))[g]
+        f, filt = promote(jnp.fft.rfft2(white), jnp.sqrt(jnp.maximum(self.grid(), 0.0))[g])
+        f = f * filt  # the real filter cast to complex
         return jnp.fft.irfft2(f, s=(D, D)).astype(white.dtype)
 
     def sample(

@@ -172,7 +172,8 @@ def _transform_values(values, group, whitening, *, inverted: bool, box: int):
     """:meth:`Calibration.transform_values` as one compiled program (op by op: ~15 programs)."""
     y = -values if inverted else values
     w = whitening[jnp.asarray(group, jnp.int32)]
-    f = jnp.fft.rfft2(y) * w
+    f = jnp.fft.rfft2(y)
+    f = f * w.astype(f.dtype)  # explicit: what standard promotion does (tests run strict)
     return jnp.fft.irfft2(f, s=(box, box)).astype(jnp.float32)
 
 

@@ -31,6 +31,7 @@ whole grid); ``"fastest"`` is ``GaussianMixtureProjection(n_spread=suggest_n_spr
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -148,7 +149,10 @@ class CryojaxOperator(AbstractConformationOperator):
     def mean(
         self, theta: Float[Array, " dim"], nuisance: CryoNuisance
     ) -> Float[Array, "y_dim x_dim"]:
-        return self.image_model(theta, nuisance).simulate()
+        # cryojax relies on implicit dtype promotion (complex64 * float32): standard promotion
+        # for it, also where the caller asks for strict (the tests, issue 16)
+        with jax.numpy_dtype_promotion("standard"):
+            return self.image_model(theta, nuisance).simulate()
 
     @property
     def obs_size(self) -> int:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._dtypes import promoted_dtype
 from .noise import GaussianNoise
 from .operator import AbstractRandomOperator
 
@@ -43,7 +44,8 @@ class DecayOperator(AbstractRandomOperator):
         self.amplitude_range = tuple(float(a) for a in amplitude_range)
 
     def mean(self, theta, nuisance):
-        return nuisance * jnp.exp(-theta[0] * self.times)
+        times = self.times.astype(promoted_dtype(theta, self.times))  # float64 theta: float64
+        return nuisance * jnp.exp(-theta[0] * times)
 
     def sample_nuisance(self, key, n):
         lo, hi = self.amplitude_range

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._dtypes import promoted_dtype
 from .discrepancies.base import AbstractDiscrepancy
 from .measure import ParticleMeasure
 from .operator import AbstractRandomOperator, Observations, reflect_into
@@ -297,12 +298,15 @@ def _run_chunk_compiled(
             * _schedule(flow.schedule, state.step, knobs.inv_horizon, knobs.decay, knobs.keep)
             * state.scale
         )
-        disp = tau * (-P * gpos)
+        # the knobs are float32: cast where they meet float64 particles (x64)
+        dtype = promoted_dtype(tau, gpos)
+        disp = tau.astype(dtype) * (-P * gpos)
         if flow.max_displacement is not None:
             norm = jnp.linalg.norm(disp, axis=-1, keepdims=True)
-            disp = disp * jnp.minimum(1.0, knobs.max_displacement / jnp.maximum(norm, 1e-30))
+            cap = knobs.max_displacement.astype(promoted_dtype(knobs.max_displacement, norm))
+            disp = disp * jnp.minimum(1.0, cap / jnp.maximum(norm, 1e-30))
         if flow.entropy > 0:
-            disp = disp + jnp.sqrt(2 * knobs.entropy * tau) * jax.random.normal(
+            disp = disp + jnp.sqrt(2 * knobs.entropy * tau).astype(dtype) * jax.random.normal(
                 kn, disp.shape, disp.dtype
             )
         new_pos = reflect_into(state.positions + disp, lower, upper)
@@ -313,9 +317,8 @@ def _run_chunk_compiled(
             # a step of size fisher_rao along the Fisher-Rao gradient (independent of the transport step):
             # for KL, phi_i = -R_i / w_i (R_i: responsibility mass), so fisher_rao = 1 is an EM-like update
             # guard: at most a factor e per step, whatever the objective's scale
-            new_logw = state.log_weights - jnp.clip(
-                knobs.fisher_rao * (phi - jnp.sum(w * phi)), -1.0, 1.0
-            )
+            rate = knobs.fisher_rao.astype(promoted_dtype(knobs.fisher_rao, phi))
+            new_logw = state.log_weights - jnp.clip(rate * (phi - jnp.sum(w * phi)), -1.0, 1.0)
             new_logw = new_logw - jax.scipy.special.logsumexp(new_logw)
         ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new_pos)) & jnp.all(jnp.isfinite(new_logw))
         active = state.step < knobs.n_steps

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._dtypes import promoted_dtype
+
 
 def profiled_scale(cross, gram):
     """The least-squares (maximum-likelihood) contrast scale ``a >= 0`` of data on a model
@@ -40,7 +42,8 @@ class GaussianNoise(eqx.Module):
 
     def sample(self, key: PRNGKeyArray, mean: Array) -> Array:
         """``mean`` plus i.i.d. Gaussian noise of standard deviation ``sigma``."""
-        return mean + self.sigma * jax.random.normal(key, mean.shape, mean.dtype)
+        z = jax.random.normal(key, mean.shape, mean.dtype)
+        return mean + self.sigma.astype(promoted_dtype(self.sigma, z)) * z  # float64 mean: float64
 
     def log_likelihood(
         self, observed: Array, mean: Array, *, fit_scale: bool = False, fit_offset: bool = False
@@ -59,4 +62,6 @@ class GaussianNoise(eqx.Module):
         if fit_scale:
             m = profiled_scale(jnp.vdot(m, y), jnp.vdot(m, m)) * m
         r2 = jnp.sum((y - m) ** 2)
-        return -0.5 * r2 / self.sigma**2 - 0.5 * d * jnp.log(2 * jnp.pi * self.sigma**2)
+        s2 = self.sigma**2
+        dtype = promoted_dtype(r2, s2)  # float64 images: float64 (sigma^2 is float32)
+        return -0.5 * r2 / s2.astype(dtype) - (0.5 * d * jnp.log(2 * jnp.pi * s2)).astype(dtype)

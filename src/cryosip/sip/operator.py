@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from ._dtypes import promote
 from .noise import GaussianNoise, paired_profiled_sq_distances
 
 
@@ -265,6 +266,7 @@ class AbstractWrappedOperator(AbstractRandomOperator):
 
 def reflect_into(theta: Array, lower: Array, upper: Array) -> Array:
     """Reflect coordinates into [lower, upper] (a triangle wave; identity inside, no-op for infinite bounds)."""
+    theta, lower, upper = promote(theta, lower, upper)  # integer bounds: the CVs' float dtype
     finite = jnp.isfinite(lower) & jnp.isfinite(upper)
     lo = jnp.where(finite, lower, 0.0)
     width = jnp.where(finite, upper - lower, 1.0)

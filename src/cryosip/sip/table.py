@@ -32,7 +32,7 @@ def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_
     h = (upper - lower) / (n_nodes - 1)
     x = jnp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
     k = jnp.clip(jnp.floor(x), 0, n_nodes - 2).astype(jnp.int32)
-    t = x - k
+    t = x - k.astype(x.dtype)
     t2, t3 = t * t, t * t * t
     w = jnp.stack(
         [
@@ -43,7 +43,7 @@ def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_
         ],
         axis=-1,
     )  # (n, 4)
-    idx = jnp.clip(k[:, None] + jnp.arange(-1, 3), 0, n_nodes - 1)  # (n, 4), clamped ends
+    idx = jnp.clip(k[:, None] + jnp.arange(-1, 3, dtype=k.dtype), 0, n_nodes - 1)  # clamped ends
     return idx, w
 
 
@@ -67,7 +67,7 @@ def natural_spline_sparse(theta: Float[Array, " n"], lower: float, upper: float,
     h = (upper - lower) / (n_nodes - 1)
     x = jnp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
     k = jnp.clip(jnp.floor(x), 0, n_nodes - 2).astype(jnp.int32)
-    t = x - k
+    t = x - k.astype(x.dtype)
     u = 1.0 - t
     c = h * h / 6.0
     w = jnp.stack([u, t, c * (u**3 - u), c * (t**3 - t)], axis=-1)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, Float
 
+from .._dtypes import promoted_dtype
 from .base import AbstractDiscrepancy
 
 
@@ -18,7 +19,8 @@ def kl(
     lm = logsumexp(log_likelihood + log_weights[None, :], axis=1)
     if obs_weight is None:
         return -jnp.mean(lm)
-    return -jnp.sum(obs_weight * lm) / jnp.sum(obs_weight)
+    dtype = promoted_dtype(obs_weight, lm)  # float64 likelihoods: float64
+    return -jnp.sum(obs_weight.astype(dtype) * lm) / jnp.sum(obs_weight).astype(dtype)
 
 
 class KL(AbstractDiscrepancy):

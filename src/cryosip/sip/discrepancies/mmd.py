@@ -44,7 +44,7 @@ def _kernel_mean(
         K = kernel(sq_distances(xc, ky))
         if exclude_diagonal:
             rows = off + jnp.arange(chunk)
-            K = K * (rows[:, None] != jnp.arange(ky.shape[0])[None, :])
+            K = K * (rows[:, None] != jnp.arange(ky.shape[0])[None, :]).astype(K.dtype)
         return wc @ K @ wy
 
     return jnp.sum(jax.lax.map(body, (xs, ws, offs)))
@@ -104,7 +104,7 @@ class UnpairedMMD(AbstractDiscrepancy):
         reps = -(-self.n_samples // P)
         idx = jnp.tile(jnp.arange(P), reps)[: self.n_samples]
         counts = jnp.bincount(idx, length=P)
-        wx = measure.weights[idx] / counts[idx]
+        wx = measure.weights[idx] / counts[idx].astype(measure.weights.dtype)
         k1, k2 = jax.random.split(key)
         x = operator.sample(k1, measure.positions[idx])
         y = obs.values
