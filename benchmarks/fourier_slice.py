@@ -54,6 +54,7 @@ def main(argv=None) -> None:
 
     from cryosip import _atomic
     from cryosip.cryoem.image_model import ImageModel, NuisancePrior
+    from cryosip.cryoem.noise import rfft_mode_counts
     from cryosip.data.adk import adk_model
 
     model = adk_model()
@@ -64,8 +65,7 @@ def main(argv=None) -> None:
     nu = NuisancePrior().sample(jax.random.PRNGKey(0), a.n_poses)
     ky, kx = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in im.frequencies()))
     radius = np.sqrt(kx**2 + ky**2) / (0.5 / im.pixel_size)
-    weight = np.full(kx.shape, 2.0)
-    weight[:, 0] = weight[:, -1] = 1.0  # rfft half plane: Parseval weights
+    weight = rfft_mode_counts(im.box_size)  # rfft half plane: Parseval weights
 
     def rel(err, ref, mask=True):
         return float(

@@ -197,9 +197,8 @@ class ImageModel(eqx.Module):
         corr = self._pixel_correction()
         if corr is not None:
             fixed = fixed * corr
-        fixed = fixed.astype(promoted_dtype(scale, fixed), copy=False)  # float64 voltage: float64
-        ctf, fixed = promote(compute_ctf(nuisance.ctf, ky, kx), scale * fixed)
-        ctf = ctf * fixed
+        ctf, scale, fixed = promote(compute_ctf(nuisance.ctf, ky, kx), scale, fixed)
+        ctf = ctf * (scale * fixed)
         if self.fourier_filter is not None:
             g = 0 if nuisance.group is None else nuisance.group
             ctf, filt = promote(ctf, self.fourier_filter[g])

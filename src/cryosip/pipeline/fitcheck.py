@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..cryoem.noise import n_shells, radial_average, rfft_mode_counts, shell_index
+from ..sip.operator import take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +76,8 @@ def _table_loglik(table, pos, idx):
     return table.log_likelihood_matrix(pos, table.observations().take(idx))
 
 
-@eqx.filter_jit
-def _take(obs, idx):
-    """``obs.take(idx)`` as one compiled program (op by op: ~6 programs per array)."""
-    return obs.take(idx)
-
-
 @jax.jit
-def _log_prior(w):
+def log_prior(w):
     """log(max(w, 1e-30)) of float32 weights, as one compiled program."""
     return jnp.log(jnp.clip(w, 1e-30))
 
@@ -140,13 +135,13 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     idx = np.unique(np.linspace(0, n_all - 1, min(n_all, n_images)).round().astype(np.int64))
     # host-side bookkeeping in NumPy or compiled programs (eager jnp compiles a program per
     # operation and shape)
-    obs = _take(obs_all, idx.astype(np.int32))
+    obs = take_rows(obs_all, idx.astype(np.int32))
     keep_p, w = _support(
         np.asarray(result.weights, np.float64),
         MAX_POINTS_TABLE if problem.table is not None else MAX_POINTS_DIRECT,
     )
     pos = np.asarray(np.asarray(result.positions)[keep_p], np.float32)
-    logw = np.asarray(_log_prior(w.astype(np.float32)))
+    logw = np.asarray(log_prior(w.astype(np.float32)))
     if problem.table is not None:
         ll = np.asarray(_table_loglik(problem.table, pos, idx.astype(np.int32)))
     else:

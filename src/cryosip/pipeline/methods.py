@@ -31,9 +31,10 @@ from ..sip.discrepancies import (
 from ..sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from ..sip.loglik_table import LogLikTableOperator, product_nodes
 from ..sip.measure import ParticleMeasure, uniform_measure
+from ..sip.operator import take_rows
 from ..sip.smoothing import Bandwidth, expand_particles
 from .calibrate import calibrate, calibrated_stack
-from .fitcheck import _log_prior, _take
+from .fitcheck import log_prior
 from .problem import Problem, default_grid_nodes, prepare
 
 logger = logging.getLogger(__name__)
@@ -444,7 +445,7 @@ def posterior_responsibilities(
     (the recovered weights as the prior, the engine's likelihood)."""
     op, obs = problem.engine
     pos = np.asarray(result.positions, np.float32)
-    logw = _log_prior(np.asarray(result.weights, np.float32))
+    logw = log_prior(np.asarray(result.weights, np.float32))
     n = len(obs)
     chunk = min(chunk, n)
     out = []
@@ -453,7 +454,7 @@ def posterior_responsibilities(
         # softmax is per row: the padding rows are dropped after it). The softmax stays op by
         # op: compiled as one program, XLA fuses exp(x - max) and changes the last bits
         idx = np.minimum(np.arange(s, s + chunk), n - 1).astype(np.int32)
-        lj = _llm_weighted(op, pos, logw, _take(obs, idx))
+        lj = _llm_weighted(op, pos, logw, take_rows(obs, idx))
         out.append(np.asarray(jax.nn.softmax(lj, axis=1), np.float32)[: min(chunk, n - s)])
     return np.concatenate(out)
 
