@@ -215,3 +215,27 @@ def test_nodes_per_cv_follow_the_measured_interpolation_error():
     capped = choose_resolution(op, obs.take(jnp.arange(0, 80, 2)), tolerance=0.1, max_nodes=40)
     assert capped.capped and np.prod(capped.shape) <= 40 and min(capped.shape) >= 4
     assert capped.expected_error[0] > res.expected_error[0]
+
+
+def test_padded_batches_cover_every_row_once_in_order(decay):
+    """The eager tabulation loops' batches: equal shapes, the last padded with the final row,
+    and the real rows, concatenated, are the observations themselves."""
+    from cryosip.sip.operator import padded_batches
+
+    _, obs, _ = decay
+    got = list(padded_batches(obs, 7))  # 60 rows: 8 batches of 7 and one of 4 real rows
+    assert [c for c, _ in got] == [7] * 8 + [4]
+    assert {b.values.shape for _, b in got} == {(7,) + obs.values.shape[1:]}
+    np.testing.assert_array_equal(np.asarray(got[-1][1].index), [56, 57, 58, 59, 59, 59, 59])
+    values = np.concatenate([np.asarray(b.values)[:c] for c, b in got])
+    np.testing.assert_array_equal(values, np.asarray(obs.values))
+    for a, leaf in enumerate(jax.tree_util.tree_leaves(obs.nuisance)):
+        cut = [np.asarray(jax.tree_util.tree_leaves(b.nuisance)[a])[:c] for c, b in got]
+        np.testing.assert_array_equal(np.concatenate(cut), np.asarray(leaf))
+
+
+def test_table_is_the_same_for_any_batch_size(decay):
+    op, obs, tab = decay
+    other = LogLikTableOperator.build(op, obs, n_nodes=97, batch_size=7)
+    # another compiled batch shape: the same numbers up to float32 rounding
+    np.testing.assert_allclose(np.asarray(other.table), np.asarray(tab.table), rtol=1e-6, atol=1e-4)

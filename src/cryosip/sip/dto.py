@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from scipy.special import logsumexp as np_logsumexp
 
 from .measure import ParticleMeasure, grid_measure
-from .operator import AbstractRandomOperator, Observations
+from .operator import AbstractRandomOperator, Observations, padded_batches
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,10 @@ def loglik_on_nodes(
     n = len(obs)
     if batch_size is None or n <= batch_size:
         return np.asarray(_loglik_matrix(operator, nodes, obs, key))
-    out = []
-    for s in range(0, n, batch_size):
-        idx = np.minimum(
-            np.arange(s, s + batch_size), n - 1
-        )  # pad the last batch: one compiled shape
-        out.append(
-            np.asarray(_loglik_matrix(operator, nodes, obs.take(idx), key))[
-                : min(batch_size, n - s)
-            ]
-        )
+    out = [
+        np.asarray(_loglik_matrix(operator, nodes, b, key))[:c]
+        for c, b in padded_batches(obs, batch_size)
+    ]
     return np.concatenate(out)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .noise import GaussianNoise
-from .operator import AbstractRandomOperator, Observations
+from .operator import AbstractRandomOperator, Observations, padded_batches
 from .table import catmull_rom_sparse
 
 
@@ -161,13 +161,11 @@ class LogLikTableOperator(AbstractRandomOperator):
         shape = tuple(np.broadcast_to(np.asarray(n_nodes, int), lower.shape).tolist())
         nodes = jnp.asarray(product_nodes(lower, upper, shape))
         f = jax.jit(lambda o: operator.log_likelihood_matrix(nodes, o, key=key))
-        n = len(obs)
         rows = []
-        for s in range(0, n, batch_size):
-            idx = np.minimum(np.arange(s, s + batch_size), n - 1)  # one compiled shape
-            rows.append(np.asarray(f(obs.take(jnp.asarray(idx))))[: min(batch_size, n - s)])
+        for count, batch in padded_batches(obs, batch_size):
+            rows.append(np.asarray(f(batch))[:count])
             if progress is not None:
-                progress(min(batch_size, n - s))
+                progress(count)
         entries = 0
         try:
             entries = int(operator.obs_size)
@@ -335,10 +333,7 @@ def probe_interpolation(
     theta = jnp.asarray(lower + (upper - lower) * np.concatenate(pts), jnp.float32)
     f = jax.jit(lambda o: operator.log_likelihood_matrix(theta, o))
     n = len(obs)
-    rows = []
-    for s in range(0, n, batch_size):
-        idx = np.minimum(np.arange(s, s + batch_size), n - 1)
-        rows.append(np.asarray(f(obs.take(jnp.asarray(idx))), np.float64)[: min(batch_size, n - s)])
+    rows = [np.asarray(f(b), np.float64)[:c] for c, b in padded_batches(obs, batch_size)]
     L = np.concatenate(rows).reshape(n, d, n_lines, _LINE).transpose(1, 0, 2, 3)
     out = np.zeros((d, len(_PROBED)))
     for j, k in enumerate(_PROBED):

@@ -9,10 +9,12 @@ squared distances, fresh samples) is derived here by ``vmap`` over particles and
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._dtypes import promote
@@ -70,6 +72,20 @@ def take_rows(obs: Observations, idx) -> Observations:
     the device (op by op, ``take`` compiles ~6 small programs per array and shape). Observations
     backed by NumPy arrays would be copied to the device whole on every call: use ``take``."""
     return obs.take(idx)
+
+
+def padded_batches(obs: Observations, batch_size: int) -> Iterator[tuple[int, Observations]]:
+    """``(count, batch)`` over ``obs`` in order, for eager loops that tabulate batch by batch:
+    every batch has ``batch_size`` rows (the last one padded with copies of the final row, so
+    that a compiled consumer sees one shape; its first ``count`` rows are real). The
+    observations go to the device once and each batch is cut by one compiled program
+    (:func:`take_rows`): op-by-op indexing costs ~18 ms per batch of 13 arrays on a CPU, which
+    was 6 of the 31 s of a 3-CV table with 3 images per batch."""
+    obs = jax.device_put(obs)
+    n = len(obs)
+    for s in range(0, n, batch_size):
+        idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1), jnp.int32)
+        yield min(batch_size, n - s), take_rows(obs, idx)
 
 
 def _map_rows(f, xs, batch_size: int | None):

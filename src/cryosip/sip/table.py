@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .noise import GaussianNoise, paired_profiled_sq_distances, profiled_scale
-from .operator import AbstractRandomOperator, Observations
+from .operator import AbstractRandomOperator, Observations, padded_batches
 
 
 def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int):
@@ -140,19 +140,16 @@ class TabulatedOperator(AbstractRandomOperator):
         nodes = jnp.linspace(float(lower[0]), float(upper[0]), n_nodes)[:, None]
         center = base.fit_scale
 
-        n = len(obs)
         parts = []
-        for s in range(0, n, batch_size):
-            idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1))  # one compiled shape
-            sub = obs.take(idx)
+        for count, sub in padded_batches(obs, batch_size):
             parts.append(
                 [
-                    np.asarray(a)[: min(batch_size, n - s)]
+                    np.asarray(a)[:count]
                     for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)
                 ]
             )
             if progress is not None:
-                progress(min(batch_size, n - s))
+                progress(count)
         gram, cross, ysq = (jnp.asarray(np.concatenate(c)) for c in zip(*parts))
         d = int(np.prod(jax.tree_util.tree_leaves(obs.values)[0].shape[1:]))
         return cls(
