@@ -340,6 +340,30 @@ def test_fuzz_cs_structured(arr):
     _check_cs(buf.getvalue())
 
 
+def test_cs_with_a_vanishing_pixel_size_is_one_clear_line():
+    """Found by the fuzzer: two particles of 8 px at 2 A and 2.35e-14 A/px have no common
+    working grid (a box of 0 px); that was a bare ValueError from the grid rule."""
+    names = sorted(CS_FIELDS)
+    descr = [
+        (k, *CS_DTYPES[k]) if isinstance(CS_DTYPES[k], tuple) else (k, CS_DTYPES[k]) for k in names
+    ]
+    arr = np.zeros(2, dtype=descr)
+    for k in names:
+        for i in range(2):
+            arr[k][i] = CS_VALID[k]
+    arr["blob/psize_A"] = [2.0, 2.3507499e-14]
+    path = _DIR / "vanishing_pixel.cs"
+    np.save(path.with_suffix(".npy"), arr)
+    path.with_suffix(".npy").rename(path)
+    try:
+        read_cs(path)
+    except CryosipInputError as e:
+        assert "\n" not in str(e) and "vanishing_pixel.cs" in str(e)
+        assert "no common working grid" in str(e)
+    else:
+        raise AssertionError("read_cs accepted particles with no common working grid")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_cs_bytes(data):

@@ -96,3 +96,23 @@ def test_cross_validation_smooths_a_smooth_truth_and_not_spikes():
     L = _deconvolution_table(spikes, 0.08, grid, seed=2)
     choice, _ = choose_bandwidth(LogLikTableOperator(L, 0.0, 1.0))
     assert choice.relative <= 0.02, choice
+
+
+def test_per_cv_kernel_smooths_only_the_cvs_it_is_given():
+    """``_smooth_exp`` with one bandwidth per CV (benchmarks/bandwidth_rules.py): equal entries
+    are the isotropic kernel, a zero leaves that CV's axis untouched, and mass is kept away
+    from the edges."""
+    from cryosip.sip.smoothing import _smooth_exp
+
+    shape = (21, 11)
+    E = np.zeros((1, 21 * 11))
+    E[0, 10 * 11 + 5] = 1.0  # a point mass in the middle of the grid
+    np.testing.assert_allclose(
+        _smooth_exp(E, shape, (0.1, 0.1)), _smooth_exp(E, shape, 0.1), rtol=0, atol=1e-15
+    )
+    only_first = _smooth_exp(E, shape, (0.1, 0.0)).reshape(shape)
+    np.testing.assert_allclose(only_first[:, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]], 0.0, atol=1e-15)
+    np.testing.assert_allclose(only_first.sum(), 1.0, rtol=1e-3)
+    u = np.linspace(0.0, 1.0, 21)
+    col = only_first[:, 5] / only_first[:, 5].sum()
+    np.testing.assert_allclose(np.sqrt(np.sum(col * (u - 0.5) ** 2)), 0.1, rtol=0.05)

@@ -518,7 +518,15 @@ def native_images(source, stacks: StackFiles, grids: np.ndarray):
     n = len(stacks.file_of)
     known = np.isfinite(grids[:, 1]).all() and (grids[:, 0] > 0).all()
     if known:
-        box, px = working_grid(grids[:, 0], grids[:, 1])
+        try:
+            box, px = working_grid(grids[:, 0], grids[:, 1])
+        except ValueError as e:  # e.g. one pixel size far below the others: no common grid
+            raise CryosipInputError(
+                source,
+                f"no common working grid for particles with boxes {int(grids[:, 0].min())}-"
+                f"{int(grids[:, 0].max())} px and pixel sizes {grids[:, 1].min():.4g}-"
+                f"{grids[:, 1].max():.4g} A ({e})",
+            ) from None
     else:  # files missing and no box/pixel size in the metadata: reported as unknown
         box = int(grids[0, 0]) if (grids[:, 0] == grids[0, 0]).all() else 0
         px = float(grids[0, 1]) if np.allclose(grids[:, 1], grids[0, 1], equal_nan=True) else np.nan

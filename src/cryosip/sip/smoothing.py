@@ -89,21 +89,22 @@ def refine(table: LogLikTableOperator, n_obs: int | None = None) -> LogLikTableO
     )
 
 
-def _kernels(shape, relative: float) -> list[np.ndarray]:
+def _kernels(shape, relative) -> list[np.ndarray]:
     """Per-CV (G, G) matrices K[g', g]: the Gaussian of sd h x range centred at node g, on the
-    nodes g', normalised to mass 1 inside the domain (a truncated kernel)."""
+    nodes g', normalised to mass 1 inside the domain (a truncated kernel). ``relative``: one h
+    for every CV, or one per CV."""
     out = []
-    for g in shape:
+    for g, rel in zip(shape, np.broadcast_to(np.asarray(relative, np.float64), (len(shape),))):
         u = np.linspace(0.0, 1.0, g)
-        if relative <= 0:
+        if rel <= 0:
             out.append(np.eye(g))
             continue
-        k = np.exp(-0.5 * ((u[:, None] - u[None, :]) / relative) ** 2)
+        k = np.exp(-0.5 * ((u[:, None] - u[None, :]) / rel) ** 2)
         out.append(k / k.sum(0, keepdims=True))
     return out
 
 
-def _smooth_exp(E: np.ndarray, shape, relative: float) -> np.ndarray:
+def _smooth_exp(E: np.ndarray, shape, relative) -> np.ndarray:
     """Apply the separable kernel to every row of E (N, prod(shape))."""
     x = E.reshape((E.shape[0],) + tuple(shape))
     for a, k in enumerate(_kernels(shape, relative)):
