@@ -39,14 +39,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ot
 
 from cryosip import _atomic
+from cryosip.analysis.metrics import w2
 from cryosip.experiments import dimension
 from cryosip.experiments._common import make_operator
 from cryosip.pipeline.problem import EXACT_PHYSICS, prepare
 from cryosip.pipeline.simulate import simulate_dataset
-from cryosip.sip.smoothing import _em, _smooth_exp, refine
+from cryosip.sip.operator import reflect_into
+from cryosip.sip.smoothing import _em, _smooth_exp, heldout_loglik, refine
 
 HERE = Path(__file__).parent
 H_FIRST = (0.0, 0.02, 0.03, 0.045, 0.065)  # relative bandwidths tried on the first CV
@@ -71,9 +72,7 @@ def fine_table(case: str, seed: int, s: dimension.Settings):
 def draws(nodes, w, h_abs, lo, hi, n, rng) -> np.ndarray:
     """n draws of mu * N(0, diag(h_abs^2)), reflected into [lo, hi]."""
     x = nodes[rng.choice(len(w), n, p=w / w.sum())] + rng.standard_normal((n, len(lo))) * h_abs
-    span = hi - lo
-    y = np.mod(x - lo, 2 * span)
-    return lo + np.where(y > span, 2 * span - y, y)
+    return np.asarray(reflect_into(jnp.asarray(x), jnp.asarray(lo), jnp.asarray(hi)), np.float64)
 
 
 def score_all(fine, reference, n_draws: int) -> list[dict]:
@@ -82,9 +81,7 @@ def score_all(fine, reference, n_draws: int) -> list[dict]:
     E = np.exp(L - L.max(axis=1, keepdims=True))
     n = len(E)
     folds = np.random.default_rng(0).permutation(n) % N_FOLDS  # as choose_bandwidth
-    train = jnp.asarray((folds[None, :] != np.arange(N_FOLDS)[:, None]).astype(np.float32))
     everyone = jnp.ones((1, n), jnp.float32)
-    iters = jnp.zeros(N_ITER)
     lo, hi = np.asarray(fine.lower_bounds), np.asarray(fine.upper_bounds)
     nodes = np.asarray(fine.nodes, np.float64)
     ref = reference[:n_draws]
@@ -92,21 +89,12 @@ def score_all(fine, reference, n_draws: int) -> list[dict]:
     out = []
     for h in itertools.product(H_FIRST, *([H_OTHER] * (d - 1))):
         Eh = _smooth_exp(E, fine.shape, h).astype(np.float32)
-        ws = np.asarray(_em(jnp.asarray(Eh), train, iters), np.float64)
-        held = np.empty(n)
-        for k, w in enumerate(ws):
-            held[folds == k] = np.log(np.maximum(Eh[folds == k].astype(np.float64) @ w, 1e-300))
-        w_all = np.asarray(_em(jnp.asarray(Eh), everyone, iters), np.float64)[0]
+        held = heldout_loglik(Eh, folds, N_ITER)
+        w_all = np.asarray(_em(jnp.asarray(Eh), everyone, jnp.zeros(N_ITER)), np.float64)[0]
         x = draws(
             nodes, w_all, np.asarray(h) * (hi - lo), lo, hi, n_draws, np.random.default_rng(1)
         )
-        u = np.full(n_draws, 1.0 / n_draws)
-        w2 = float(
-            np.sqrt(
-                ot.emd2(u, np.full(len(ref), 1.0 / len(ref)), ot.dist(x, ref), numItermax=10**7)
-            )
-        )
-        out.append({"h": [float(v) for v in h], "held": held, "w2": w2})
+        out.append({"h": [float(v) for v in h], "held": held, "w2": w2(x, ref)})
     return out
 
 

@@ -12,7 +12,7 @@ from cryosip.sip.discrepancies import KL, GaussianKernel, PairedMMD
 from cryosip.sip.examples import DecayOperator
 from cryosip.sip.loglik_table import LogLikTableOperator
 from cryosip.sip.measure import ParticleMeasure
-from cryosip.sip.operator import Observations
+from cryosip.sip.operator import Observations, padded_batches
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +220,6 @@ def test_nodes_per_cv_follow_the_measured_interpolation_error():
 def test_padded_batches_cover_every_row_once_in_order(decay):
     """The eager tabulation loops' batches: equal shapes, the last padded with the final row,
     and the real rows, concatenated, are the observations themselves."""
-    from cryosip.sip.operator import padded_batches
-
     _, obs, _ = decay
     got = list(padded_batches(obs, 7))  # 60 rows: 8 batches of 7 and one of 4 real rows
     assert [c for c, _ in got] == [7] * 8 + [4]

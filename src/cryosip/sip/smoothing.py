@@ -138,6 +138,20 @@ def _em(E: Float[Array, "n g"], c: Float[Array, "k n"], n_iter_dummy: Float[Arra
     return w
 
 
+def heldout_loglik(Eh: np.ndarray, folds: np.ndarray, n_iter: int = 200) -> np.ndarray:
+    """Per image, the log-likelihood (up to each row's constant) under the mixture fitted by EM
+    to the images of the other folds: ``Eh`` (N, G) the smoothed likelihood of every image on the
+    fine grid, ``folds`` (N,) each image's fold. Every fold's EM runs in one compiled call."""
+    Eh = np.asarray(Eh, np.float32)
+    n_folds = int(folds.max()) + 1
+    train = jnp.asarray((folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32))
+    ws = np.asarray(_em(jnp.asarray(Eh), train, jnp.zeros(n_iter)), np.float64)
+    held = np.empty(len(Eh))
+    for k, w in enumerate(ws):
+        held[folds == k] = np.log(np.maximum(Eh[folds == k].astype(np.float64) @ w, 1e-300))
+    return held
+
+
 def choose_bandwidth(
     table: LogLikTableOperator,
     *,
@@ -158,16 +172,10 @@ def choose_bandwidth(
     folds = np.random.default_rng(seed).permutation(n) % n_folds
     spacing = min(1.0 / (g - 1) for g in fine.shape)
     tried, scores, per_image = [], [], []
-    iters = jnp.zeros(n_iter)
     for h in candidates:
         if 0 < h < 0.5 * spacing:
             continue  # the fine grid cannot represent it: the same as no smoothing
-        Eh = _smooth_exp(E, fine.shape, h).astype(np.float32)
-        held = np.empty(n)
-        train = jnp.asarray((folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32))
-        ws = np.asarray(_em(jnp.asarray(Eh), train, iters), np.float64)  # every fold at once
-        for k, w in enumerate(ws):
-            held[folds == k] = np.log(np.maximum(Eh[folds == k].astype(np.float64) @ w, 1e-300))
+        held = heldout_loglik(_smooth_exp(E, fine.shape, h), folds, n_iter)
         tried.append(float(h))
         scores.append(float(held.sum()))
         per_image.append(held)
