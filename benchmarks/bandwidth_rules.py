@@ -1,11 +1,12 @@
-"""Does another bandwidth rule close the 3-CV gap (issue 17)? Per-CV kernels against the one we use.
+"""Which bandwidth rule (issue 17)? The rule cryosip uses against per-CV kernels and one-SE rules.
 
-On the dimension study's ``adk-3`` data sets (``cryosip experiment dimension``: 1,000 images of
-40 px, SNR 0.01, the first three PCA modes of MDAnalysisTests' AdK trajectory, the arc-and-mode
-truth), the flow's reported measure equals the smoothed NPMLE on the refined table (measured:
-W2 0.262 / 0.293 / 0.256 for the flow against 0.267 / 0.288 / 0.275 for EM on the smoothed fine
-grid, seeds 0-2). So each rule can be scored without running flows: for every per-CV relative
-bandwidth (h1, h2, h3) on a grid of candidates, the script computes
+On the dimension study's data sets (``cryosip experiment dimension``: 1,000 images of 40 px,
+SNR 0.01; ``adk-d`` the first d PCA modes of MDAnalysisTests' AdK trajectory, ``two-hinge``;
+truths with structure), the flow's reported measure equals the smoothed NPMLE on the refined
+table (measured on adk-3: W2 0.262 / 0.293 / 0.256 for the flow against 0.267 / 0.288 / 0.275
+for EM on the smoothed fine grid, seeds 0-2). So each rule can be scored without running
+flows: for every bandwidth on a grid of candidates (in 1-D ``sip.smoothing.CANDIDATES``; above,
+per-CV bandwidths on a product grid), the script computes
 
 - the 3-fold held-out log-likelihood of the images (per image, as ``choose_bandwidth`` does),
 - W2 to the truth of the smoothed NPMLE on the whole data set (``n_draws`` draws of
@@ -14,16 +15,18 @@ bandwidth (h1, h2, h3) on a grid of candidates, the script computes
 
 and reports the choice of each rule and its W2:
 
-- ``isotropic-least``: one h for every CV, the least smoothing within one standard error of the
-  best held-out total (the rule cryosip uses, ``sip/smoothing.py``);
-- ``per-cv-argmax``: the per-CV h with the best held-out total;
-- ``per-cv-most``: the per-CV h with the most smoothing (largest sum) within one standard error
-  of the best (the textbook one-SE rule, ESL 7.10, applied per CV);
-- ``oracle``: the per-CV h with the smallest W2 to the truth (not a rule: what is attainable).
+- ``isotropic-argmax``: one h for every CV, the best held-out total (the rule cryosip uses,
+  ``sip/smoothing.py``, since 2026-12-05);
+- ``isotropic-least``: one h, the least smoothing within one standard error of the best (the
+  rule used before);
+- ``isotropic-most``: one h, the most smoothing within one standard error (the textbook one-SE
+  rule, ESL 7.10);
+- ``per-cv-argmax``, ``per-cv-most``: the same with one h per CV;
+- ``oracle``: the h with the smallest W2 to the truth (not a rule: what is attainable).
 
-    python benchmarks/bandwidth_rules.py                 # adk-3, seeds 0-2 (~10 min, 2 cores)
-    python benchmarks/bandwidth_rules.py --seeds 0
-Writes benchmarks/results/bandwidth_rules.json.
+    python benchmarks/bandwidth_rules.py                 # adk-3, seeds 0-2 (~10-14 min, 2 cores)
+    python benchmarks/bandwidth_rules.py --case adk-1 --seeds 0,1,2,3,4     # 25 s
+Writes benchmarks/results/bandwidth_rules_<case>.json.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from cryosip.experiments._common import make_operator
 from cryosip.pipeline.problem import EXACT_PHYSICS, prepare
 from cryosip.pipeline.simulate import simulate_dataset
 from cryosip.sip.operator import reflect_into
-from cryosip.sip.smoothing import _em, _smooth_exp, heldout_loglik, refine
+from cryosip.sip.smoothing import CANDIDATES, _em, _smooth_exp, heldout_loglik, refine
 
 HERE = Path(__file__).parent
 H_FIRST = (0.0, 0.02, 0.03, 0.045, 0.065)  # relative bandwidths tried on the first CV
@@ -87,7 +90,10 @@ def score_all(fine, reference, n_draws: int) -> list[dict]:
     ref = reference[:n_draws]
     d = len(fine.shape)
     out = []
-    for h in itertools.product(H_FIRST, *([H_OTHER] * (d - 1))):
+    grid = (
+        [(h,) for h in CANDIDATES] if d == 1 else itertools.product(H_FIRST, *([H_OTHER] * (d - 1)))
+    )
+    for h in grid:
         Eh = _smooth_exp(E, fine.shape, h).astype(np.float32)
         held = heldout_loglik(Eh, folds, N_ITER)
         w_all = np.asarray(_em(jnp.asarray(Eh), everyone, jnp.zeros(N_ITER)), np.float64)[0]
@@ -119,6 +125,8 @@ def rules(rows: list[dict]) -> dict:
     oracle = min(w2, key=w2.get)
     chosen = {
         "isotropic-least": min(iso_within),
+        "isotropic-argmax": iso_best,
+        "isotropic-most": max(iso_within),
         "per-cv-argmax": best,
         "per-cv-most": max(per_cv_within, key=lambda h: (sum(h), h)),
         "oracle": oracle,
@@ -134,8 +142,9 @@ def main(argv=None) -> None:
     ap.add_argument("--case", default="adk-3")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n-draws", type=int, default=2000)
-    ap.add_argument("--out", default=str(HERE / "results" / "bandwidth_rules.json"))
+    ap.add_argument("--out", default=None, help="default: results/bandwidth_rules_<case>.json")
     a = ap.parse_args(argv)
+    a.out = a.out or str(HERE / "results" / f"bandwidth_rules_{a.case}.json")
     s = dimension.Settings()
     t0 = time.perf_counter()
     per_seed = []
@@ -144,7 +153,14 @@ def main(argv=None) -> None:
         chosen = rules(score_all(fine, reference, a.n_draws))
         per_seed.append({"seed": seed, "fine_grid": list(fine.shape), **chosen})
         print(json.dumps(per_seed[-1]), flush=True)
-    names = ("isotropic-least", "per-cv-argmax", "per-cv-most", "oracle")
+    names = (
+        "isotropic-least",
+        "isotropic-argmax",
+        "isotropic-most",
+        "per-cv-argmax",
+        "per-cv-most",
+        "oracle",
+    )
     summary = {
         k: {
             "w2_mean": float(np.mean([r[k]["w2"] for r in per_seed])),
@@ -162,7 +178,9 @@ def main(argv=None) -> None:
         "n_images": s.n_images,
         "what": "W2 (Angstrom RMS) to the truth of the smoothed NPMLE on the refined table, for "
         "the per-CV bandwidth each rule picks from the 3-fold held-out log-likelihood",
-        "candidates": {"first_cv": list(H_FIRST), "other_cvs": list(H_OTHER)},
+        "candidates": {"first_cv": list(H_FIRST), "other_cvs": list(H_OTHER)}
+        if len(per_seed[0]["fine_grid"]) > 1
+        else list(CANDIDATES),
         "n_draws": a.n_draws,
         "seeds": per_seed,
         "summary": summary,

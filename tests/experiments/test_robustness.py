@@ -89,15 +89,19 @@ def test_cli_tiny_sweep_writes_csv_and_plots(tmp_path):
     # a dilution series: sigma ~ 1/sqrt(SNR), the same images
     np.testing.assert_allclose(sigma[0.001] / sigma[0.1], 10.0, rtol=1e-6)
     np.testing.assert_allclose(w1[0.1, "oracle"], w1[0.001, "oracle"], rtol=1e-12)
-    # the images' true CVs (sampling floor, measured W1 0.0078) are closer than any estimate
-    # (closest: the regularised wgf-kl at SNR 0.1, 0.0095 since its distribution is written as
-    # quantile points; 0.0109 with Gauss-Hermite points, 0.016 before the regularisation)
-    assert all(w1[s, "oracle"] < w1[s, m] for s in (0.1, 0.001) for m in study.METHODS)
-    assert w1[0.1, "wgf-kl"] < 0.013
+    # the images' true CVs (200 draws: sampling floor, measured W1 0.0078) are closer than
+    # every unregularised estimate; the regularised wgf-kl, a smooth estimate of a smooth truth,
+    # can pass the 200 draws' discrete measure at SNR 0.1 (measured 0.0064 with the bandwidth at
+    # the best held-out likelihood; 0.0095 with the least smoothing within one SE, 0.016 before
+    # the regularisation), not at SNR 0.001
+    unregularised = [m for m in study.METHODS if m != "wgf-kl"]
+    assert all(w1[s, "oracle"] < w1[s, m] for s in (0.1, 0.001) for m in unregularised)
+    assert w1[0.001, "oracle"] < w1[0.001, "wgf-kl"]
+    assert w1[0.1, "wgf-kl"] < 0.011
     for m in study.METHODS:
         # SNR 0.1: measured 0.016 (wgf-kl) to 0.021 (em-grid)
         assert w1[0.1, m] < 0.035, m
-        # SNR 0.001: measured 0.097 (wgf-mmd) to 0.128 (em-grid), 4.9x to 7.4x worse
+        # SNR 0.001: measured 0.097 (wgf-mmd) to 0.136 (wgf-kl), 4.9x to 21x worse
         assert w1[0.001, m] > 0.06, m
         assert w1[0.001, m] > 2.5 * w1[0.1, m], m
 
