@@ -212,6 +212,10 @@ def test_report_fit_check_section(tmp_path, runs):
     assert "NGL" in page and page.count("\nMODEL ") + page.startswith("MODEL ") >= 21
     summary = json.loads((runs["star"] / "summary.json").read_text())
     assert ("fit_check" in summary) == ("not run" not in page.split("<h2>")[0])
+    # the chosen kernel and the held-out evidence for it (issue 17: shown in the report)
+    reg = summary["regularisation"]
+    assert f"{reg['bandwidth_relative']:g} of each CV" in page and "best total" in page
+    assert page.count(": 0.0,") + page.count(": 0.0<") == 1  # the best candidate, once
 
 
 def test_cv_line_and_clusters():

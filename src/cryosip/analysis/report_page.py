@@ -129,6 +129,7 @@ def write_reconstruction_report(
             ("input box", box),
             (f"working box ({cal.get('working_box_rule')})", work),
         ]
+    rows += _regularisation_rows(summary)
     rows = [(k, v) for k, v in rows if v is not None]
     figs = [
         (os.path.join(out_dir, "density.png"), "recovered density (static)"),
@@ -159,3 +160,36 @@ def write_reconstruction_report(
         fit_check_png=fit_png if os.path.exists(fit_png) else None,
         notes=notes,
     )
+
+
+def _regularisation_rows(summary: dict) -> list[tuple[str, str]]:
+    """The chosen kernel and the held-out evidence for it; in d > 1 the table's nodes per CV."""
+    rows = []
+    reg = summary.get("regularisation")
+    if reg:
+        width = ", ".join(f"{v:.3g}" for v in reg["bandwidth"])
+        rows.append(
+            (
+                "regularisation: kernel sd",
+                f"{reg['bandwidth_relative']:g} of each CV's range ({width} in CV units; "
+                f"{reg['rule']})",
+            )
+        )
+        if reg.get("heldout_loglik_minus_best"):
+            scores = zip(reg["candidates_relative"], reg["heldout_loglik_minus_best"])
+            rows.append(
+                (
+                    "held-out log-likelihood minus the best (nats), per kernel sd",
+                    ", ".join(f"{h:g}: {v:.1f}" for h, v in scores),
+                )
+            )
+    table = summary.get("likelihood_table")
+    if table:
+        err = ", ".join(f"{e:.2g}" for e in table["expected_interpolation_error_nats"])
+        rows.append(
+            (
+                "likelihood table: nodes per CV",
+                f"{' x '.join(map(str, table['nodes_per_cv']))} (interpolation error {err} nats)",
+            )
+        )
+    return rows
