@@ -78,8 +78,9 @@ def test_cli_tiny_run_numbers(tmp_path):
     assert own["grid_nodes"] == np.prod([int(k) for k in own["table_shape"].split("x")])
     assert np.isfinite(df[["w2", "w2_rms", "seconds"]]).all().all()
     # W2 below a fraction of the truth's spread (the W2 of a point mass at its mean); measured:
-    # adk-1 0.26 (flow), 0.27 (grid), 0.30 (per-image) of 2.4 A; two-hinge 0.52, 0.55, 0.71 of 30 deg
-    bounds = {"adk-1": (0.4, 0.45), "two-hinge": (0.7, 0.9)}  # (flow and grid, per-image)
+    # adk-1 0.26 (flow), 0.27 (grid), 0.30 (per-image) of 2.4 A; two-hinge 0.52, 0.55, 0.71 of 30 deg;
+    # the paired-MMD flow (not regularised; direct operator in 2-D) between the KL flow and per-image
+    bounds = {"adk-1": (0.4, 0.45), "two-hinge": (0.7, 0.9)}  # (KL flow and grid, the others)
     for case, d in (("adk-1", 1), ("two-hinge", 2)):
         rows = df[df["case"] == case].set_index("method")
         assert (rows["d"] == d).all()
@@ -88,7 +89,7 @@ def test_cli_tiny_run_numbers(tmp_path):
         ref = study.case_truth(model).sample(np.random.default_rng(12345), n_ref)
         bound = study.spread(ref)  # W2 from the truth to a point mass at its mean
         for m in study.METHODS:
-            frac = bounds[case][m == "per-image"]
+            frac = bounds[case][m in ("per-image", "wgf-mmd")]
             assert rows.loc[m, "w2"] < frac * bound, (case, m)
             assert rows.loc["oracle", "w2"] < rows.loc[m, "w2"], (case, m)
         if case == "two-hinge":  # Angstrom RMS, a different number than degrees

@@ -29,6 +29,11 @@ Methods, each through the ordinary pipeline (``prepare`` then ``run_method``):
   compilation cache warm it is near zero) but is in the grid's measured time. The grid's measured time (tabulation + EM) is
   recorded (``seconds``; ``grid_time_ratio`` = grid / flow), so the rule can be checked.
 - ``per-image``: the histogram of per-image MAP CVs on the flow's (refined) table.
+- ``wgf-mmd`` (``--no-mmd`` skips it): the flow of the nuisance-paired Gaussian-kernel score
+  with the same particles and steps (minibatches of 256 images). It needs images, not
+  log-likelihoods: in 1-D it runs on the image table, in d > 1 on the direct operator (every
+  step renders its minibatch for every particle and differentiates them; no table). Its
+  seconds are the flow's alone. Not regularised (docs/method.md, section 3).
 
 Errors: W2 to the truth in CV units (Angstrom RMS for the modes; degrees for two-hinge) and,
 for two-hinge, W2 with the ground cost the RMS distance between the atoms of the two structures
@@ -89,7 +94,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "dimension"
 CASES = ("adk-1", "adk-2", "adk-3", "adk-4", "two-hinge")
-METHODS = ("wgf-kl", "em-grid", "per-image")
+METHODS = ("wgf-kl", "wgf-mmd", "em-grid", "per-image")
 N_REFERENCE_1D = 200_000
 
 
@@ -107,6 +112,10 @@ class Settings(_Settings):
     n_steps: int = setting(WGF.n_steps, "flow steps", quick=100)
     n_reference: int = setting(3000, "draws of the truth for W2 when d > 1 (exact OT)")
     max_grid_entries: float = setting(5e7, "at most this many (image, node) entries in the grid")
+    with_mmd: bool = setting(
+        True, "run the paired-MMD flow too (--no-mmd skips it: in d > 1 it is the slow one)",
+        flag="--no-mmd",
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -316,6 +325,13 @@ def run_case(case: str, seed: int, s: Settings, est_dir: Path) -> list[dict]:
     )  # fmt: skip
     t_flow = t_prep + flow.seconds
     pim = run_method(problem, "per-image", "kl", key=k_pi, progress=False)
+    mmd = None
+    if s.with_mmd:  # paired MMD needs images: 1-D the image table, d > 1 the direct operator
+        direct = problem if d == 1 else dataclasses.replace(problem, table=None)
+        mmd = run_method(
+            direct, "wgf", "mmd", key=jax.random.fold_in(key, 7), progress=False,
+            n_particles=s.n_particles, n_steps=s.n_steps,
+        )  # fmt: skip
 
     ref_nodes = default_grid_nodes(d)
     # the cost per entry depends on the compiled call's shape: measured on the default grid,
@@ -340,6 +356,8 @@ def run_case(case: str, seed: int, s: Settings, est_dir: Path) -> list[dict]:
         "em-grid": (np.asarray(table.nodes), w_grid, t_grid),
         "per-image": (pim.positions, pim.weights, t_prep + pim.seconds),
     }
+    if mmd is not None:  # its seconds: the flow alone (it needs no table in d > 1)
+        estimates["wgf-mmd"] = (mmd.positions, mmd.weights, mmd.seconds)
     if d > 1:  # grid EM on the flow's own table: the same renders, nodes chosen per CV
         t0 = time.perf_counter()
         w_table, _ = dto.em_weights(np.asarray(problem.table.table))
@@ -508,7 +526,7 @@ def plot_ratio(out: Results, df: pd.DataFrame) -> Path:
     ax.legend(fontsize=7)
     ax = axes[1]
     tab = summarise(df, ["case", "d", "method"], ("seconds", "grid_per_cv"))
-    for m in METHODS:
+    for m in [m for m in METHODS if m in set(tab["method"])]:
         t = tab[(tab["method"] == m) & tab["case"].str.startswith("adk")].sort_values("d")
         ax.errorbar(t["d"], t["seconds_mean"], t["seconds_sd"], capsize=3, **_style(m))
         if m == "em-grid":
@@ -531,7 +549,7 @@ def plot_maps(out: Results, df: pd.DataFrame) -> Path:
     plt = pyplot()
     cases = [c for c in dict.fromkeys(df["case"]) if int(df[df["case"] == c]["d"].iloc[0]) > 1]
     seed = int(df["seed"].min())
-    cols = ("truth", *METHODS)
+    cols = ("truth", *[m for m in METHODS if m in set(df["method"])])
     fig, axes = plt.subplots(
         max(1, len(cases)), len(cols), figsize=(3.2 * len(cols), 3.0 * max(1, len(cases))),
         squeeze=False,
