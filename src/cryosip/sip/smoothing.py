@@ -18,8 +18,8 @@ images outside a fold and scored by the log-likelihood of the images in it; the 
 with the best held-out total is chosen. The rule is the same in every dimension (the grid is
 the table's product grid, refined) and needs no setting. (Until 2026-12-05 the least smoothing
 within one standard error of the best was taken; it chose less smoothing than the images ask
-for, often none, and was measured worse: ``benchmarks/bandwidth_rules.py``, docs/results.md.) ``docs/method.md`` section 4 has the
-derivation; ``docs/results.md`` the measured effect.
+for, often none, and was measured worse: ``benchmarks/bandwidth_rules.py``.) ``docs/method.md``
+section 3 has the derivation; ``docs/results.md`` the measured effect.
 """
 
 from __future__ import annotations
