@@ -53,8 +53,8 @@ per method), ``dimension_ratio.png`` (flow/grid W2 and wall times against d),
 Cost on a 2-core CPU shared with other jobs (5 cases x 1,000 images of 40 px): 3 seeds in
 17 minutes with JAX's compilation cache warm (load 5-9), 2 seeds in 28 minutes with it cold
 (load 6-13); the flow's tabulation and about the same time again for the grid dominate.
-The paired-MMD flow adds about 3.5 minutes per d > 1 data set (adk-2: ~0.6 s per step on the
-direct operator); the table in docs/results.md was measured with ``--no-mmd``.
+The paired-MMD flow adds 4-8 minutes per d > 1 data set (0.9-1.5 s per step on the direct
+operator, 2026-12-05: 3 seeds with it in 83 minutes; seconds in 1-D).
 ``--quick`` (adk-1, adk-2, two-hinge; 300 images of 32 px, one seed): a few minutes.
 docs/results.md has the measured table.
 
