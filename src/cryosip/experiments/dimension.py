@@ -50,9 +50,9 @@ per method), ``dimension_ratio.png`` (flow/grid W2 and wall times against d),
 ``dimension_maps.png`` (first two CVs: truth and estimates, first seed) and ``config.json``.
 ``--replot`` redraws the figures from the tables.
 
-Cost on a 2-core CPU shared with other jobs (5 cases x 1,000 images of 40 px): 3 seeds in
-17 minutes with JAX's compilation cache warm (load 5-9), 2 seeds in 28 minutes with it cold
-(load 6-13); the flow's tabulation and about the same time again for the grid dominate.
+Cost on a 2-core CPU (5 cases x 1,000 images of 40 px, JAX's compilation cache warm): 3 seeds
+with ``--no-mmd`` in 12 minutes (735 s, load 1.3-2.0); the flow's tabulation and about the same
+time again for the grid dominate.
 The paired-MMD flow adds 4-8 minutes per d > 1 data set (0.9-1.5 s per step on the direct
 operator, 2026-12-05: 3 seeds with it in 83 minutes; seconds in 1-D).
 ``--quick`` (adk-1, adk-2, two-hinge; 300 images of 32 px, one seed): a few minutes.
@@ -468,13 +468,19 @@ def replot(out_dir) -> list[Path]:
     return [plot_w2(out, df), plot_ratio(out, df), plot_maps(out, df)]
 
 
+def _present(df: pd.DataFrame, methods=METHODS) -> list[str]:
+    """``methods`` that have rows in ``df``, in order (``--no-mmd`` leaves ``wgf-mmd`` out)."""
+    have = set(df["method"])
+    return [m for m in methods if m in have]
+
+
 def plot_w2(out: Results, df: pd.DataFrame) -> Path:
     plt = pyplot()
     table = summarise(df, ["case", "d", "method"], ("w2", "w2_rms"))
     adk = table[table["case"].str.startswith("adk")]
     hinge = table[table["case"] == "two-hinge"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), gridspec_kw={"width_ratios": [2, 1, 1]})
-    order = [m for m in (*METHODS, "oracle") if m in set(table["method"])]
+    order = _present(table, (*METHODS, "oracle"))
     for m in order:
         t = adk[adk["method"] == m].sort_values("d")
         if len(t):
@@ -528,7 +534,7 @@ def plot_ratio(out: Results, df: pd.DataFrame) -> Path:
     ax.legend(fontsize=7)
     ax = axes[1]
     tab = summarise(df, ["case", "d", "method"], ("seconds", "grid_per_cv"))
-    for m in [m for m in METHODS if m in set(tab["method"])]:
+    for m in _present(tab):
         t = tab[(tab["method"] == m) & tab["case"].str.startswith("adk")].sort_values("d")
         ax.errorbar(t["d"], t["seconds_mean"], t["seconds_sd"], capsize=3, **_style(m))
         if m == "em-grid":
@@ -551,7 +557,7 @@ def plot_maps(out: Results, df: pd.DataFrame) -> Path:
     plt = pyplot()
     cases = [c for c in dict.fromkeys(df["case"]) if int(df[df["case"] == c]["d"].iloc[0]) > 1]
     seed = int(df["seed"].min())
-    cols = ("truth", *[m for m in METHODS if m in set(df["method"])])
+    cols = ("truth", *_present(df))
     fig, axes = plt.subplots(
         max(1, len(cases)), len(cols), figsize=(3.2 * len(cols), 3.0 * max(1, len(cases))),
         squeeze=False,
