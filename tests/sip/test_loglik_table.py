@@ -12,7 +12,7 @@ from cryosip.sip.discrepancies import KL, GaussianKernel, PairedMMD
 from cryosip.sip.examples import DecayOperator
 from cryosip.sip.loglik_table import LogLikTableOperator
 from cryosip.sip.measure import ParticleMeasure
-from cryosip.sip.operator import Observations, padded_batches
+from cryosip.sip.operator import Observations, batch_workers, map_batches
 
 
 @pytest.fixture(scope="module")
@@ -217,19 +217,38 @@ def test_nodes_per_cv_follow_the_measured_interpolation_error():
     assert capped.expected_error[0] > res.expected_error[0]
 
 
-def test_padded_batches_cover_every_row_once_in_order(decay):
-    """The eager tabulation loops' batches: equal shapes, the last padded with the final row,
-    and the real rows, concatenated, are the observations themselves."""
+def test_map_batches_cover_every_row_once_in_order(decay):
+    """The eager tabulation loops' batches: equal shapes (the last padded with the final row),
+    progress in order, and the real rows, concatenated, are the observations themselves,
+    whether the batches run one at a time or on three threads."""
     _, obs, _ = decay
-    got = list(padded_batches(obs, 7))  # 60 rows: 8 batches of 7 and one of 4 real rows
-    assert [c for c, _ in got] == [7] * 8 + [4]
-    assert {b.values.shape for _, b in got} == {(7,) + obs.values.shape[1:]}
-    np.testing.assert_array_equal(np.asarray(got[-1][1].index), [56, 57, 58, 59, 59, 59, 59])
-    values = np.concatenate([np.asarray(b.values)[:c] for c, b in got])
-    np.testing.assert_array_equal(values, np.asarray(obs.values))
-    for a, leaf in enumerate(jax.tree_util.tree_leaves(obs.nuisance)):
-        cut = [np.asarray(jax.tree_util.tree_leaves(b.nuisance)[a])[:c] for c, b in got]
-        np.testing.assert_array_equal(np.concatenate(cut), np.asarray(leaf))
+    for workers in (1, 3):
+        shapes, counts = set(), []
+
+        def fn(b):
+            shapes.add(b.values.shape)
+            return b.values, b.nuisance, b.index
+
+        got = map_batches(fn, obs, 7, progress=counts.append, workers=workers)
+        assert counts == [7] * 8 + [4]  # 60 rows: 8 batches of 7 and one of 4 real rows
+        assert shapes == {(7,) + obs.values.shape[1:]}
+        np.testing.assert_array_equal(got[-1][2], [56, 57, 58, 59])
+        values = np.concatenate([v for v, _, _ in got])
+        np.testing.assert_array_equal(values, np.asarray(obs.values))
+        for a, leaf in enumerate(jax.tree_util.tree_leaves(obs.nuisance)):
+            cut = [jax.tree_util.tree_leaves(nu)[a] for _, nu, _ in got]
+            np.testing.assert_array_equal(np.concatenate(cut), np.asarray(leaf))
+
+
+def test_table_is_the_same_on_one_thread_or_several(decay, monkeypatch):
+    """Concurrent batches (the default on a multi-core CPU) give the sequential table exactly."""
+    op, obs, _ = decay
+    tables = {}
+    for workers in ("1", "3"):
+        monkeypatch.setenv("CRYOSIP_BATCH_WORKERS", workers)
+        assert batch_workers() == int(workers)
+        tables[workers] = LogLikTableOperator.build(op, obs, n_nodes=33, batch_size=7).table
+    np.testing.assert_array_equal(np.asarray(tables["3"]), np.asarray(tables["1"]))
 
 
 def test_table_is_the_same_for_any_batch_size(decay):

@@ -383,29 +383,37 @@ def ensemble_text(
     chains = ["A"] * n if chains is None else [str(c)[:4] or "A" for c in chains]
     st = gemmi.Structure()
     st.name = "cryosip_ensemble"
+    first = gemmi.Model(1) if _model_takes_int() else gemmi.Model("1")
+    chain = None
+    res = None
+    for i in range(n):  # the hierarchy once; the other models are copies with their coordinates
+        if chain is None or chain.name != chains[i]:
+            first.add_chain(gemmi.Chain(chains[i]))
+            chain = first[len(first) - 1]
+            res = None
+        if res is None or res.seqid.num != int(labels[3][i]) or res.name != str(labels[2][i]):
+            r = gemmi.Residue()
+            r.name = str(labels[2][i])
+            r.seqid = gemmi.SeqId(int(labels[3][i]), " ")
+            r.het_flag = "A"
+            chain.add_residue(r)
+            res = chain[len(chain) - 1]
+        a = gemmi.Atom()
+        a.name = str(labels[1][i])
+        a.element = gemmi.Element(str(labels[0][i]))
+        a.occ = 1.0
+        a.b_iso = 0.0
+        res.add_atom(a)
     for m in range(k):
-        model = gemmi.Model(m + 1) if _model_takes_int() else gemmi.Model(str(m + 1))
-        chain = None
-        res = None
-        for i in range(n):
-            if chain is None or chain.name != chains[i]:
-                model.add_chain(gemmi.Chain(chains[i]))
-                chain = model[len(model) - 1]
-                res = None
-            if res is None or res.seqid.num != int(labels[3][i]) or res.name != str(labels[2][i]):
-                r = gemmi.Residue()
-                r.name = str(labels[2][i])
-                r.seqid = gemmi.SeqId(int(labels[3][i]), " ")
-                r.het_flag = "A"
-                chain.add_residue(r)
-                res = chain[len(chain) - 1]
-            a = gemmi.Atom()
-            a.name = str(labels[1][i])
-            a.element = gemmi.Element(str(labels[0][i]))
-            a.pos = gemmi.Position(*coords[m, i])
-            a.occ = 1.0
-            a.b_iso = 0.0
-            res.add_atom(a)
+        model = first.clone()
+        if _model_takes_int():
+            model.num = m + 1
+        else:  # pragma: no cover - gemmi < 0.7 names models by strings
+            model.name = str(m + 1)
+        xyz = coords[m].tolist()
+        atoms = (a for ch in model for r in ch for a in r)  # the order they were added in
+        for a, p in zip(atoms, xyz):
+            a.pos = gemmi.Position(*p)
         st.add_model(model)
     st.setup_entities()
     if fmt == "cif":

@@ -54,7 +54,7 @@ from ..cryoem.noise import (
 )
 from ..data.particles import ParticleStack, downsample, working_pixel_size
 from ..data.streaming import read_rows
-from ..sip.operator import Observations
+from ..sip.operator import Observations, imap_ordered
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +235,12 @@ class _Pilot:
         nu = dataclasses.replace(nu, ctf=ctf)
         pts = self.points  # NumPy: handed to the compiled program as is (no eager copies)
         n = len(self.images) if n is None else min(n, len(self.images))
-        for s in range(0, n, self.chunk):
+
+        def render(s):
             sub = jax.tree_util.tree_map(lambda a: _host(a[s : min(n, s + self.chunk)]), nu)
-            yield s, np.asarray(_pair_means(op, pts, sub), np.float64)
+            return s, np.asarray(_pair_means(op, pts, sub), np.float64)
+
+        yield from imap_ordered(render, range(0, n, self.chunk))
 
 
 def _residual_pass(pilot: _Pilot, bfactor: float):
@@ -408,13 +411,15 @@ def estimate_pose_error(pilot, stats, bfactor, spec, n_images: int = 64, key=Non
     all_rots = np.asarray(rots, np.float32)
     all_shifts = np.asarray(shifts, np.float32)
     y = y[None]
-    gains = []
-    for s in range(0, m, chunk):
+
+    def fits(s):
         idx = np.minimum(np.arange(s, s + chunk), m - 1)  # one compiled shape
         sub = jax.tree_util.tree_map(lambda a: a[idx], nu)
         rep = (a[idx], noise[idx])
         g = _perturbed_fits(op, theta[idx], sub, y[:, idx], all_rots, all_shifts, rep)
-        gains.append(np.asarray(g)[:, : min(chunk, m - s)])
+        return np.asarray(g)[:, : min(chunk, m - s)]
+
+    gains = list(imap_ordered(fits, range(0, m, chunk)))
     gains = np.concatenate(gains, axis=1).reshape(2 * m, -1)  # rows [data; replicate]
     out = {}
     nr = len(rots)

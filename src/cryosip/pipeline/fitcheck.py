@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -152,15 +153,17 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     fit_scale = bool(op.fit_scale)
 
     y = np.asarray(obs.values, np.float64)
-    m = np.asarray(_means(op, pos[best], obs.nuisance), np.float64)
-    a, b, chi2, spec = _stats(y, m, keep, fit_scale)
-
-    # posterior-predictive replicate: same nuisances, conformations from the recovered law
+    # posterior-predictive replicate: same nuisances, conformations from the recovered law;
+    # its images render on a second thread while the data's are rendered and fitted
     draw, noise = _replicate_draws(key, w.astype(np.float32), y.shape)
     draw = np.asarray(draw)
-    m_rep = np.asarray(_means(op, pos[draw], obs.nuisance), np.float64)
-    noise = np.asarray(noise, np.float64)
-    noise = np.fft.irfft2(np.fft.rfft2(noise) * keep, s=(D, D))
+    with ThreadPoolExecutor(1) as pool:
+        rendering = pool.submit(lambda: np.asarray(_means(op, pos[draw], obs.nuisance), np.float64))
+        m = np.asarray(_means(op, pos[best], obs.nuisance), np.float64)
+        a, b, chi2, spec = _stats(y, m, keep, fit_scale)
+        noise = np.asarray(noise, np.float64)
+        noise = np.fft.irfft2(np.fft.rfft2(noise) * keep, s=(D, D))
+        m_rep = rendering.result()
     if fit_scale:
         y_rep = np.maximum(a, 0.0)[:, None, None] * m_rep + b[:, None, None] + noise
     else:

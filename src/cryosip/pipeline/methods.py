@@ -31,7 +31,7 @@ from ..sip.discrepancies import (
 from ..sip.flow import FlowResult, TqdmProgress, WassersteinGradientFlow
 from ..sip.loglik_table import LogLikTableOperator, product_nodes
 from ..sip.measure import ParticleMeasure, uniform_measure
-from ..sip.operator import take_rows
+from ..sip.operator import imap_ordered, take_rows
 from ..sip.smoothing import Bandwidth, expand_particles
 from .calibrate import calibrate, calibrated_stack
 from .fitcheck import log_prior
@@ -140,7 +140,8 @@ def _resample_counts(key, b: int, n: int):
 class Method:
     """A reconstruction method: a frozen dataclass whose fields are its settings. ``_fit(problem,
     key)`` gives the result on all images and ``replicate(b)``, the b-th bootstrap replicate
-    (positions, weights), called for b = 0, 1, ... in order (None: no bootstrap)."""
+    (positions, weights), a pure function of b (None: no bootstrap): the replicates run
+    concurrently (:func:`~cryosip.sip.operator.imap_ordered`)."""
 
     resamples = True  # Bootstrap can wrap it
 
@@ -151,7 +152,7 @@ class Method:
     def _run(self, problem: Problem, key, n_bootstrap: int) -> MethodResult:
         t0 = time.perf_counter()
         out, replicate = self._fit(problem, key)
-        out.replicates = [replicate(b) for b in range(n_bootstrap)]  # the one bootstrap loop
+        out.replicates = list(imap_ordered(replicate, range(n_bootstrap)))  # the one bootstrap loop
         self._finish(problem, out)
         out.seconds = time.perf_counter() - t0
         return out
@@ -366,9 +367,14 @@ class PerImageMAP(Method):
             nodes, L = _grid_loglik(problem, self.nodes, "per-image")
             m = nodes[np.argmax(L, 1)]
         m = m.reshape(m.shape[0], -1)
-        rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
         out = MethodResult("per-image", None, m, np.full(len(m), 1.0 / len(m)), 0.0)
-        return out, lambda b: (m[rng.integers(0, len(m), len(m))], np.full(len(m), 1.0 / len(m)))
+
+        def replicate(b):
+            rng = np.random.default_rng([seed, b])  # replicate b's own draws
+            return m[rng.integers(0, len(m), len(m))], np.full(len(m), 1.0 / len(m))
+
+        return out, replicate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from scipy.special import logsumexp as np_logsumexp
 
 from .measure import ParticleMeasure, grid_measure
-from .operator import AbstractRandomOperator, Observations, padded_batches
+from .operator import AbstractRandomOperator, Observations, map_batches
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,9 @@ def loglik_on_nodes(
     n = len(obs)
     if batch_size is None or n <= batch_size:
         return np.asarray(_loglik_matrix(operator, nodes, obs, key))
-    out = [
-        np.asarray(_loglik_matrix(operator, nodes, b, key))[:c]
-        for c, b in padded_batches(obs, batch_size)
-    ]
-    return np.concatenate(out)
+    return np.concatenate(
+        map_batches(lambda b: _loglik_matrix(operator, nodes, b, key), obs, batch_size)
+    )
 
 
 @eqx.filter_jit

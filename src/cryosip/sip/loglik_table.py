@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .noise import GaussianNoise
-from .operator import AbstractRandomOperator, Observations, padded_batches
+from .operator import AbstractRandomOperator, Observations, map_batches
 from .table import catmull_rom_sparse
 
 
@@ -161,11 +161,7 @@ class LogLikTableOperator(AbstractRandomOperator):
         shape = tuple(np.broadcast_to(np.asarray(n_nodes, int), lower.shape).tolist())
         nodes = jnp.asarray(product_nodes(lower, upper, shape))
         f = jax.jit(lambda o: operator.log_likelihood_matrix(nodes, o, key=key))
-        rows = []
-        for count, batch in padded_batches(obs, batch_size):
-            rows.append(np.asarray(f(batch))[:count])
-            if progress is not None:
-                progress(count)
+        rows = map_batches(f, obs, batch_size, progress=progress)
         entries = 0
         try:
             entries = int(operator.obs_size)
@@ -333,8 +329,12 @@ def probe_interpolation(
     theta = jnp.asarray(lower + (upper - lower) * np.concatenate(pts), jnp.float32)
     f = jax.jit(lambda o: operator.log_likelihood_matrix(theta, o))
     n = len(obs)
-    rows = [np.asarray(f(b), np.float64)[:c] for c, b in padded_batches(obs, batch_size)]
-    L = np.concatenate(rows).reshape(n, d, n_lines, _LINE).transpose(1, 0, 2, 3)
+    L = (
+        np.concatenate(map_batches(f, obs, batch_size))
+        .astype(np.float64)
+        .reshape(n, d, n_lines, _LINE)
+        .transpose(1, 0, 2, 3)
+    )
     out = np.zeros((d, len(_PROBED)))
     for j, k in enumerate(_PROBED):
         stride = (_LINE - 1) // (k - 1)

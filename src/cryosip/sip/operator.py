@@ -9,7 +9,11 @@ squared distances, fresh samples) is derived here by ``vmap`` over particles and
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -74,18 +78,85 @@ def take_rows(obs: Observations, idx) -> Observations:
     return obs.take(idx)
 
 
-def padded_batches(obs: Observations, batch_size: int) -> Iterator[tuple[int, Observations]]:
-    """``(count, batch)`` over ``obs`` in order, for eager loops that tabulate batch by batch:
-    every batch has ``batch_size`` rows (the last one padded with copies of the final row, so
-    that a compiled consumer sees one shape; its first ``count`` rows are real). The
-    observations go to the device once and each batch is cut by one compiled program
-    (:func:`take_rows`): op-by-op indexing costs ~18 ms per batch of 13 arrays on a CPU, which
-    was 6 of the 31 s of a 3-CV table with 3 images per batch."""
+def batch_workers() -> int:
+    """Batches :func:`imap_ordered` runs at once: one per usable CPU core on the CPU (at most 8),
+    two on an accelerator (one computes while the other's result comes back to the host).
+
+    JAX's CPU client runs concurrent calls of a compiled program in parallel, and the
+    projector's loop over cache-sized chunks is single-threaded: on a 2-core machine two
+    batches at once took the 33-node table of 2,000 AdK images from 10.0 s to 6.2 s
+    (benchmarks/README.md, "Time to an answer"). ``CRYOSIP_BATCH_WORKERS`` overrides the rule.
+    """
+    env = os.environ.get("CRYOSIP_BATCH_WORKERS")
+    if env:
+        return max(1, int(env))
+    if jax.default_backend() != "cpu":
+        return 2
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def imap_ordered(fn: Callable, items, *, workers: int | None = None) -> Iterator:
+    """``fn(item)`` for every item, yielded in order; the first alone (it compiles what ``fn``
+    compiles), the others ``workers`` at a time on threads (default :func:`batch_workers`), at
+    most ``workers`` results ahead of the consumer (memory stays at a few items' outputs).
+
+    ``fn`` should return host (NumPy) values, so that each thread waits for its own program.
+    For pure ``fn`` the results do not depend on ``workers``."""
+    items = list(items)
+    if not items:
+        return
+    yield fn(items[0])
+    workers = batch_workers() if workers is None else max(1, int(workers))
+    rest = iter(items[1:])
+    if workers == 1:
+        yield from map(fn, rest)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(fn, x) for x in itertools.islice(rest, workers))
+        while pending:
+            done = pending.popleft().result()
+            for x in itertools.islice(rest, 1):
+                pending.append(pool.submit(fn, x))
+            yield done
+
+
+def map_batches(
+    fn: Callable[[Observations], PyTree],
+    obs: Observations,
+    batch_size: int,
+    *,
+    progress: Callable[[int], object] | None = None,
+    workers: int | None = None,
+) -> list:
+    """``fn`` on every ``batch_size`` rows of ``obs``, its outputs as NumPy arrays cut to the
+    batch's real rows, in order (one pytree per batch), run by :func:`imap_ordered`.
+    ``progress(count)`` is called in order, from the calling thread.
+
+    Every batch has ``batch_size`` rows (the last one padded with copies of the final row, so
+    that a compiled ``fn`` sees one shape). The observations go to the device once and each
+    thread cuts its batch by one compiled program (:func:`take_rows`): op-by-op indexing costs
+    ~18 ms per batch of 13 arrays on a CPU, which was 6 of the 31 s of a 3-CV table with 3
+    images per batch.
+    """
     obs = jax.device_put(obs)
     n = len(obs)
-    for s in range(0, n, batch_size):
+
+    def one(s: int):
         idx = jnp.asarray(np.minimum(np.arange(s, s + batch_size), n - 1), jnp.int32)
-        yield min(batch_size, n - s), take_rows(obs, idx)
+        count = min(batch_size, n - s)
+        out = fn(take_rows(obs, idx))
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], out), count
+
+    results = []
+    for out, count in imap_ordered(one, range(0, n, batch_size), workers=workers):
+        results.append(out)
+        if progress is not None:
+            progress(count)
+    return results
 
 
 def _map_rows(f, xs, batch_size: int | None):

@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .noise import GaussianNoise, paired_profiled_sq_distances, profiled_scale
-from .operator import AbstractRandomOperator, Observations, padded_batches
+from .operator import AbstractRandomOperator, Observations, map_batches
 
 
 def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int):
@@ -140,16 +140,12 @@ class TabulatedOperator(AbstractRandomOperator):
         nodes = jnp.linspace(float(lower[0]), float(upper[0]), n_nodes)[:, None]
         center = base.fit_scale
 
-        parts = []
-        for count, sub in padded_batches(obs, batch_size):
-            parts.append(
-                [
-                    np.asarray(a)[:count]
-                    for a in _node_tables(base, nodes, sub.values, sub.nuisance, center)
-                ]
-            )
-            if progress is not None:
-                progress(count)
+        parts = map_batches(
+            lambda sub: _node_tables(base, nodes, sub.values, sub.nuisance, center),
+            obs,
+            batch_size,
+            progress=progress,
+        )
         gram, cross, ysq = (jnp.asarray(np.concatenate(c)) for c in zip(*parts))
         d = int(np.prod(jax.tree_util.tree_leaves(obs.values)[0].shape[1:]))
         return cls(
