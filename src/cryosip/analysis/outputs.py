@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -83,7 +84,7 @@ def write_reconstruction(
     result,
     cv_names,
     settings: dict,
-    summary_extra: dict | None = None,
+    summary_extra: dict | Callable[[], dict] | None = None,
     *,
     stack=None,
     model=None,
@@ -93,7 +94,9 @@ def write_reconstruction(
 
     ``stack``: the input ParticleStack (per-image tables keep its columns); ``model``: the
     conformation model (structures, maps, report viewer); ``posterior``: ``(mean, sd, responsibilities)``
-    per image, or None (e.g. streamed runs: no per-image outputs).
+    per image, or None (e.g. streamed runs: no per-image outputs). ``summary_extra``: more
+    summary entries, or a function that gives them, called once, after the other outputs and
+    before the report (the caller can compute them meanwhile, e.g. on another thread).
     """
     os.makedirs(out_dir, exist_ok=True)
     pos = np.asarray(result.positions)
@@ -185,7 +188,7 @@ def write_reconstruction(
         plots.plot_trajectories(
             os.path.join(out_dir, "trajectories.png"), result.trajectory, xlabel=cv_names[0]
         )
-    if summary_extra:
+    if isinstance(summary_extra, dict):
         summary.update(summary_extra)
     _atomic.write_json(os.path.join(out_dir, "summary.json"), summary)
     # everything below needs only what is on disk already; summary.json is rewritten at the end
@@ -207,6 +210,8 @@ def write_reconstruction(
             out_dir, problem, result, cv_names, settings, stack, model, files
         )
         summary.update(landscape["summary"])
+    if callable(summary_extra):
+        summary.update(summary_extra())
     files["report.html"] = "this page: interactive structures along the CV, plots, summary"
     present = {f: d for f, d in files.items() if os.path.exists(os.path.join(out_dir, f))}
     present["report.html"] = files["report.html"]

@@ -201,15 +201,14 @@ def _print_result(res, out: str) -> None:
     print(line)  # noqa: T201
 
 
-def _problem_summary(problem, res, out: str, seed: int) -> dict:
-    """What the calibration found and the fit check (summary.json, fit_check.png)."""
+def _problem_summary(problem, res, out: str, check) -> dict:
+    """What the calibration found and the fit check ``check`` (summary.json, fit_check.png)."""
     import pandas as pd
 
     from .. import _atomic
-    from ..pipeline.fitcheck import fit_check, plot_fit_check
+    from ..pipeline.fitcheck import plot_fit_check
 
     cal = problem.calibration
-    check = fit_check(problem, res, key=jax.random.fold_in(jax.random.key(seed), 99))
     os.makedirs(out, exist_ok=True)
     plot_fit_check(os.path.join(out, "fit_check.png"), check)
     _atomic.write_csv(os.path.join(out, "noise_spectrum.csv"), pd.DataFrame(cal.noise.to_table()))
@@ -327,19 +326,28 @@ def _calibration_options(args) -> dict:
 
 def _write_outputs(args, settings, stack, model, problem, res, extra: dict, posterior) -> int:
     """Write the run's outputs (cryosip.analysis.outputs), log and print the result."""
-    from ..analysis.outputs import write_reconstruction
+    from concurrent.futures import ThreadPoolExecutor
 
-    summary = write_reconstruction(
-        args.out,
-        problem,
-        res,
-        model.cv_names,
-        settings,
-        summary_extra={**extra, **_problem_summary(problem, res, args.out, args.seed)},
-        stack=stack,
-        model=model,
-        posterior=posterior,
-    )
+    from ..analysis.outputs import write_reconstruction
+    from ..pipeline.fitcheck import fit_check
+
+    key = jax.random.fold_in(jax.random.key(args.seed), 99)
+    with ThreadPoolExecutor(1) as pool:  # the fit check computes while the outputs are written
+        checking = pool.submit(fit_check, problem, res, key=key)
+        summary = write_reconstruction(
+            args.out,
+            problem,
+            res,
+            model.cv_names,
+            settings,
+            summary_extra=lambda: {
+                **extra,
+                **_problem_summary(problem, res, args.out, checking.result()),
+            },
+            stack=stack,
+            model=model,
+            posterior=posterior,
+        )
     logger.info(
         "done: %s%s in %.1f s (final objective %s)",
         res.label,
