@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="adk")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
+        "--batch-size", type=int, default=16, help="images per call (reconstruct's 1-D table: 16)"
+    )
+    ap.add_argument(
         "--workers", type=int, nargs="+", default=None, help="default: 1 and batch_workers()"
     )
     ap.add_argument("--out", default=str(HERE / "results" / "concurrent_batches.json"))
@@ -58,7 +61,7 @@ def main(argv=None) -> None:
     def build(workers: int):
         os.environ["CRYOSIP_BATCH_WORKERS"] = str(workers)
         t0 = time.perf_counter()
-        tab = TabulatedOperator.build(op, obs, 33, batch_size=64)
+        tab = TabulatedOperator.build(op, obs, 33, batch_size=a.batch_size)
         jax.block_until_ready(tab.gram)
         return time.perf_counter() - t0, np.asarray(tab.gram)
 
@@ -79,6 +82,7 @@ def main(argv=None) -> None:
         "data": str(a.data),
         "n_images": len(obs),
         "nodes": 33,
+        "batch_size": a.batch_size,
         "renders": renders,
         "default_workers": default,
         "load_average_1min_after": round(os.getloadavg()[0], 2),
