@@ -84,8 +84,8 @@ def batch_workers() -> int:
 
     JAX's CPU client runs concurrent calls of a compiled program in parallel, and the
     projector's loop over cache-sized chunks is single-threaded: on a 2-core machine two
-    batches at once took the 33-node table of 2,000 AdK images from 10.0 s to 6.2 s
-    (benchmarks/README.md, "Time to an answer"). ``CRYOSIP_BATCH_WORKERS`` overrides the rule.
+    batches at once took the 33-node table of 2,000 AdK images from 9.06 s to 5.63 s
+    (``benchmarks/concurrent_batches.py``). ``CRYOSIP_BATCH_WORKERS`` overrides the rule.
     """
     env = os.environ.get("CRYOSIP_BATCH_WORKERS")
     if env:
