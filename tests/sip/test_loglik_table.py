@@ -223,15 +223,19 @@ def test_map_batches_cover_every_row_once_in_order(decay):
     whether the batches run one at a time or on three threads."""
     _, obs, _ = decay
     for workers in (1, 3):
-        shapes, counts = set(), []
+        shapes, counts, padded = set(), [], []
 
         def fn(b):
             shapes.add(b.values.shape)
+            padded.append(np.asarray(b.index))  # the batch fn sees, before the cut
             return b.values, b.nuisance, b.index
 
         got = map_batches(fn, obs, 7, progress=counts.append, workers=workers)
         assert counts == [7] * 8 + [4]  # 60 rows: 8 batches of 7 and one of 4 real rows
         assert shapes == {(7,) + obs.values.shape[1:]}
+        last = [p for p in padded if p[0] == 56]  # the last batch: padded with the final row
+        assert len(last) == 1
+        np.testing.assert_array_equal(last[0], [56, 57, 58, 59, 59, 59, 59])
         np.testing.assert_array_equal(got[-1][2], [56, 57, 58, 59])
         values = np.concatenate([v for v, _, _ in got])
         np.testing.assert_array_equal(values, np.asarray(obs.values))

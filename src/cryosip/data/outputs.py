@@ -383,7 +383,8 @@ def ensemble_text(
     chains = ["A"] * n if chains is None else [str(c)[:4] or "A" for c in chains]
     st = gemmi.Structure()
     st.name = "cryosip_ensemble"
-    first = gemmi.Model(1) if _model_takes_int() else gemmi.Model("1")
+    takes_int = _model_takes_int()  # gemmi >= 0.7 numbers models, older versions name them
+    first = gemmi.Model(1) if takes_int else gemmi.Model("1")
     chain = None
     res = None
     for i in range(n):  # the hierarchy once; the other models are copies with their coordinates
@@ -406,9 +407,9 @@ def ensemble_text(
         res.add_atom(a)
     for m in range(k):
         model = first.clone()
-        if _model_takes_int():
+        if takes_int:
             model.num = m + 1
-        else:  # pragma: no cover - gemmi < 0.7 names models by strings
+        else:  # pragma: no cover - gemmi < 0.7
             model.name = str(m + 1)
         xyz = coords[m].tolist()
         atoms = (a for ch in model for r in ch for a in r)  # the order they were added in

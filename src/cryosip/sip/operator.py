@@ -99,6 +99,9 @@ def batch_workers() -> int:
     return max(1, min(8, cores))
 
 
+_END = object()
+
+
 def imap_ordered(fn: Callable, items, *, workers: int | None = None) -> Iterator:
     """``fn(item)`` for every item, yielded in order; the first alone (it compiles what ``fn``
     compiles), the others ``workers`` at a time on threads (default :func:`batch_workers`), at
@@ -119,8 +122,9 @@ def imap_ordered(fn: Callable, items, *, workers: int | None = None) -> Iterator
         pending = deque(pool.submit(fn, x) for x in itertools.islice(rest, workers))
         while pending:
             done = pending.popleft().result()
-            for x in itertools.islice(rest, 1):
-                pending.append(pool.submit(fn, x))
+            nxt = next(rest, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))
             yield done
 
 
