@@ -43,15 +43,21 @@ from .table import catmull_rom_sparse
 def _stencil(theta, lower: float, upper: float, n_nodes: int):
     """Catmull-Rom stencil whose ghost nodes beyond the ends are linear extrapolations
     (f_-1 = 2 f_0 - f_1): exact for linear functions up to the domain edge (a clamped stencil
-    halves the slope there), second order in the end intervals."""
+    halves the slope there), second order in the end intervals. JAX or NumPy in, the same out."""
+    xp = jnp if isinstance(theta, jax.Array) else np
     idx, w = catmull_rom_sparse(theta, lower, upper, n_nodes)
     first = idx[:, 1] == 0  # idx[:, 0] is the clamped ghost node -1 -> 0
     last = idx[:, 2] == n_nodes - 1  # idx[:, 3] is the ghost node G -> G-1
-    w0, w3 = w[:, 0], w[:, 3]
-    w = w.at[:, 0].set(jnp.where(first, 2 * w0, w0))
-    w = w.at[:, 2].add(jnp.where(first, -w0, 0.0))
-    w = w.at[:, 3].set(jnp.where(last, 2 * w3, w3))
-    w = w.at[:, 1].add(jnp.where(last, -w3, 0.0))
+    w0, w1, w2, w3 = (w[:, i] for i in range(4))
+    w = xp.stack(
+        [
+            xp.where(first, 2 * w0, w0),
+            w1 + xp.where(last, -w3, 0.0),
+            w2 + xp.where(first, -w0, 0.0),
+            xp.where(last, 2 * w3, w3),
+        ],
+        axis=-1,
+    )
     return idx, w
 
 
@@ -80,6 +86,16 @@ def interpolate_loglik(
         weight = (weight[:, :, None] * w[:, None, :]).reshape(theta.shape[0], -1)
     vals = table[:, flat]  # (B, P, 4^d)
     return jnp.einsum("bpf,pf->bp", vals, weight)
+
+
+def interpolation_matrix(points, lower: float, upper: float, n_nodes: int) -> np.ndarray:
+    """(len(points), n_nodes) float64: row i holds the weights :func:`interpolate_loglik` gives
+    the nodes of one CV at ``points[i]`` (the 1-D interpolant; the d-D one is their tensor
+    product, so a table is resampled on a product grid one axis at a time)."""
+    idx, w = _stencil(np.asarray(points, np.float64), lower, upper, n_nodes)
+    out = np.zeros((len(idx), n_nodes))
+    np.add.at(out, (np.arange(len(idx))[:, None], idx), w)
+    return out
 
 
 def product_nodes(lower, upper, shape: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,7 @@ section 3 has the derivation; ``docs/results.md`` the measured effect.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,8 @@ import numpy as np
 import scipy.special
 from jaxtyping import Array, Float
 
-from .loglik_table import LogLikTableOperator, interpolate_loglik, product_nodes
-from .operator import imap_ordered, reflect_into
+from .loglik_table import LogLikTableOperator, interpolation_matrix, product_nodes
+from .operator import reflect_into
 
 # relative bandwidths tried (fractions of each CV's range); 0 is "no smoothing"
 CANDIDATES = (0.0, 0.005, 0.01, 0.02, 0.03, 0.045, 0.065, 0.09, 0.13)
@@ -73,13 +74,18 @@ def refine(table: LogLikTableOperator, n_obs: int | None = None) -> LogLikTableO
     shape = tuple((g - 1) * max(1, (per_cv - 1) // (g - 1)) + 1 for g in table.shape)
     if shape == table.shape:
         return table
-    nodes = jnp.asarray(product_nodes(table.lower_bounds, table.upper_bounds, shape))
-    f = jax.jit(
-        lambda t: interpolate_loglik(t, nodes, table.lower_bounds, table.upper_bounds, table.shape)
-    )
-    rows = [np.asarray(f(table.table[s : s + 512])) for s in range(0, table.table.shape[0], 512)]
+    # the tensor-product interpolant, applied one CV at a time (the same values as
+    # interpolate_loglik at the fine nodes, in float64)
+    x = np.asarray(table.table, np.float64).reshape((-1,) + tuple(table.shape))
+    for a, (lo, hi, g, k) in enumerate(
+        zip(table.lower_bounds, table.upper_bounds, table.shape, shape)
+    ):
+        fine_axis = product_nodes([lo], [hi], (k,))[:, 0]
+        x = np.moveaxis(
+            np.tensordot(x, interpolation_matrix(fine_axis, lo, hi, g), ([a + 1], [1])), -1, a + 1
+        )
     return LogLikTableOperator(
-        np.concatenate(rows),
+        x.reshape(x.shape[0], -1),
         table.lower_bounds,
         table.upper_bounds,
         shape=shape,
@@ -122,33 +128,65 @@ def smooth(fine: LogLikTableOperator, relative: float) -> LogLikTableOperator:
     return fine.with_table(np.log(np.maximum(Eh, 1e-300)) + top)
 
 
-@jax.jit
-def _em(E: Float[Array, "n g"], c: Float[Array, "k n"], n_iter_dummy: Float[Array, " t"]):
-    """Weights (k, g) of k mixtures with fixed components, each maximising
-    sum_n c_kn log (E w_k)_n (EM); the k fits (the folds) share every pass over E."""
-    w0 = jnp.full((c.shape[0], E.shape[1]), 1.0 / E.shape[1], E.dtype)
-    total = jnp.sum(c, axis=1, keepdims=True)
+def _apply_kernels(x, kernels, shape, transpose: bool):
+    """``K @ x`` (``transpose``: ``K^T @ x``) for every candidate h: ``x`` (H, F, G) on the
+    product grid of ``shape``, ``kernels`` one (H, g, g) stack per CV (:func:`_kernels` of each
+    candidate), ``K_h`` their tensor product, so that the smoothed likelihood is ``E @ K_h``.
+    ``x`` may be a JAX or a NumPy array (the same einsum)."""
+    lib = jnp if isinstance(x, jax.Array) else np
+    h, f = x.shape[:2]
+    x = x.reshape((h, f) + tuple(shape))
+    for a, k in enumerate(kernels):
+        x = lib.moveaxis(x, a + 2, -1)
+        x = lib.einsum("hf...j,hji->hf...i" if transpose else "hf...j,hij->hf...i", x, k)
+        x = lib.moveaxis(x, -1, a + 2)
+    return x.reshape(h, f, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _em_smoothed(E: Float[Array, "n g"], kernels, c: Float[Array, "f n"], n_iter_dummy, shape):
+    """Weights (H, F, G): for every candidate h and fold f, the mixture with fixed components
+    maximising sum_n c_fn log (E K_h w)_n (EM). ``E K_h`` is never formed: the smoothed mixture
+    is ``E (K_h w)`` and the EM update ``K_h^T (E^T r)``, so every pass over E serves all
+    candidates and folds at once (the same iterates as EM on each smoothed table)."""
+    n_h, n_f, g = kernels[0].shape[0], c.shape[0], E.shape[1]
+    w0 = jnp.full((n_h, n_f, g), 1.0 / g, E.dtype)
+    total = jnp.sum(c, axis=1)[None, :, None]
 
     def step(w, _):
-        m = w @ E.T  # (k, n)
-        w = w * ((c / jnp.maximum(m, 1e-30)) @ E) / total
-        return w, None
+        v = _apply_kernels(w, kernels, shape, transpose=False).reshape(n_h * n_f, g)
+        m = (v @ E.T).reshape(n_h, n_f, -1)  # (H, F, N) the smoothed mixtures at every image
+        r = (c[None] / jnp.maximum(m, 1e-30)).reshape(n_h * n_f, -1) @ E
+        r = _apply_kernels(r.reshape(n_h, n_f, g), kernels, shape, transpose=True)
+        return w * r / total, None
 
     w, _ = jax.lax.scan(step, w0, n_iter_dummy)
     return w
 
 
-def heldout_loglik(Eh: np.ndarray, folds: np.ndarray, n_iter: int = 200) -> np.ndarray:
-    """Per image, the log-likelihood (up to each row's constant) under the mixture fitted by EM
-    to the images of the other folds: ``Eh`` (N, G) the smoothed likelihood of every image on the
-    fine grid, ``folds`` (N,) each image's fold. Every fold's EM runs in one compiled call."""
-    Eh = np.asarray(Eh, np.float32)
+def heldout_loglik(
+    E: np.ndarray, shape, candidates, folds: np.ndarray, n_iter: int = 200
+) -> np.ndarray:
+    """(H,) for every candidate bandwidth, the held-out log-likelihood summed over images (up to
+    each row's constant): each image scored under the smoothed mixture fitted by EM to the
+    images of the other folds. ``E`` (N, G) the likelihood of every image on the fine product
+    grid of ``shape`` (each row scaled by its maximum), ``folds`` (N,) each image's fold. Every
+    candidate's and fold's EM runs in one compiled call; the scores in float64."""
     n_folds = int(folds.max()) + 1
-    train = jnp.asarray((folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32))
-    ws = np.asarray(_em(jnp.asarray(Eh), train, jnp.zeros(n_iter)), np.float64)
-    held = np.empty(len(Eh))
-    for k, w in enumerate(ws):
-        held[folds == k] = np.log(np.maximum(Eh[folds == k].astype(np.float64) @ w, 1e-300))
+    kernels = [np.stack(k) for k in zip(*(_kernels(shape, h) for h in candidates))]
+    train = (folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32)
+    ws = _em_smoothed(
+        jnp.asarray(E, jnp.float32),
+        tuple(jnp.asarray(k, jnp.float32) for k in kernels),
+        jnp.asarray(train),
+        jnp.zeros(n_iter),
+        tuple(int(g) for g in shape),
+    )
+    mix = _apply_kernels(np.asarray(ws, np.float64), kernels, shape, transpose=False)  # K_h w
+    held = np.zeros(len(candidates))
+    for k in range(n_folds):
+        rows = folds == k
+        held += np.log(np.maximum(E[rows] @ mix[:, k, :].T, 1e-300)).sum(0)
     return held
 
 
@@ -172,12 +210,7 @@ def choose_bandwidth(
     spacing = min(1.0 / (g - 1) for g in fine.shape)
     # h < half the fine spacing: the fine grid cannot represent it, the same as no smoothing
     tried = [float(h) for h in candidates if not 0 < h < 0.5 * spacing]
-    scores = list(
-        imap_ordered(  # the candidates' cross-validations are independent: on threads
-            lambda h: float(heldout_loglik(_smooth_exp(E, fine.shape, h), folds, n_iter).sum()),
-            tried,
-        )
-    )
+    scores = [float(v) for v in heldout_loglik(E, fine.shape, tried, folds, n_iter)]
     best = tried[int(np.argmax(scores))]  # the best held-out total (module docstring)
     lo, hi = np.asarray(fine.lower_bounds), np.asarray(fine.upper_bounds)
     choice = Bandwidth(

@@ -28,13 +28,17 @@ from .operator import AbstractRandomOperator, Observations, map_batches
 
 
 def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int):
-    """Catmull-Rom interpolation on uniform nodes (C^1, local, exact at nodes): (node indices (n, 4), weights (n, 4))."""
+    """Catmull-Rom interpolation on uniform nodes (C^1, local, exact at nodes): (node indices (n, 4), weights (n, 4)).
+
+    ``theta`` a JAX array (traced or not) or a NumPy array (then NumPy arrays come back, with no
+    compilation: e.g. interpolation matrices)."""
+    xp = jnp if isinstance(theta, jax.Array) else np
     h = (upper - lower) / (n_nodes - 1)
-    x = jnp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
-    k = jnp.clip(jnp.floor(x), 0, n_nodes - 2).astype(jnp.int32)
+    x = xp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
+    k = xp.clip(xp.floor(x), 0, n_nodes - 2).astype(xp.int32)
     t = x - k.astype(x.dtype)
     t2, t3 = t * t, t * t * t
-    w = jnp.stack(
+    w = xp.stack(
         [
             0.5 * (-t + 2 * t2 - t3),
             0.5 * (2 - 5 * t2 + 3 * t3),
@@ -43,7 +47,7 @@ def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_
         ],
         axis=-1,
     )  # (n, 4)
-    idx = jnp.clip(k[:, None] + jnp.arange(-1, 3, dtype=k.dtype), 0, n_nodes - 1)  # clamped ends
+    idx = xp.clip(k[:, None] + xp.arange(-1, 3, dtype=k.dtype), 0, n_nodes - 1)  # clamped ends
     return idx, w
 
 
