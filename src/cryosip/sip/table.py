@@ -27,12 +27,12 @@ from .noise import GaussianNoise, paired_profiled_sq_distances, profiled_scale
 from .operator import AbstractRandomOperator, Observations, map_batches
 
 
-def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int):
+def catmull_rom_sparse(
+    theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int, xp=jnp
+):  # fmt: skip
     """Catmull-Rom interpolation on uniform nodes (C^1, local, exact at nodes): (node indices (n, 4), weights (n, 4)).
 
-    ``theta`` a JAX array (traced or not) or a NumPy array (then NumPy arrays come back, with no
-    compilation: e.g. interpolation matrices)."""
-    xp = jnp if isinstance(theta, jax.Array) else np
+    ``xp=np`` computes in NumPy (no compilation, float64: e.g. interpolation matrices)."""
     h = (upper - lower) / (n_nodes - 1)
     x = xp.clip((theta - lower) / h, 0.0, n_nodes - 1.0)
     k = xp.clip(xp.floor(x), 0, n_nodes - 2).astype(xp.int32)
