@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -228,11 +229,13 @@ def conformations(model, thetas) -> np.ndarray:
     th = np.asarray(thetas, np.float32)
     if th.ndim == 1:
         th = th[:, None]
-    return np.asarray(_batched_model(model, th), np.float64)
+    return np.asarray(_batched_model()(model, th), np.float64)
 
 
-def _batched_model(model, thetas):
+@functools.cache
+def _batched_model():
+    """``(model, thetas) -> coordinates``, compiled (JAX imported on first use)."""
     import equinox as eqx
     import jax
 
-    return eqx.filter_jit(lambda m, t: jax.vmap(m)(t))(model, thetas)
+    return eqx.filter_jit(lambda m, t: jax.vmap(m)(t))

@@ -27,9 +27,7 @@ from .noise import GaussianNoise, paired_profiled_sq_distances, profiled_scale
 from .operator import AbstractRandomOperator, Observations, map_batches
 
 
-def catmull_rom_sparse(
-    theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int, xp=jnp
-):  # fmt: skip
+def catmull_rom_sparse(theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int, xp=jnp):
     """Catmull-Rom interpolation on uniform nodes (C^1, local, exact at nodes): (node indices (n, 4), weights (n, 4)).
 
     ``xp=np`` computes in NumPy (no compilation, float64: e.g. interpolation matrices)."""
