@@ -26,7 +26,11 @@ Methods, each through the ordinary pipeline (``prepare`` then ``run_method``):
   depends on the shape of the compiled call, so it is measured twice: on the flow's default
   grid, giving k0, then on k0's grid, giving k. The grid's compilation is not in the rule (a
   single first call is too noisy a measure of it on a shared machine, and with JAX's
-  compilation cache warm it is near zero) but is in the grid's measured time. The grid's measured time (tabulation + EM) is
+  compilation cache warm it is near zero) but is in the grid's measured time. Then the grid is
+  held to its budget by its own measured time (:func:`hold_to_budget`, since 2026-12-06): the
+  full tabulation's cost per entry gives the rule's k again; a grid that overran is replaced by
+  that smaller one, and a larger one is tabulated and kept if it ran within the flow's time
+  (``grid_rule_per_cv`` is the k before this step). The grid's measured time (tabulation + EM) is
   recorded (``seconds``; ``grid_time_ratio`` = grid / flow), so the rule can be checked.
 - ``per-image``: the histogram of per-image MAP CVs on the flow's (refined) table.
 - ``wgf-mmd`` (``--no-mmd`` skips it): the flow of the nuisance-paired Gaussian-kernel score
@@ -287,6 +291,25 @@ def tabulation_cost(problem, per_cv: int, min_entries: int = 20_000) -> tuple[fl
     return steady / (bs * G), max(0.0, float(steps[0]) - steady)
 
 
+def hold_to_budget(problem, k: int, table, seconds: float, budget: float, max_entries: int):
+    """The grid re-sized from its own measured time: the rule's k comes from a cost measured on
+    a few batches, which a load spike on a shared machine can move by 20-40 %, and one node per
+    CV is a factor ((k + 1) / k)^d in time. The full tabulation's cost per entry gives k' (the
+    same rule); a grid that overran the budget is replaced by k' (up to three corrections), and a
+    larger k' is tabulated and kept only if it ran within the budget. Returns (k, table,
+    seconds)."""
+    n, d = len(problem.observations), int(np.size(problem.lower))
+    for _ in range(3):
+        k_new = grid_nodes_per_cv(d, n, budget, seconds / (n * k**d), max_entries)
+        if k_new == k:
+            break
+        table_new, seconds_new = _table(problem, k_new)
+        if k_new > k and seconds_new > budget:  # the larger grid overran: keep the one that fit
+            break
+        k, table, seconds = k_new, table_new, seconds_new
+    return k, table, seconds
+
+
 def _table(problem, per_cv: int):
     """The exact log-likelihood of every image on the product grid, and its wall time."""
     t0 = time.perf_counter()
@@ -343,10 +366,14 @@ def run_case(case: str, seed: int, s: Settings, est_dir: Path) -> list[dict]:
     )
     cost = tabulation_cost(problem, k0)
     k = grid_nodes_per_cv(d, s.n_images, t_flow, cost[0], s.max_grid_entries)
+    k_rule = k
     if d > 1 and tuple(problem.table.shape) == (k,) * d:
         table, t_grid_tab = problem.table, t_prep
     else:
         table, t_grid_tab = _table(problem, k)
+        k, table, t_grid_tab = hold_to_budget(
+            problem, k, table, t_grid_tab, t_flow, s.max_grid_entries
+        )
     t0 = time.perf_counter()
     w_grid, _ = dto.em_weights(np.asarray(table.table))
     t_grid = t_grid_tab + time.perf_counter() - t0
@@ -378,6 +405,7 @@ def run_case(case: str, seed: int, s: Settings, est_dir: Path) -> list[dict]:
             row.update(
                 grid_per_cv=k,
                 grid_pilot_per_cv=k0,
+                grid_rule_per_cv=k_rule,
                 grid_nodes=k**d,
                 grid_time_ratio=t_grid / t_flow,
             )
