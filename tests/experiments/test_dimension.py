@@ -100,11 +100,10 @@ def test_cli_tiny_run_numbers(tmp_path):
         g = rows.loc["em-grid"]
         k = study.grid_nodes_per_cv(d, 120, g["flow_seconds"], g["seconds_per_entry"], 5e7)
         assert g["grid_rule_per_cv"] == k >= 4
-        # then held to its budget by its own measured time (hold_to_budget): a larger grid is
-        # kept only if it ran within the flow's time (EM adds a little)
+        # then held to its budget by its own measured time (hold_to_budget, tested above; its
+        # steady-state times are not recorded, the grid's whole time with compilation is)
         kg = int(g["grid_per_cv"])
-        assert g["grid_nodes"] == kg**d and g["n_support"] <= kg**d
-        assert kg <= k or g["grid_time_ratio"] <= 1.05
+        assert kg >= 4 and g["grid_nodes"] == kg**d and g["n_support"] <= kg**d
 
         def cost(k):
             return 120 * k**d * g["seconds_per_entry"]
@@ -126,17 +125,17 @@ def test_hold_to_budget_steps_down_an_overrun_and_up_to_what_fits(monkeypatch):
         observations = range(100)
         lower = np.zeros(2)
 
-    def table(cost):
-        return lambda problem, k: (f"t{k}", 100 * k**2 * cost)
+    def table(cost):  # steady seconds, and 0.5 s more with the compilation
+        return lambda problem, k: (f"t{k}", 100 * k**2 * cost, 100 * k**2 * cost + 0.5)
 
     monkeypatch.setattr(study, "_table", table(1e-3))
-    k, t, sec = study.hold_to_budget(Problem(), 12, "t12", 14.4, 10.5, 10**9)  # overran
-    assert (k, t) == (10, "t10") and abs(sec - 10.0) < 1e-9
-    k, t, _ = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)  # undersized
+    k, t, sec, total = study.hold_to_budget(Problem(), 12, "t12", 14.4, 10.5, 10**9)  # overran
+    assert (k, t) == (10, "t10") and abs(sec - 10.0) < 1e-9 and abs(total - 10.5) < 1e-9
+    k, t, _, _ = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)  # undersized
     assert (k, t) == (10, "t10")
-    k, t, _ = study.hold_to_budget(Problem(), 10, "t10", 10.0, 10.5, 10**9)  # right
-    assert (k, t) == (10, "t10")
+    k, t, _, total = study.hold_to_budget(Problem(), 10, "t10", 10.0, 10.5, 10**9)  # right
+    assert (k, t, total) == (10, "t10", None)
     # the larger grid is run, but when it overruns the one that fit is kept
     monkeypatch.setattr(study, "_table", table(1.5e-3))
-    k, t, sec = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)
-    assert (k, t, sec) == (8, "t8", 6.4)
+    k, t, sec, total = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)
+    assert (k, t, sec, total) == (8, "t8", 6.4, None)
