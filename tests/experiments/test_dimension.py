@@ -125,17 +125,17 @@ def test_hold_to_budget_steps_down_an_overrun_and_up_to_what_fits(monkeypatch):
         observations = range(100)
         lower = np.zeros(2)
 
-    def table(cost):  # steady seconds, and 0.5 s more with the compilation
+    def table(cost):  # (table, steady seconds, seconds with 0.5 s of compilation)
         return lambda problem, k: (f"t{k}", 100 * k**2 * cost, 100 * k**2 * cost + 0.5)
 
     monkeypatch.setattr(study, "_table", table(1e-3))
-    k, t, sec, total = study.hold_to_budget(Problem(), 12, "t12", 14.4, 10.5, 10**9)  # overran
+    k, (t, sec, total) = study.hold_to_budget(Problem(), 12, ("t12", 14.4, 14.9), 10.5, 10**9)
     assert (k, t) == (10, "t10") and abs(sec - 10.0) < 1e-9 and abs(total - 10.5) < 1e-9
-    k, t, _, _ = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)  # undersized
-    assert (k, t) == (10, "t10")
-    k, t, _, total = study.hold_to_budget(Problem(), 10, "t10", 10.0, 10.5, 10**9)  # right
-    assert (k, t, total) == (10, "t10", None)
+    k, (t, _, _) = study.hold_to_budget(Problem(), 8, ("t8", 6.4, 6.9), 10.5, 10**9)
+    assert (k, t) == (10, "t10")  # undersized: stepped up
+    right = ("t10", 10.0, 10.5)
+    assert study.hold_to_budget(Problem(), 10, right, 10.5, 10**9) == (10, right)
     # the larger grid is run, but when it overruns the one that fit is kept
     monkeypatch.setattr(study, "_table", table(1.5e-3))
-    k, t, sec, total = study.hold_to_budget(Problem(), 8, "t8", 6.4, 10.5, 10**9)
-    assert (k, t, sec, total) == (8, "t8", 6.4, None)
+    small = ("t8", 6.4, 6.9)
+    assert study.hold_to_budget(Problem(), 8, small, 10.5, 10**9) == (8, small)

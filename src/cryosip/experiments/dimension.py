@@ -274,6 +274,27 @@ def grid_nodes_per_cv(d: int, n_images: int, budget_seconds, per_entry, max_entr
     return max(4, k)
 
 
+def _timed_build(problem, per_cv: int, n: int | None = None):
+    """The exact log-likelihood table of the first ``n`` images (default: all) on the product
+    grid, the wall time of each compiled call and the whole wall time, ``(table, (calls,)
+    seconds, seconds)``."""
+    d = int(np.size(problem.lower))
+    obs = problem.observations if n is None else problem.observations.take(jnp.arange(n))
+    stamps = [time.perf_counter()]
+    table = LogLikTableOperator.build(
+        problem.operator, obs, per_cv, batch_size=loglik_table_batch(per_cv, d),
+        progress=lambda _: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    jax.block_until_ready(table.table)
+    return table, np.diff(stamps), time.perf_counter() - stamps[0]
+
+
+def _steady(steps) -> tuple[float, float]:
+    """(median seconds of a call after the first, the first call's extra: its compilation)."""
+    steady = float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0])
+    return steady, max(0.0, float(steps[0]) - steady)
+
+
 def tabulation_cost(problem, per_cv: int, min_entries: int = 20_000) -> tuple[float, float]:
     """Seconds per (image, node) of the exact log-likelihood table in steady state, and the
     first call's extra time (compilation), measured on the first images (at least 4 calls and
@@ -281,54 +302,37 @@ def tabulation_cost(problem, per_cv: int, min_entries: int = 20_000) -> tuple[fl
     d = int(np.size(problem.lower))
     G, bs = per_cv**d, loglik_table_batch(per_cv, d)
     n_calls = max(4, int(np.ceil(min_entries / (bs * G))) + 1)
-    n = min(len(problem.observations), n_calls * bs)
-    stamps = [time.perf_counter()]
-    LogLikTableOperator.build(
-        problem.operator, problem.observations.take(jnp.arange(n)), per_cv, batch_size=bs,
-        progress=lambda _: stamps.append(time.perf_counter()),
-    )  # fmt: skip
-    steps = np.diff(stamps)
-    steady = float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0])
-    return steady / (bs * G), max(0.0, float(steps[0]) - steady)
+    steady, extra = _steady(
+        _timed_build(problem, per_cv, min(len(problem.observations), n_calls * bs))[1]
+    )
+    return steady / (bs * G), extra
 
 
-def hold_to_budget(problem, k: int, table, seconds: float, budget: float, max_entries: int):
+def hold_to_budget(problem, k: int, timed, budget: float, max_entries: int):
     """The grid re-sized from its own measured time: the rule's k comes from a cost measured on
     a few batches, which a load spike on a shared machine can move by 20-40 %, and one node per
-    CV is a factor ((k + 1) / k)^d in time. ``seconds`` is the grid's steady-state tabulation
-    time (compilation left out, as in the rule: :func:`_table`); its cost per entry gives k'
-    (the same rule). A grid that overran the budget is replaced by k' (up to three corrections),
-    and a larger k' is tabulated and kept only if it ran within the budget. Returns (k, table,
-    steady seconds, seconds with compilation) of the grid kept."""
+    CV is a factor ((k + 1) / k)^d in time. ``timed`` is the grid's :func:`_table`; its
+    steady-state time (compilation left out, as in the rule) per entry gives k' (the same rule).
+    A grid that overran the budget is replaced by k' (up to three corrections), and a larger k'
+    is tabulated and kept only if it ran within the budget. Returns (k, :func:`_table` of the
+    grid kept)."""
     n, d = len(problem.observations), int(np.size(problem.lower))
-    total = None
     for _ in range(3):
-        k_new = grid_nodes_per_cv(d, n, budget, seconds / (n * k**d), max_entries)
+        k_new = grid_nodes_per_cv(d, n, budget, timed[1] / (n * k**d), max_entries)
         if k_new == k:
             break
-        table_new, seconds_new, total_new = _table(problem, k_new)
-        if k_new > k and seconds_new > budget:  # the larger grid overran: keep the one that fit
+        new = _table(problem, k_new)
+        if k_new > k and new[1] > budget:  # the larger grid overran: keep the one that fit
             break
-        k, table, seconds, total = k_new, table_new, seconds_new, total_new
-    return k, table, seconds, total
+        k, timed = k_new, new
+    return k, timed
 
 
 def _table(problem, per_cv: int):
     """The exact log-likelihood of every image on the product grid, its steady-state wall time
-    (the first call's compilation left out: that call counted at the median call's time) and
-    its whole wall time."""
-    t0 = time.perf_counter()
-    d = int(np.size(problem.lower))
-    stamps = [t0]
-    table = LogLikTableOperator.build(
-        problem.operator, problem.observations, per_cv, batch_size=loglik_table_batch(per_cv, d),
-        progress=lambda _: stamps.append(time.perf_counter()),
-    )  # fmt: skip
-    jax.block_until_ready(table.table)
-    total = time.perf_counter() - t0
-    steps = np.diff(stamps)
-    extra = max(0.0, float(steps[0] - np.median(steps[1:]))) if len(steps) > 1 else 0.0
-    return table, total - extra, total
+    (the first call's compilation left out) and its whole wall time."""
+    table, steps, total = _timed_build(problem, per_cv)
+    return table, total - _steady(steps)[1], total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,9 +384,9 @@ def run_case(case: str, seed: int, s: Settings, est_dir: Path) -> list[dict]:
     if d > 1 and tuple(problem.table.shape) == (k,) * d:
         table, t_grid_tab = problem.table, t_prep
     else:
-        table, steady, t_grid_tab = _table(problem, k)
-        k, table, _, total = hold_to_budget(problem, k, table, steady, t_flow, s.max_grid_entries)
-        t_grid_tab = t_grid_tab if total is None else total
+        k, (table, _, t_grid_tab) = hold_to_budget(
+            problem, k, _table(problem, k), t_flow, s.max_grid_entries
+        )
     t0 = time.perf_counter()
     w_grid, _ = dto.em_weights(np.asarray(table.table))
     t_grid = t_grid_tab + time.perf_counter() - t0

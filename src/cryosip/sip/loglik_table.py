@@ -355,9 +355,10 @@ def probe_interpolation(
         stride = (_LINE - 1) // (k - 1)
         off = np.ones(_LINE, bool)
         off[::stride] = False
+        weights = interpolation_matrix(u, 0.0, 1.0, k).T  # (k, _LINE), the same for every CV
         for a in range(d):
             line = L[a].reshape(-1, _LINE)
-            err = line[:, ::stride] @ interpolation_matrix(u, 0.0, 1.0, k).T - line
+            err = line[:, ::stride] @ weights - line
             out[a, j] = float(np.sqrt(np.mean(err[:, off] ** 2)))
     return out
 
