@@ -94,3 +94,23 @@ def test_posteriors_do_not_depend_on_the_chunking(problem_and_truth):
     assert whole.shape == (300, 1088)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
     np.testing.assert_allclose(whole.sum(1), 1.0, rtol=1e-5)
+
+
+def test_fit_check_does_not_depend_on_the_chunking(problem_and_truth, monkeypatch):
+    """The check renders and reduces its images CHUNK at a time (the last chunk padded, chunks
+    on threads): the statistics and curves are those of one pass over all 300 images."""
+    import cryosip.pipeline.fitcheck as fc
+
+    problem, s = problem_and_truth
+    res = _rho_h(s, float(problem.lower[0]), float(problem.upper[0]))
+    monkeypatch.setattr(fc, "CHUNK", 512)
+    whole = fit_check(problem, res, key=jax.random.key(0))
+    monkeypatch.setattr(fc, "CHUNK", 64)  # 300 = 4 x 64 + 44
+    chunked = fit_check(problem, res, key=jax.random.key(0))
+    assert whole.curves["chi2"].shape == (300,)
+    for name in ("chi2", "chi2_predicted", "scale", "scale_predicted"):
+        np.testing.assert_allclose(chunked.curves[name], whole.curves[name], rtol=1e-5, atol=0)
+    for name in ("residual_spectrum", "residual_spectrum_predicted"):
+        np.testing.assert_allclose(chunked.curves[name], whole.curves[name], rtol=1e-9)
+    for name in ("chi2_per_mode", "chi2_per_mode_predicted", "scale_sd", "scale_sd_predicted"):
+        np.testing.assert_allclose(chunked.statistics[name], whole.statistics[name], rtol=1e-6)

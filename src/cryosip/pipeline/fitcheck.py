@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..cryoem.noise import n_shells, radial_average, rfft_mode_counts, shell_index
-from ..sip.operator import take_rows
+from ..sip.operator import imap_ordered, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ CHI2_TOLERANCE = 0.005  # residual power per mode 0.5% above the predicted
 # resample of the measure on the direct path (one rendering per image and point)
 MAX_POINTS_TABLE = 8192
 MAX_POINTS_DIRECT = 256
+CHUNK = 128  # images rendered and reduced at once
 
 
 @dataclasses.dataclass
@@ -93,7 +93,8 @@ def _replicate_draws(key, w, shape):
 
 
 def _stats(y, m, keep, fit_scale: bool):
-    """Per-image free scale/offset, chi2 per mode and residual power spectra (in the band)."""
+    """Per-image free scale/offset and chi2 per mode, and the residual power per rfft2 mode
+    summed over the images (in the band)."""
     n, D = y.shape[0], y.shape[-1]
     yf, mf = y.reshape(n, -1), m.reshape(n, -1)
     yc, mc = yf - yf.mean(1, keepdims=True), mf - mf.mean(1, keepdims=True)
@@ -107,7 +108,7 @@ def _stats(y, m, keep, fit_scale: bool):
     w = rfft_mode_counts(D) * keep
     pw = np.abs(R) ** 2 / D**2
     chi2 = (pw * w).sum(axis=(1, 2)) / max(w.sum(), 1.0)
-    return a, b, chi2, radial_average(pw.mean(0), D)
+    return a, b, chi2, pw.sum(0)
 
 
 def _support(w: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,25 +153,40 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     keep = np.asarray(np.asarray(cal.noise.whitening())[0] > 0, np.float64)  # likelihood's band
     fit_scale = bool(op.fit_scale)
 
-    y = np.asarray(obs.values, np.float64)
-    # posterior-predictive replicate: same nuisances, conformations from the recovered law;
-    # its images render on a second thread while the data's are rendered and fitted
-    draw, noise = _replicate_draws(key, w.astype(np.float32), y.shape)
-    draw = np.asarray(draw)
-    with ThreadPoolExecutor(1) as pool:
-        rendering = pool.submit(lambda: np.asarray(_means(op, pos[draw], obs.nuisance), np.float64))
-        m = np.asarray(_means(op, pos[best], obs.nuisance), np.float64)
-        a, b, chi2, spec = _stats(y, m, keep, fit_scale)
-        noise = np.asarray(noise, np.float64)
-        noise = np.fft.irfft2(np.fft.rfft2(noise) * keep, s=(D, D))
-        m_rep = rendering.result()
-    if fit_scale:
-        y_rep = np.maximum(a, 0.0)[:, None, None] * m_rep + b[:, None, None] + noise
-    else:
-        y_rep = m_rep + noise
-    a_r, b_r, chi2_r, spec_r = _stats(y_rep, m_rep, keep, fit_scale)
-
+    # posterior-predictive replicate: same nuisances, conformations from the recovered law.
+    # Both sets of images are rendered and reduced CHUNK images at a time, chunks on two threads
+    # (:func:`~cryosip.sip.operator.imap_ordered`): memory stays at a few chunks, not 1,024
+    # images x 8 arrays (a whole-set pass allocated ~400 MB, and fresh memory is not free)
+    draw, noise = _replicate_draws(key, w.astype(np.float32), tuple(obs.values.shape))
+    draw, noise = np.asarray(draw), np.asarray(noise)
     n = len(idx)
+
+    def chunk(s: int):
+        rows = np.minimum(np.arange(s, s + CHUNK), n - 1).astype(np.int32)
+        part = take_rows(obs, rows)
+        m = np.asarray(_means(op, pos[best[rows]], part.nuisance), np.float64)
+        m_rep = np.asarray(_means(op, pos[draw[rows]], part.nuisance), np.float64)
+        c = min(CHUNK, n - s)
+        y = np.asarray(part.values, np.float64)[:c]
+        m, m_rep = m[:c], m_rep[:c]
+        data = _stats(y, m, keep, fit_scale)
+        e = np.fft.irfft2(np.fft.rfft2(noise[s : s + c].astype(np.float64)) * keep, s=(D, D))
+        if fit_scale:
+            y_rep = np.maximum(data[0], 0.0)[:, None, None] * m_rep + data[1][:, None, None] + e
+        else:
+            y_rep = m_rep + e
+        sig = (np.abs(np.fft.rfft2(m)) ** 2).sum(0)
+        return data, _stats(y_rep, m_rep, keep, fit_scale), sig
+
+    parts = list(imap_ordered(chunk, range(0, n, CHUNK)))
+
+    def pooled(j: int):  # scales and chi2 per image, residual power averaged over the images
+        a_, _, chi2_, pw_sum = zip(*(p[j] for p in parts))
+        return np.concatenate(a_), np.concatenate(chi2_), radial_average(sum(pw_sum) / n, D)
+
+    (a, chi2, spec), (a_r, chi2_r, spec_r) = pooled(0), pooled(1)
+    sig = radial_average(sum(p[2] for p in parts) / n / D**2, D)
+
     se = lambda v: np.sqrt(np.var(v) / n)  # noqa: E731
     stats = {"n_images": int(n), "fit_scale": fit_scale}
     warnings = []
@@ -223,7 +239,6 @@ def fit_check(problem, result, *, key, n_images: int = 1024) -> FitCheck:
     # sampling error of a shell's mean power, for the data and for the noise model's own
     # estimate (from as many pilot images): twice the variance of one
     se_shell = np.where(valid, np.sqrt(4.0 / np.maximum(n * counts, 1.0)), np.nan)
-    sig = radial_average((np.abs(np.fft.rfft2(m)) ** 2).mean(0) / D**2, D)
     signal_shells = valid & (sig > 0.05 * np.nanmax(np.where(valid, sig, np.nan)))
     dev = np.where(valid, (ratio - 1.0) / se_shell, 0.0)
     bad = valid & (np.abs(dev) > Z_LIMIT) & (np.abs(ratio - 1.0) > SHELL_TOLERANCE)
