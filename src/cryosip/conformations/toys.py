@@ -65,24 +65,35 @@ class _BoxToy(AbstractConformationModel):
         return jnp.asarray(self.domain_upper, jnp.float32)
 
 
-def _blobs(n: int, domain, sigma_in_angstroms: float, amplitude: float):
-    """n equal Gaussian blobs and the checked 1-D domain (lower,), (upper,) of a blob toy."""
-    lo, hi = map(float, domain)
-    if not 0 <= lo < hi:
-        raise ValueError(f"domain must satisfy 0 <= lower < upper, got {domain}")
-    return AtomParameters.single_gaussian(n, amplitude, sigma_in_angstroms), (lo,), (hi,)
+class _BlobToy(_BoxToy):
+    """``n_blobs`` equal Gaussian blobs (sigma ``blob_sigma_in_angstroms``, by default the
+    class's ``default_sigma_in_angstroms``) whose one CV, a length, lies in ``domain``."""
+
+    n_blobs = 0
+    default_sigma_in_angstroms = 0.0
+
+    def __init__(
+        self,
+        domain=(10.0, 40.0),
+        blob_sigma_in_angstroms: float | None = None,
+        amplitude: float = 1.0,
+    ):
+        lo, hi = map(float, domain)
+        if not 0 <= lo < hi:
+            raise ValueError(f"domain must satisfy 0 <= lower < upper, got {domain}")
+        sigma = blob_sigma_in_angstroms
+        if sigma is None:
+            sigma = self.default_sigma_in_angstroms
+        self.atoms = AtomParameters.single_gaussian(self.n_blobs, amplitude, sigma)
+        self.domain_lower, self.domain_upper = (lo,), (hi,)
 
 
-class Dumbbell(_BoxToy):
+class Dumbbell(_BlobToy):
     """Two equal blobs on the x axis; CV = their separation in Angstrom."""
 
     cv_names = ("separation",)
-
-    def __init__(
-        self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 4.0, amplitude: float = 1.0
-    ):
-        blobs = _blobs(2, domain, blob_sigma_in_angstroms, amplitude)
-        self.atoms, self.domain_lower, self.domain_upper = blobs
+    n_blobs = 2
+    default_sigma_in_angstroms = 4.0
 
     def coordinates(self, theta):
         half = 0.5 * theta[0]
@@ -144,16 +155,12 @@ class Hinge(_BoxToy):
         return _angle_in_degrees(coords[n] - coords[0], coords[2 * n] - coords[0])[None]
 
 
-class Square(_BoxToy):
+class Square(_BlobToy):
     """Four blobs at the corners of a square; CV = the side length in Angstrom."""
 
     cv_names = ("side",)
-
-    def __init__(
-        self, domain=(10.0, 40.0), blob_sigma_in_angstroms: float = 3.0, amplitude: float = 1.0
-    ):
-        blobs = _blobs(4, domain, blob_sigma_in_angstroms, amplitude)
-        self.atoms, self.domain_lower, self.domain_upper = blobs
+    n_blobs = 4
+    default_sigma_in_angstroms = 3.0
 
     def coordinates(self, theta):
         corners = jnp.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]], jnp.float32)
