@@ -64,13 +64,5 @@ def populations(x, edges, w=None) -> np.ndarray:
     return h / max(h.sum(), 1e-300)
 
 
-def population_scores(p, q, eps: float = 1e-6) -> dict[str, float]:
-    """Challenge-style scores between population vectors over the same ordered bins: EMD (bin units) and KL(q||p)."""
-    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
-    emd = float(np.sum(np.abs(np.cumsum(p - q))))
-    kl = float(np.sum(q * np.log((q + eps) / (p + eps))))
-    return {"emd_bins": emd, "kl": kl}
-
-
 def all_metrics(x, truth, wx=None) -> dict[str, float]:
     return {"w1": w1(x, truth, wx), "w2": w2(x, truth, wx), "energy": energy_distance(x, truth, wx)}

@@ -134,13 +134,6 @@ class ImageModel(eqx.Module):
             box_size, pixel_size, max_variance_in_angstroms2=float(jnp.max(atoms.variances)), **kw
         )
 
-    def with_filter(self, fourier_filter) -> ImageModel:
-        """The same model with another ``fourier_filter`` (``None``: none)."""
-        f = None if fourier_filter is None else jnp.asarray(fourier_filter, jnp.float32)
-        if f is not None and f.ndim == 2:
-            f = f[None]
-        return eqx.tree_at(lambda m: m.fourier_filter, self, f, is_leaf=lambda x: x is None)
-
     def _pixel_correction(self) -> np.ndarray | None:
         """(D, D//2+1) multiplier for a cropped grid: undo the anti-alias blur and the coarse
         pixel's box filter, apply the native pixel's (see the class docstring)."""

@@ -17,10 +17,6 @@ from .errors import CryosipInputError
 from .mrc import AbstractImages, MissingImages
 
 
-def nuisance_to_numpy(nu: CryoNuisance) -> CryoNuisance:
-    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), nu)
-
-
 def shared_once(a):
     """``a`` as a read-only broadcast view of its first row when every row is the same (the
     value held once, whatever the number of rows); anything else unchanged."""

@@ -77,15 +77,6 @@ def natural_spline_sparse(theta: Float[Array, " n"], lower: float, upper: float,
     return idx, w
 
 
-def catmull_rom_basis(
-    theta: Float[Array, " n"], lower: float, upper: float, n_nodes: int
-) -> Float[Array, "n n_nodes"]:
-    """Dense Catmull-Rom weights (n, n_nodes) of each theta."""
-    idx, w = catmull_rom_sparse(theta, lower, upper, n_nodes)
-    onehot = jax.nn.one_hot(idx, n_nodes, dtype=theta.dtype)  # (n, 4, G)
-    return jnp.einsum("nf,nfg->ng", w, onehot)
-
-
 @eqx.filter_jit
 def _node_tables(base, nodes, y, nu, center: bool):
     """Gram matrix, cross products and |y|^2 for a batch of observations (module-level: compiled once per shape)."""

@@ -27,11 +27,6 @@ class GaussianKernel(AbstractKernel):
             raise ValueError(f"bandwidths must be positive, got {bw}")
         self.bandwidth = bw
 
-    @classmethod
-    def from_median(cls, data: Array, factors=(1.0,), max_points: int = 1000) -> GaussianKernel:
-        """Median heuristic from the data (fixed thereafter): h = factor * median ||y_a - y_b||."""
-        return cls(tuple(f * median_distance(data, max_points) for f in factors))
-
     def __call__(self, sqdist):
         return sum(jnp.exp(-0.5 * sqdist / (h * h)) for h in self.bandwidth)
 
