@@ -378,6 +378,9 @@ LYING_PICKLES = {
     "setstate": pickle.dumps(np.zeros(1), protocol=3).replace(
         b"(K\x01K\x01\x85", b"(K\x01J\x00\xca\x9a;\x85"
     ),
+    # a float32 dtype state two entries short: NumPy's dtype.__setstate__ crashes the interpreter
+    # on it (found by test_io_fuzz); it must be refused before NumPy sees it
+    "short_dtype_state": pickle.dumps(np.zeros(1, np.float32), protocol=3).replace(b"NNNJ", b"NJ"),
     "object_array": pickle.dumps(np.array([1, None, "x"], dtype=object)),
     "torch_like": _frame(b"\x8c\x0ctorch._utils\x8c\x12_rebuild_tensor_v2\x93)R"),
     "stack_global_non_str": _frame(b"K\x01K\x02\x93"),
@@ -405,6 +408,21 @@ def test_forged_setstate_really_differs_from_the_genuine_pickle():
     """The crafted byte replacements above hit (else those tests would test nothing)."""
     assert LYING_PICKLES["setstate"] != pickle.dumps(np.zeros(1), protocol=3)
     assert _forged_dtype_pickle() != pickle.dumps(np.zeros(1, dtype="V8"), protocol=3)
+    short = pickle.dumps(np.zeros(1, np.float32), protocol=3)
+    assert LYING_PICKLES["short_dtype_state"] == short.replace(b"NNNJ", b"NJ", 1) != short
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("dtype", [">f8", "<f4", ">i4", "|i1", "<u2"])
+def test_byte_order_from_the_dtype_state(tmp_path, protocol, dtype):
+    """The dtype's pickled state may set only the byte order, and the values survive it."""
+    a = (np.arange(6) - 2).astype(dtype).reshape(2, 3)
+    path = tmp_path / "a.pkl"
+    path.write_bytes(pickle.dumps((a, a[0, 1]), protocol=protocol))
+    got, scalar = load_pickle_safely(path)
+    np.testing.assert_array_equal(got, a)
+    assert got.dtype.newbyteorder("=") == a.dtype.newbyteorder("=")
+    assert scalar == a[0, 1] and np.asarray(scalar).dtype.kind == a.dtype.kind
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,12 +18,12 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from .._atomic import atomic_path, publish, temp_path
 from .errors import CryosipInputError, existing_file
 from .mrc import (
     MAX_BOX,
@@ -83,6 +83,8 @@ _MAX_NDIM = 32
 
 
 def _checked_dtype(dt) -> np.dtype:
+    if isinstance(dt, _PickledDtype):
+        dt = dt.dtype
     if not isinstance(dt, np.dtype):
         raise _Refused(f"array dtype is a {type(dt).__name__}, not a NumPy dtype")
     if dt.hasobject or dt.flags & _FORBIDDEN_DTYPE_FLAGS or dt.kind == "O":
@@ -101,15 +103,33 @@ def _checked_nbytes(shape, dt: np.dtype) -> int:
     return n
 
 
-def _safe_dtype(obj, align=False, copy=False):
-    """numpy.dtype as pickles call it: ``dtype('f4', False, True)``; no object dtypes."""
-    if not isinstance(obj, str) or len(obj) > 64:
-        raise _Refused("numpy.dtype called with something other than a type code")
-    try:
-        dt = np.dtype(obj, align=bool(align), copy=bool(copy))
-    except Exception as e:
-        raise _Refused(f"invalid dtype {_printable(obj)} ({type(e).__name__})") from None
-    return _checked_dtype(dt)
+class _PickledDtype:
+    """numpy.dtype as pickles build it: ``dtype('f4', False, True)``, then a state that only
+    sets the byte order. NumPy's own ``dtype.__setstate__`` is never called: it crashes the
+    interpreter on some malformed states (e.g. two entries short), so the state must be the type
+    code's own state but for the byte order, or the pickle is refused."""
+
+    def __init__(self, code, align=False, copy=False):
+        if not isinstance(code, str) or len(code) > 64:
+            raise _Refused("numpy.dtype called with something other than a type code")
+        try:
+            dt = np.dtype(code, align=bool(align), copy=bool(copy))
+        except Exception as e:
+            raise _Refused(f"invalid dtype {_printable(code)} ({type(e).__name__})") from None
+        self.dtype = _checked_dtype(dt)
+
+    def __setstate__(self, state):
+        own = self.dtype.__reduce__()[2]
+        if (
+            not isinstance(state, tuple)
+            or len(state) != len(own)
+            or state[1] not in ("<", ">", "|", "=")
+            or any(type(a) is not type(b) or a != b for a, b in zip(state[2:], own[2:]))
+            or state[0] != own[0]
+        ):
+            raise _Refused(f"malformed dtype state {_printable(state)}")
+        if state[1] != own[1] and own[1] != "|":
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
 class _GuardedArray(np.ndarray):
@@ -125,7 +145,7 @@ class _GuardedArray(np.ndarray):
             raise _Refused("array data is not raw bytes")
         if _checked_nbytes(shape, dt) != len(raw):
             raise _Refused("array data size does not match its shape")
-        super().__setstate__(state)
+        super().__setstate__((*state[:-3], dt, *state[-2:]))
 
 
 def _safe_reconstruct(subtype, shape, dtype):
@@ -185,7 +205,7 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): _NDARRAY,
     ("builtins", "bytes"): _safe_empty_bytes,
     ("__builtin__", "bytes"): _safe_empty_bytes,
-    ("numpy", "dtype"): _safe_dtype,
+    ("numpy", "dtype"): _PickledDtype,
     ("_codecs", "encode"): _safe_encode,
 }
 for _core in ("numpy.core", "numpy._core"):  # NumPy 1.x and 2.x module names
@@ -633,15 +653,8 @@ def _resolve(name: str, folder: Path, datadir) -> Path:
 def write_pickle(path: str | os.PathLike, obj) -> Path:
     """Pickle ``obj`` atomically (temporary file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
     return path
 
 
@@ -690,16 +703,16 @@ def write_cryodrgn(prefix: str | os.PathLike, stack: ParticleStack, *, ind=None)
         objs["pose"] = (np.asarray(nu.rotation, np.float32), trans.astype(np.float32))
     if ind is not None:
         objs["ind"] = np.asarray(ind, np.int64)
-    written: list[tuple[Path, Path]] = []
+    written: list[tuple[str, Path]] = []
     try:
         for k, obj in objs.items():
-            dest = paths[k]
-            tmp = write_pickle(dest.with_name(f".{dest.name}.partial"), obj)
-            written.append((tmp, dest))
+            written.append((temp_path(paths[k], ".tmp"), paths[k]))
+            with open(written[-1][0], "wb") as f:
+                pickle.dump(obj, f, protocol=4)
         for tmp, dest in written:
-            os.replace(tmp, dest)
+            publish(tmp, dest)
     except BaseException:
         for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
         raise
     return {k: paths[k] for k in objs}
