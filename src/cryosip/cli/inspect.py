@@ -238,7 +238,7 @@ def write_montage(stack, png: str, n: int = 8) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..data.star import _atomic_write_text
+    from .._atomic import savefig
 
     n = max(1, min(n, len(stack)))
     imgs = np.asarray(stack.images[:n])
@@ -256,7 +256,7 @@ def write_montage(stack, png: str, n: int = 8) -> Path:
     fig.tight_layout()
     path = Path(png)
     try:
-        _atomic_write_text(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        savefig(fig, path, dpi=100)
     finally:
         plt.close(fig)
     return path

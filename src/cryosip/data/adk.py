@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_path
 from ..conformations.path import PathModel
 from ..cryoem.atoms import AtomParameters
 
@@ -59,10 +59,8 @@ def load_adk_arrays() -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     arrays = _prepare()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
     return arrays
 
 

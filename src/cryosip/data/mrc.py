@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import mrcfile
 import mrcfile.utils
 import numpy as np
 
+from .._atomic import atomic_path, publish, temp_path
 from .errors import CryosipInputError, existing_file
 
 logger = logging.getLogger(__name__)
@@ -45,12 +45,6 @@ __all__ = [
 ]
 
 _HEADER_BYTES = 1024
-
-
-def _temp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 #: Largest image/volume edge accepted from a header (pixels). Headers are untrusted input:
@@ -320,7 +314,7 @@ class MrcsWriter:
 
     def open(self) -> MrcsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _temp_path(self.path)
+        self._tmp = Path(temp_path(self.path, ".tmp"))
         try:
             self._mrc = mrcfile.new_mmap(
                 self._tmp,
@@ -383,7 +377,7 @@ class MrcsWriter:
             self._mrc.flush()
             self._mrc.close()
             self._mrc = None
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
             self._tmp = None
         except BaseException:
             self.abort()
@@ -448,21 +442,14 @@ def write_volume_mrc(
     if not np.isfinite(vol).all():
         raise ValueError("volume contains NaN or Inf")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(vol)
-            mrc.set_volume()
-            mrc.voxel_size = float(voxel_size)
-            o = (0.0, 0.0, 0.0) if origin_in_angstroms is None else origin_in_angstroms
-            mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = (float(v) for v in o)
-            mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
-            mrc.update_header_stats()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".tmp") as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(vol)
+        mrc.set_volume()
+        mrc.voxel_size = float(voxel_size)
+        o = (0.0, 0.0, 0.0) if origin_in_angstroms is None else origin_in_angstroms
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = (float(v) for v in o)
+        mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
+        mrc.update_header_stats()
     return path
 
 

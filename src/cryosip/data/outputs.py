@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import _atomic
 from . import mrc
 from .cryodrgn import write_pickle
 from .particles import ParticleStack
@@ -188,9 +189,7 @@ def _input_cs_array(stack: ParticleStack) -> np.ndarray:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> Path:
-    from .._atomic import atomic_path
-
-    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
+    with _atomic.atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
     return path
 
@@ -292,7 +291,7 @@ def write_cs_subset(path: str | os.PathLike, cs_path: str | os.PathLike, rows) -
 
 def write_ind_pkl(path: str | os.PathLike, rows) -> Path:
     """cryoDRGN index filter: a pickled int64 array of 0-based particle indices."""
-    return _usual_permissions(write_pickle(path, np.asarray(rows, np.int64)))
+    return write_pickle(path, np.asarray(rows, np.int64))
 
 
 def write_cv_subsets(
@@ -333,7 +332,7 @@ def write_latent_pkl(path: str | os.PathLike, z) -> Path:
         z = z[:, None]
     if z.ndim != 2:
         raise ValueError(f"latents must be (N, zdim), got {z.shape}")
-    return _usual_permissions(write_pickle(path, z))
+    return write_pickle(path, z)
 
 
 def _check_weights(weights, k: int) -> np.ndarray:
@@ -359,7 +358,7 @@ def write_ensemble_pdb(
     path = Path(path)
     fmt = "cif" if path.suffix.lower() in (".cif", ".mmcif") else "pdb"
     text = ensemble_text(coords_list, weights, elements, names, resnames, resids, chains, fmt=fmt)
-    _atomic_text(path, text)
+    _atomic.write_text(path, text)
     return path
 
 
@@ -459,20 +458,6 @@ def read_ensemble_weights(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(w)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from .._atomic import write_text
-
-    write_text(path, text)
-
-
-def _usual_permissions(path: Path) -> Path:
-    """0666 minus the umask (files written through mkstemp are 0600)."""
-    from .._atomic import _umask
-
-    os.chmod(path, 0o666 & ~_umask())
-    return path
-
-
 def write_volume_mrc(
     path: str | os.PathLike, vol, voxel_size: float, *, origin_in_angstroms=None
 ) -> Path:
@@ -481,9 +466,7 @@ def write_volume_mrc(
     vol = np.asarray(vol, np.float32)
     if origin_in_angstroms is None:
         origin_in_angstroms = tuple(-(d // 2) * float(voxel_size) for d in vol.shape[::-1])
-    return _usual_permissions(
-        mrc.write_volume_mrc(path, vol, voxel_size, origin_in_angstroms=origin_in_angstroms)
-    )
+    return mrc.write_volume_mrc(path, vol, voxel_size, origin_in_angstroms=origin_in_angstroms)
 
 
 def write_challenge(

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cryoem.pose import matrix_to_euler
+from ..cryoem.pose import euler_to_matrix_np, matrix_to_euler
 from .errors import CryosipInputError, existing_file
 from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, read_mrc_header
 from .particles import (
@@ -64,7 +64,6 @@ __all__ = [
     "parse_image_names",
     "format_image_names",
     "star_version",
-    "euler_to_matrix_np",
 ]
 
 # columns recomputed by write_star from the nuisance (everything else is kept as it was)
@@ -111,21 +110,6 @@ RELION_DEFAULTS = {
     "rlnCtfBfactor": 0.0,
     "rlnCtfScalefactor": 1.0,
 }
-
-
-def euler_to_matrix_np(rot, tilt, psi) -> np.ndarray:
-    """RELION ``Euler_angles2matrix`` in float64 NumPy (as ``pose.euler_to_matrix``)."""
-    a, b, g = (np.deg2rad(np.asarray(x, np.float64)) for x in (rot, tilt, psi))
-    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.stack(
-        [
-            np.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], -1),
-            np.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], -1),
-            np.stack([sc, ss, cb], -1),
-        ],
-        -2,
-    )
 
 
 def _rotations_f32(rot, tilt, psi, chunk: int = 1 << 16) -> np.ndarray:
@@ -1043,14 +1027,6 @@ def stack_image_names(stack: ParticleStack, out_dir: Path) -> list[str] | None:
     return None
 
 
-def _atomic_write_text(path: Path, write_fn) -> None:
-    """``write_fn(tmp)`` into a temporary file, published as ``path`` (0666 & ~umask)."""
-    from .._atomic import atomic_path
-
-    with atomic_path(path, ".tmp") as tmp:
-        write_fn(Path(tmp))
-
-
 def _star_text(tmp: Path, blocks: dict[str, pd.DataFrame], version_line: str | None) -> None:
     import starfile
 
@@ -1156,7 +1132,10 @@ def write_star_blocks(
 ) -> Path:
     """Write STAR tables (``{"optics": df, "particles": df}`` or ``{"": df}``) atomically."""
     path = Path(path)
-    _atomic_write_text(path, lambda tmp: _star_text(tmp, blocks, version_line))
+    from .._atomic import atomic_path
+
+    with atomic_path(path, ".tmp") as tmp:
+        _star_text(Path(tmp), blocks, version_line)
     return path
 
 

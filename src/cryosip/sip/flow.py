@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 
 import equinox as eqx
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._atomic import atomic_path
 from ._dtypes import promoted_dtype
 from .discrepancies.base import AbstractDiscrepancy
 from .measure import ParticleMeasure
@@ -433,14 +433,8 @@ def drive(
 
 
 def save_checkpoint(path, state: _State, records: _Records, **extra) -> None:
-    """Write the flow's state and records (and ``extra`` arrays) to ``path`` atomically
-    (a temporary file in the same folder, then ``os.replace``)."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-    os.close(fd)
-    try:
+    """Write the flow's state and records (and ``extra`` arrays) to ``path`` atomically."""
+    with atomic_path(path, ".npz") as tmp:
         np.savez(
             tmp,
             positions=np.asarray(state.positions),
@@ -454,12 +448,6 @@ def save_checkpoint(path, state: _State, records: _Records, **extra) -> None:
             wtrajectory=records.wtrajectory,
             **{k: np.asarray(v) for k, v in extra.items()},
         )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _STATE_KEYS = (
