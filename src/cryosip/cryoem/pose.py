@@ -14,21 +14,30 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+def _euler_matrix(xp, a, b, g):
+    """RELION's ``Euler_angles2matrix`` for angles in radians, in the array module ``xp``."""
+    ca, sa, cb, sb, cg, sg = xp.cos(a), xp.sin(a), xp.cos(b), xp.sin(b), xp.cos(g), xp.sin(g)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    row0 = xp.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], axis=-1)
+    row1 = xp.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], axis=-1)
+    row2 = xp.stack([sc, ss, cb], axis=-1)
+    return xp.stack([row0, row1, row2], axis=-2)
+
+
 def euler_to_matrix(
     rot_in_degrees: Float[Array, "*batch"],
     tilt_in_degrees: Float[Array, "*batch"],
     psi_in_degrees: Float[Array, "*batch"],
 ) -> Float[Array, "*batch 3 3"]:
     """RELION ZYZ Euler angles (degrees) to the rotation matrix ``A``."""
-    a, b, g = (
-        jnp.deg2rad(jnp.asarray(x)) for x in (rot_in_degrees, tilt_in_degrees, psi_in_degrees)
-    )
-    ca, sa, cb, sb, cg, sg = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(g), jnp.sin(g)
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    row0 = jnp.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], axis=-1)
-    row1 = jnp.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], axis=-1)
-    row2 = jnp.stack([sc, ss, cb], axis=-1)
-    return jnp.stack([row0, row1, row2], axis=-2)
+    angles = (rot_in_degrees, tilt_in_degrees, psi_in_degrees)
+    return _euler_matrix(jnp, *(jnp.deg2rad(jnp.asarray(x)) for x in angles))
+
+
+def euler_to_matrix_np(rot, tilt, psi) -> np.ndarray:
+    """:func:`euler_to_matrix` in float64 NumPy (the readers convert millions of poses on the
+    host)."""
+    return _euler_matrix(np, *(np.deg2rad(np.asarray(x, np.float64)) for x in (rot, tilt, psi)))
 
 
 def matrix_to_euler(
@@ -113,6 +122,16 @@ def axis_angle_to_matrix(rotvec: Float[Array, "*batch 3"]) -> Float[Array, "*bat
     q = jnp.concatenate([jnp.cos(half), axis * jnp.sin(half)], axis=-1)
     q = jnp.where(theta > 1e-12, q, jnp.array([1.0, 0.0, 0.0, 0.0], dtype=q.dtype))
     return quaternion_to_matrix(q)
+
+
+def axis_angle_to_matrix_np(rotvec) -> np.ndarray:
+    """:func:`axis_angle_to_matrix` in float64 NumPy (Rodrigues' formula; the ``.cs`` reader)."""
+    v = np.asarray(rotvec, np.float64)
+    theta = np.linalg.norm(v, axis=-1)[..., None, None]
+    kx, ky, kz = np.moveaxis(v / np.where(theta[..., 0] > 1e-12, theta[..., 0], 1.0), -1, 0)
+    zero = np.zeros_like(kx)
+    K = np.stack([np.stack(r, -1) for r in ((zero, -kz, ky), (kz, zero, -kx), (-ky, kx, zero))], -2)
+    return np.eye(3) + np.sin(theta) * K + (1.0 - np.cos(theta)) * (K @ K)
 
 
 def matrix_to_axis_angle(matrix: Float[np.ndarray, "*batch 3 3"]) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cryoem.pose import matrix_to_axis_angle
+from ..cryoem.pose import axis_angle_to_matrix_np, matrix_to_axis_angle
 from .errors import CryosipInputError, existing_file
 from .particles import ParticleStack, checked_stack
 from .star import (
@@ -75,17 +75,6 @@ _RECOMPUTED = {
     "alignments3D/shift",
     "alignments3D/psize_A",
 }
-
-
-def rotvec_to_matrix(rotvec) -> np.ndarray:
-    """Rodrigues' formula in float64 NumPy (as :func:`cryosip.cryoem.pose.axis_angle_to_matrix`)."""
-    v = np.asarray(rotvec, np.float64)
-    theta = np.linalg.norm(v, axis=-1)[..., None, None]
-    k = v / np.where(theta[..., 0] > 1e-12, theta[..., 0], 1.0)
-    K = np.zeros(v.shape[:-1] + (3, 3))
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    K = K - np.swapaxes(K, -1, -2)
-    return np.eye(3) + np.sin(theta) * K + (1.0 - np.cos(theta)) * (K @ K)
 
 
 def load_cs_array(path: str | os.PathLike) -> np.ndarray:
@@ -235,7 +224,7 @@ def read_cs(
         pose = _field(data, "alignments3D/pose", path, shape=(3,))
         shift_px = _field(data, "alignments3D/shift", path, shape=(2,))
         apx = _field(data, "alignments3D/psize_A", path) if "alignments3D/psize_A" in names else px
-        rot = np.swapaxes(rotvec_to_matrix(pose), -1, -2)
+        rot = np.swapaxes(axis_angle_to_matrix_np(pose), -1, -2)
         shift = -shift_px * apx[:, None]
     else:
         rot = np.broadcast_to(np.eye(3), (n, 3, 3))
