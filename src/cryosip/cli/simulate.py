@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import _atomic
 from ..data.errors import CryosipInputError
+from ..data.models import BUILTIN, builtin_model
 from ._args import (
     fraction,
     nonnegative_float,
@@ -56,7 +57,7 @@ from ._args import (
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("adk", "adk-ca", "dumbbell", "hinge", "square", "two-hinge")
+DATASETS = BUILTIN
 STAR_NAME = "particles.star"
 TRUTH_NAME = "truth.csv"
 CONFIG_NAME = "config.json"
@@ -197,25 +198,12 @@ class SimulateConfig:
 # ---------------------------------------------------------------------------- library helpers
 
 
-def conformation_model(dataset: str):
-    """The conformation model of a built-in dataset name (see ``DATASETS``)."""
-    from ..conformations import toys
-
-    if dataset in ("adk", "adk-ca"):
-        from ..data.adk import adk_model
-
-        return adk_model(ca_only=dataset == "adk-ca")
-    if dataset in toys.TOYS:
-        return toys.TOYS[dataset]()
-    raise CryosipInputError(None, f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-
-
 def build_operator(cfg: SimulateConfig, model=None):
     """The cryo-EM operator (noise sigma 1; the simulation sets its own) for a config."""
     from ..cryoem.image_model import ImageModel, NuisancePrior
     from ..pipeline.operator import CryoEMOperator
 
-    model = conformation_model(cfg.dataset) if model is None else model
+    model = builtin_model(cfg.dataset) if model is None else model
     prior = NuisancePrior(
         shift_sd_in_angstroms=cfg.shift_sd_in_angstroms,
         defocus_range_in_angstroms=(cfg.defocus_min_in_angstroms, cfg.defocus_max_in_angstroms),
@@ -311,10 +299,6 @@ def config_from_args(args: argparse.Namespace) -> SimulateConfig:
     return SimulateConfig.from_dict(merged)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic.write_text(path, text)
-
-
 def _mrcs_writer_class():
     from ..data.mrc import MrcsWriter
 
@@ -339,7 +323,7 @@ def write_truth_csv(path: Path, theta: np.ndarray, names) -> None:
     """One row per particle, columns = CV names; float32 values written exactly (9 digits)."""
     lines = [",".join(names)]
     lines += [",".join(f"{v:.9g}" for v in row) for row in np.asarray(theta, np.float32)]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    _atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_montage(
@@ -420,7 +404,7 @@ def run_simulation(
     # removes the earlier simulation's files first: the STAR file marks a complete simulation)
     out = prepare_output_dir(out, overwrite=overwrite, command="simulate")
 
-    model = conformation_model(cfg.dataset)
+    model = builtin_model(cfg.dataset)
     operator = build_operator(cfg, model)
     distribution = build_distribution(cfg, model)
     key = jax.random.key(cfg.seed)
@@ -530,10 +514,6 @@ def run_simulation(
     write_star(
         out / STAR_NAME, stack, version="3.1", image_names=image_names
     )  # last: marks completion
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in (out / nm for nm in names):  # MrcsWriter (data/mrc.py) leaves mkstemp's 0600
-        os.chmod(p, 0o666 & ~mask)
     logger.info(
         "wrote %s (%d stacks), %s, %s, %s",
         out / STAR_NAME,

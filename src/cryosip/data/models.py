@@ -30,7 +30,14 @@ import numpy as np
 
 from .errors import CryosipInputError
 
-__all__ = ["BUILTIN", "MAX_MODES", "load_model", "load_model_with_description", "model_from_files"]
+__all__ = [
+    "BUILTIN",
+    "MAX_MODES",
+    "builtin_model",
+    "load_model",
+    "load_model_with_description",
+    "model_from_files",
+]
 
 BUILTIN = ("adk", "adk-ca", "dumbbell", "hinge", "square", "two-hinge")
 MAX_MODES = 4
@@ -87,7 +94,7 @@ def load_model_with_description(
                 f"{'/'.join(given)} apply to structure files, not to the built-in model "
                 "(use adk-ca for C-alpha AdK)",
             )
-        model = _builtin(names[0], **kw)
+        model = builtin_model(names[0], **kw)
         return model, _describe_builtin(names[0], model)
     for n in names:
         if not os.path.exists(n):
@@ -97,7 +104,10 @@ def load_model_with_description(
     return model_from_files(names, topology=topology, atoms=atoms or "all", modes=modes, **kw)
 
 
-def _builtin(name: str, **kw):
+def builtin_model(name: str, **kw):
+    """The built-in conformation model ``name`` (one of :data:`BUILTIN`)."""
+    if name not in BUILTIN:
+        raise CryosipInputError(None, f"unknown model {name!r}; choose from {', '.join(BUILTIN)}")
     if name in ("adk", "adk-ca"):
         from .adk import adk_model
 
