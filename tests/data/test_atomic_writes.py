@@ -16,7 +16,7 @@ from cryosip.data.mrc import MrcsWriter, write_mrcs, write_volume_mrc
 from cryosip.data.star import write_star
 from cryosip.sip.flow import _Records, _State, save_checkpoint
 
-from .io_helpers import random_stack, save_images
+from io_helpers import random_stack, save_images
 
 
 def _usual_mode() -> int:
