@@ -9,14 +9,13 @@ import stat
 
 import numpy as np
 import pytest
+from io_helpers import random_stack, save_images
 
 from cryosip.data.cryodrgn import write_cryodrgn, write_pickle
 from cryosip.data.cryosparc import write_cs
 from cryosip.data.mrc import MrcsWriter, write_mrcs, write_volume_mrc
 from cryosip.data.star import write_star
 from cryosip.sip.flow import _Records, _State, save_checkpoint
-
-from io_helpers import random_stack, save_images
 
 
 def _usual_mode() -> int:
