@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cryosip.analysis.metrics import w2
 from cryosip.cli import experiment as cli_experiment
+from cryosip.data.errors import CryosipInputError
 from cryosip.experiments import dimension as study
 
 
@@ -111,6 +114,23 @@ def test_cli_tiny_run_numbers(tmp_path):
         assert cost(k) <= g["flow_seconds"] or k == 4
         assert cost(k + 1) > g["flow_seconds"]
         assert 0 <= rows.loc["wgf-kl", "bandwidth_relative"] <= 0.13
+
+    # --replot redraws from the tables; without estimates/ (docs/figures keeps only tables) the
+    # maps are left as they are; a folder without the tables is one clear error
+    maps = out / "dimension_maps.png"
+    before = maps.stat().st_mtime_ns
+    assert len(study.replot(out)) == 3 and maps.stat().st_mtime_ns > before
+    shutil.rmtree(out / "estimates")
+    before = (maps.stat().st_mtime_ns, (out / "dimension_w2.png").stat().st_mtime_ns)
+    assert len(study.replot(out)) == 2
+    assert maps.stat().st_mtime_ns == before[0] < (out / "dimension_w2.png").stat().st_mtime_ns
+    for folder, missing in ((tmp_path / "empty", "dimension.csv"), (tmp_path / "none", "none")):
+        if folder.name == "empty":
+            folder.mkdir()
+        replot = _parser().parse_args(["dimension", "--out", str(folder), "--replot"])
+        with pytest.raises(CryosipInputError, match=f"{missing}: (not found|no such folder)"):
+            cli_experiment.main(replot)
+    assert not (tmp_path / "none").exists()
 
 
 def pytest_fail(const):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import types
 import typing
@@ -144,7 +145,14 @@ def run_study(name: str, module, argv: list[str]) -> int:
     a = settings_parser(name, module).parse_args(argv)
     out = a.out or name
     if getattr(a, "replot", False):
-        module.replot(out)
+        if not os.path.isdir(out):
+            raise CryosipInputError(out, "no such folder: --replot redraws a finished run in --out")
+        try:
+            module.replot(out)
+        except FileNotFoundError as e:
+            raise CryosipInputError(
+                e.filename, "not found: --replot redraws a finished run's tables in --out"
+            ) from None
         return 0
     values = {f.name: getattr(a, f.name, None) for f in dataclasses.fields(module.Settings)}
     values["seeds"] = a.seeds if a.seeds is not None else (None if a.seed is None else (a.seed,))

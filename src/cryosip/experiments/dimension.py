@@ -94,7 +94,15 @@ from ..pipeline.problem import EXACT_PHYSICS, default_grid_nodes, loglik_table_b
 from ..pipeline.simulate import simulate_dataset
 from ..sip import dto
 from ..sip.loglik_table import LogLikTableOperator
-from ._common import Results, check_names, make_operator, pyplot, setting, summarise
+from ._common import (
+    Results,
+    check_names,
+    make_operator,
+    method_style,
+    pyplot,
+    setting,
+    summarise,
+)
 from ._common import Settings as _Settings
 
 logger = logging.getLogger(__name__)
@@ -496,17 +504,16 @@ def write_summary(out: Results, df: pd.DataFrame, machine: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _style(method: str) -> dict:
-    from ._common import method_style
-
-    return method_style(method)
-
-
 def replot(out_dir) -> list[Path]:
-    """Redraw the figures from ``dimension.csv`` and ``estimates/``."""
+    """Redraw the figures from ``dimension.csv`` and ``estimates/`` (without ``estimates/``, as
+    in docs/figures, the maps are left as they are)."""
     out = Results(out_dir)
     df = pd.read_csv(out / f"{NAME}.csv")
-    return [plot_w2(out, df), plot_ratio(out, df), plot_maps(out, df)]
+    figures = [plot_w2(out, df), plot_ratio(out, df)]
+    if not (out / "estimates").is_dir():
+        logger.warning("%s has no estimates/: the maps figure is not redrawn", out.path)
+        return figures
+    return [*figures, plot_maps(out, df)]
 
 
 def _present(df: pd.DataFrame, methods=METHODS) -> list[str]:
@@ -525,7 +532,7 @@ def plot_w2(out: Results, df: pd.DataFrame) -> Path:
     for m in order:
         t = adk[adk["method"] == m].sort_values("d")
         if len(t):
-            axes[0].errorbar(t["d"], t["w2_mean"], t["w2_sd"], capsize=3, **_style(m))
+            axes[0].errorbar(t["d"], t["w2_mean"], t["w2_sd"], capsize=3, **method_style(m))
     axes[0].set_xticks(sorted(adk["d"].unique()) if len(adk) else [1])
     axes[0].set_xlabel("number of CVs d (AdK PCA modes, C-alpha)")
     axes[0].set_ylabel(r"$W_2$ (Angstrom RMS), mean $\pm$ sd over seeds")
@@ -537,7 +544,7 @@ def plot_w2(out: Results, df: pd.DataFrame) -> Path:
         for i, m in enumerate(order):
             t = hinge[hinge["method"] == m]
             if len(t):
-                st = _style(m)
+                st = method_style(m)
                 ax.errorbar(
                     [i], t[f"{col}_mean"], t[f"{col}_sd"], capsize=4, color=st["color"],
                     marker="o" if m != "oracle" else "_", ms=8, ls="none",
@@ -577,7 +584,7 @@ def plot_ratio(out: Results, df: pd.DataFrame) -> Path:
     tab = summarise(df, ["case", "d", "method"], ("seconds", "grid_per_cv"))
     for m in _present(tab):
         t = tab[(tab["method"] == m) & tab["case"].str.startswith("adk")].sort_values("d")
-        ax.errorbar(t["d"], t["seconds_mean"], t["seconds_sd"], capsize=3, **_style(m))
+        ax.errorbar(t["d"], t["seconds_mean"], t["seconds_sd"], capsize=3, **method_style(m))
         if m == "em-grid":
             for dd, sec, k in zip(t["d"], t["seconds_mean"], t["grid_per_cv_mean"]):
                 ax.annotate(f"{k:.0f}$^{dd}$", (dd, sec), textcoords="offset points",
