@@ -313,7 +313,6 @@ class MrcsWriter:
         return self._n
 
     def open(self) -> MrcsWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(temp_path(self.path, ".tmp"))
         try:
             self._mrc = mrcfile.new_mmap(
