@@ -50,7 +50,7 @@ from cryosip.experiments._common import make_operator
 from cryosip.pipeline.problem import EXACT_PHYSICS, prepare
 from cryosip.pipeline.simulate import simulate_dataset
 from cryosip.sip.operator import reflect_into
-from cryosip.sip.smoothing import CANDIDATES, _em, _smooth_exp, heldout_loglik, refine
+from cryosip.sip.smoothing import CANDIDATES, _em_smoothed, _kernels, heldout_loglik, refine
 
 HERE = Path(__file__).parent
 H_FIRST = (0.0, 0.02, 0.03, 0.045, 0.065)  # relative bandwidths tried on the first CV
@@ -78,13 +78,21 @@ def draws(nodes, w, h_abs, lo, hi, n, rng) -> np.ndarray:
     return np.asarray(reflect_into(jnp.asarray(x), jnp.asarray(lo), jnp.asarray(hi)), np.float64)
 
 
+def fit_smoothed(E: np.ndarray, shape, h, n_iter: int) -> np.ndarray:
+    """The smoothed NPMLE's mixing weights w on the fine grid (rho_h = sum_g w_g N(node_g, h^2)):
+    ``n_iter`` EM iterations on all images, as ``choose_bandwidth`` fits each fold."""
+    kernels = tuple(jnp.asarray(k[None], jnp.float32) for k in _kernels(shape, h))
+    ones = jnp.ones((1, len(E)), jnp.float32)
+    w = _em_smoothed(jnp.asarray(E, jnp.float32), kernels, ones, jnp.zeros(n_iter), tuple(shape))
+    return np.asarray(w, np.float64)[0, 0]
+
+
 def score_all(fine, reference, n_draws: int) -> list[dict]:
     """Held-out log-likelihood per image and W2 of every per-CV bandwidth on the grid."""
     L = np.asarray(fine.table, np.float64)
     E = np.exp(L - L.max(axis=1, keepdims=True))
     n = len(E)
     folds = np.random.default_rng(0).permutation(n) % N_FOLDS  # as choose_bandwidth
-    everyone = jnp.ones((1, n), jnp.float32)
     lo, hi = np.asarray(fine.lower_bounds), np.asarray(fine.upper_bounds)
     nodes = np.asarray(fine.nodes, np.float64)
     ref = reference[:n_draws]
@@ -93,14 +101,15 @@ def score_all(fine, reference, n_draws: int) -> list[dict]:
     grid = (
         [(h,) for h in CANDIDATES] if d == 1 else itertools.product(H_FIRST, *([H_OTHER] * (d - 1)))
     )
-    for h in grid:
-        Eh = _smooth_exp(E, fine.shape, h).astype(np.float32)
-        held = heldout_loglik(Eh, folds, N_ITER)
-        w_all = np.asarray(_em(jnp.asarray(Eh), everyone, jnp.zeros(N_ITER)), np.float64)[0]
+    grid = list(grid)
+    # every candidate in one EM pass; per image, for the one-SE rules
+    held = heldout_loglik(E, fine.shape, grid, folds, N_ITER, per_image=True)
+    for h, held_h in zip(grid, held):
+        w_all = fit_smoothed(E, fine.shape, h, N_ITER)
         x = draws(
             nodes, w_all, np.asarray(h) * (hi - lo), lo, hi, n_draws, np.random.default_rng(1)
         )
-        out.append({"h": [float(v) for v in h], "held": held, "w2": w2(x, ref)})
+        out.append({"h": [float(v) for v in h], "held": held_h, "w2": w2(x, ref)})
     return out
 
 

@@ -165,13 +165,14 @@ def _em_smoothed(E: Float[Array, "n g"], kernels, c: Float[Array, "f n"], n_iter
 
 
 def heldout_loglik(
-    E: np.ndarray, shape, candidates, folds: np.ndarray, n_iter: int = 200
+    E: np.ndarray, shape, candidates, folds: np.ndarray, n_iter: int = 200, *, per_image=False
 ) -> np.ndarray:
     """(H,) for every candidate bandwidth, the held-out log-likelihood summed over images (up to
     each row's constant): each image scored under the smoothed mixture fitted by EM to the
     images of the other folds. ``E`` (N, G) the likelihood of every image on the fine product
     grid of ``shape`` (each row scaled by its maximum), ``folds`` (N,) each image's fold. Every
-    candidate's and fold's EM runs in one compiled call; the scores in float64."""
+    candidate's and fold's EM runs in one compiled call; the scores in float64. ``per_image``:
+    (H, N), each image's own score (for standard errors)."""
     n_folds = int(folds.max()) + 1
     kernels = [np.stack(k) for k in zip(*(_kernels(shape, h) for h in candidates))]
     train = (folds[None, :] != np.arange(n_folds)[:, None]).astype(np.float32)
@@ -183,11 +184,13 @@ def heldout_loglik(
         tuple(int(g) for g in shape),
     )
     mix = _apply_kernels(np.asarray(ws, np.float64), kernels, shape, transpose=False)  # K_h w
-    held = np.zeros(len(candidates))
+    held, each = np.zeros(len(candidates)), np.zeros((len(candidates), len(E)))
     for k in range(n_folds):
         rows = folds == k
-        held += np.log(np.maximum(E[rows] @ mix[:, k, :].T, 1e-300)).sum(0)
-    return held
+        scores = np.log(np.maximum(E[rows] @ mix[:, k, :].T, 1e-300))  # (rows, H)
+        held += scores.sum(0)
+        each[:, rows] = scores.T
+    return each if per_image else held
 
 
 def choose_bandwidth(
