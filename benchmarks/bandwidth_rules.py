@@ -60,6 +60,12 @@ N_FOLDS, N_ITER = 3, 200
 
 def fine_table(case: str, seed: int, s: dimension.Settings):
     """The refined log-likelihood table of the study's data set (case, seed) and the truth."""
+    problem, reference = study_problem(case, seed, s)
+    return refine(problem.loglik), reference
+
+
+def study_problem(case: str, seed: int, s: dimension.Settings):
+    """The dimension study's data set (case, seed) as ``prepare`` makes it, and the truth."""
     model = dimension.case_model(case)
     truth = dimension.case_truth(model)
     reference = truth.sample(np.random.default_rng(12345), s.n_reference)
@@ -68,8 +74,7 @@ def fine_table(case: str, seed: int, s: dimension.Settings):
     sim = simulate_dataset(
         k_sim, make_operator(model, s.box, s.pixel_size), truth, s.n_images, snr=s.snr
     )
-    problem = prepare(sim.stack, model, sigma=sim.sigma, progress=False, **EXACT_PHYSICS)
-    return refine(problem.loglik), reference
+    return prepare(sim.stack, model, sigma=sim.sigma, progress=False, **EXACT_PHYSICS), reference
 
 
 def draws(nodes, w, h_abs, lo, hi, n, rng) -> np.ndarray:
