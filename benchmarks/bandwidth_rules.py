@@ -151,6 +151,19 @@ def rules(rows: list[dict]) -> dict:
     }
 
 
+def w2_summary(per_seed: list[dict], keys) -> dict:
+    """Mean and sd over seeds of ``row[key]["w2"]`` for every key."""
+    return {
+        k: {
+            "w2_mean": float(np.mean([r[k]["w2"] for r in per_seed])),
+            "w2_sd": float(np.std([r[k]["w2"] for r in per_seed], ddof=1))
+            if len(per_seed) > 1
+            else 0.0,
+        }
+        for k in keys
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="adk-3")
@@ -175,15 +188,7 @@ def main(argv=None) -> None:
         "per-cv-most",
         "oracle",
     )
-    summary = {
-        k: {
-            "w2_mean": float(np.mean([r[k]["w2"] for r in per_seed])),
-            "w2_sd": float(np.std([r[k]["w2"] for r in per_seed], ddof=1))
-            if len(per_seed) > 1
-            else 0.0,
-        }
-        for k in names
-    }
+    summary = w2_summary(per_seed, names)
     result = {
         "benchmark": "bandwidth_rules",
         "date": time.strftime("%Y-%m-%d"),

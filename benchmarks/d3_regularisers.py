@@ -33,7 +33,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from bandwidth_rules import draws, fit_smoothed, study_problem
+from bandwidth_rules import draws, fit_smoothed, study_problem, w2_summary
 from scipy import ndimage
 
 from cryosip import _atomic
@@ -113,15 +113,7 @@ def main(argv=None) -> None:
         per_seed.append(one_seed(a.case, seed, s, a.n_draws))
         print(json.dumps(per_seed[-1]), flush=True)
     keys = [f"em_{k}" for k in ITERATIONS] + [f"bagged_{N_BAGS}"]
-    summary = {
-        k: {
-            "w2_mean": float(np.mean([r[k]["w2"] for r in per_seed])),
-            "w2_sd": float(np.std([r[k]["w2"] for r in per_seed], ddof=1))
-            if len(per_seed) > 1
-            else 0.0,
-        }
-        for k in keys
-    }
+    summary = w2_summary(per_seed, keys)
     summary["sparse_cost_share"] = [r["sparse"]["cost_share"] for r in per_seed]
     _atomic.write_json(
         a.out,
