@@ -50,7 +50,14 @@ from cryosip.experiments._common import make_operator
 from cryosip.pipeline.problem import EXACT_PHYSICS, prepare
 from cryosip.pipeline.simulate import simulate_dataset
 from cryosip.sip.operator import reflect_into
-from cryosip.sip.smoothing import CANDIDATES, _em_smoothed, _kernels, heldout_loglik, refine
+from cryosip.sip.smoothing import (
+    CANDIDATES,
+    _em_smoothed,
+    _kernels,
+    cv_folds,
+    heldout_loglik,
+    refine,
+)
 
 HERE = Path(__file__).parent
 H_FIRST = (0.0, 0.02, 0.03, 0.045, 0.065)  # relative bandwidths tried on the first CV
@@ -83,13 +90,18 @@ def draws(nodes, w, h_abs, lo, hi, n, rng) -> np.ndarray:
     return np.asarray(reflect_into(jnp.asarray(x), jnp.asarray(lo), jnp.asarray(hi)), np.float64)
 
 
-def fit_smoothed(E: np.ndarray, shape, h, n_iter: int) -> np.ndarray:
+def fit_smoothed(E: np.ndarray, shape, h, n_iter: int, counts=None) -> np.ndarray:
     """The smoothed NPMLE's mixing weights w on the fine grid (rho_h = sum_g w_g N(node_g, h^2)):
-    ``n_iter`` EM iterations on all images, as ``choose_bandwidth`` fits each fold."""
+    ``n_iter`` EM iterations, as ``choose_bandwidth`` fits each fold; (G,) on all images, or
+    (F, G), one fit per row of image ``counts`` (F, N) (e.g. bootstrap replicates)."""
     kernels = tuple(jnp.asarray(k[None], jnp.float32) for k in _kernels(shape, h))
-    ones = jnp.ones((1, len(E)), jnp.float32)
-    w = _em_smoothed(jnp.asarray(E, jnp.float32), kernels, ones, jnp.zeros(n_iter), tuple(shape))
-    return np.asarray(w, np.float64)[0, 0]
+    c = np.ones((1, len(E))) if counts is None else np.asarray(counts)
+    w = _em_smoothed(
+        jnp.asarray(E, jnp.float32), kernels, jnp.asarray(c, jnp.float32), jnp.zeros(n_iter),
+        tuple(shape),
+    )  # fmt: skip
+    w = np.asarray(w, np.float64)[0]
+    return w[0] if counts is None else w
 
 
 def score_all(fine, reference, n_draws: int) -> list[dict]:
@@ -97,7 +109,7 @@ def score_all(fine, reference, n_draws: int) -> list[dict]:
     L = np.asarray(fine.table, np.float64)
     E = np.exp(L - L.max(axis=1, keepdims=True))
     n = len(E)
-    folds = np.random.default_rng(0).permutation(n) % N_FOLDS  # as choose_bandwidth
+    folds = cv_folds(n, N_FOLDS)  # as choose_bandwidth
     lo, hi = np.asarray(fine.lower_bounds), np.asarray(fine.upper_bounds)
     nodes = np.asarray(fine.nodes, np.float64)
     ref = reference[:n_draws]

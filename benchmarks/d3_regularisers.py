@@ -31,7 +31,6 @@ import platform
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from bandwidth_rules import draws, fit_smoothed, study_problem, w2_summary
 from scipy import ndimage
@@ -40,7 +39,7 @@ from cryosip import _atomic
 from cryosip.analysis.metrics import w2
 from cryosip.experiments import dimension
 from cryosip.sip import dto
-from cryosip.sip.smoothing import _em_smoothed, _kernels, choose_bandwidth, heldout_loglik
+from cryosip.sip.smoothing import cv_folds, heldout_loglik
 
 HERE = Path(__file__).parent
 ITERATIONS = (3, 10, 30, 100, 200, 300, 1000)
@@ -67,13 +66,13 @@ def sparse_share(table, rng, pilot_share=0.25, threshold=1e-3) -> dict:
 
 def one_seed(case: str, seed: int, s, n_draws: int) -> dict:
     problem, reference = study_problem(case, seed, s)
-    bandwidth, _ = choose_bandwidth(problem.loglik)
+    bandwidth, _ = problem.regularised("auto")  # what the flow runs with
     fine, h = problem.loglik, bandwidth.relative
     L = np.asarray(fine.table, np.float64)
     E = np.exp(L - L.max(axis=1, keepdims=True))
     lo, hi = np.asarray(fine.lower_bounds), np.asarray(fine.upper_bounds)
     nodes, h_abs = np.asarray(fine.nodes, np.float64), h * (hi - lo)
-    folds = np.random.default_rng(0).permutation(len(E)) % 3  # as choose_bandwidth
+    folds = cv_folds(len(E))  # as choose_bandwidth
 
     def score(w):
         return w2(
@@ -90,11 +89,8 @@ def one_seed(case: str, seed: int, s, n_draws: int) -> dict:
         }
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(E), np.full(len(E), 1.0 / len(E)), size=N_BAGS).astype(np.float32)
-    kernels = tuple(jnp.asarray(k[None], jnp.float32) for k in _kernels(fine.shape, h))
-    ws = _em_smoothed(
-        jnp.asarray(E, jnp.float32), kernels, jnp.asarray(counts), jnp.zeros(N_ITER), fine.shape
-    )
-    out[f"bagged_{N_BAGS}"] = {"w2": score(np.asarray(ws, np.float64)[0].mean(axis=0))}
+    bags = fit_smoothed(E, fine.shape, h, N_ITER, counts)
+    out[f"bagged_{N_BAGS}"] = {"w2": score(bags.mean(axis=0))}
     out["sparse"] = sparse_share(problem.table, rng)
     return out
 

@@ -57,7 +57,6 @@ from ._args import (
 
 logger = logging.getLogger(__name__)
 
-DATASETS = BUILTIN
 STAR_NAME = "particles.star"
 TRUTH_NAME = "truth.csv"
 CONFIG_NAME = "config.json"
@@ -84,7 +83,7 @@ class SimulateConfig:
     ``cryosip simulate`` are generated from these fields."""
 
     dataset: str = setting(
-        "adk", DATA, None, "conformation model (default {default})", choices=DATASETS
+        "adk", DATA, None, "conformation model (default {default})", choices=BUILTIN
     )
     distribution: str = setting(
         "bimodal", DATA, None, "ground-truth CV distribution (default {default})"
@@ -151,9 +150,9 @@ class SimulateConfig:
     )
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
+        if self.dataset not in BUILTIN:
             raise CryosipInputError(
-                None, f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}"
+                None, f"unknown dataset {self.dataset!r}; choose from {', '.join(BUILTIN)}"
             )
         if (self.snr is None) == (self.sigma is None):
             raise CryosipInputError(None, "give exactly one of --snr and --sigma")

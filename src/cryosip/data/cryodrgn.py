@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .._atomic import atomic_path, publish, temp_path
+from .._atomic import atomic_path
 from .errors import CryosipInputError, existing_file
 from .mrc import (
     MAX_BOX,
@@ -653,9 +654,14 @@ def _resolve(name: str, folder: Path, datadir) -> Path:
 def write_pickle(path: str | os.PathLike, obj) -> Path:
     """Pickle ``obj`` atomically (temporary file + rename)."""
     path = Path(path)
-    with atomic_path(path, ".tmp") as tmp, open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
+    with atomic_path(path, ".tmp") as tmp:
+        _dump_pickle(tmp, obj)
     return path
+
+
+def _dump_pickle(path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
 
 
 def cryodrgn_paths(prefix: str | os.PathLike) -> dict[str, Path]:
@@ -703,16 +709,9 @@ def write_cryodrgn(prefix: str | os.PathLike, stack: ParticleStack, *, ind=None)
         objs["pose"] = (np.asarray(nu.rotation, np.float32), trans.astype(np.float32))
     if ind is not None:
         objs["ind"] = np.asarray(ind, np.int64)
-    written: list[tuple[str, Path]] = []
-    try:
+    # every file is published when all are written; on an error none is (atomic_path removes
+    # each temporary file)
+    with contextlib.ExitStack() as files:
         for k, obj in objs.items():
-            written.append((temp_path(paths[k], ".tmp"), paths[k]))
-            with open(written[-1][0], "wb") as f:
-                pickle.dump(obj, f, protocol=4)
-        for tmp, dest in written:
-            publish(tmp, dest)
-    except BaseException:
-        for tmp, _ in written:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+            _dump_pickle(files.enter_context(atomic_path(paths[k], ".tmp")), obj)
     return {k: paths[k] for k in objs}

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._atomic import atomic_path
 from ..cryoem.pose import euler_to_matrix_np, matrix_to_euler
 from .errors import CryosipInputError, existing_file
 from .mrc import LazyImageStack, TransformedImages, _is_compressed, mrc_layout, read_mrc_header
@@ -1132,8 +1133,6 @@ def write_star_blocks(
 ) -> Path:
     """Write STAR tables (``{"optics": df, "particles": df}`` or ``{"": df}``) atomically."""
     path = Path(path)
-    from .._atomic import atomic_path
-
     with atomic_path(path, ".tmp") as tmp:
         _star_text(Path(tmp), blocks, version_line)
     return path

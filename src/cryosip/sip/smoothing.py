@@ -184,13 +184,20 @@ def heldout_loglik(
         tuple(int(g) for g in shape),
     )
     mix = _apply_kernels(np.asarray(ws, np.float64), kernels, shape, transpose=False)  # K_h w
-    held, each = np.zeros(len(candidates)), np.zeros((len(candidates), len(E)))
+    held = np.zeros((len(candidates), len(E)) if per_image else len(candidates))
     for k in range(n_folds):
         rows = folds == k
         scores = np.log(np.maximum(E[rows] @ mix[:, k, :].T, 1e-300))  # (rows, H)
-        held += scores.sum(0)
-        each[:, rows] = scores.T
-    return each if per_image else held
+        if per_image:
+            held[:, rows] = scores.T
+        else:
+            held += scores.sum(0)
+    return held
+
+
+def cv_folds(n: int, n_folds: int = 3, seed: int = 0) -> np.ndarray:
+    """(n,) each image's fold for the cross-validation: a seeded permutation, dealt round-robin."""
+    return np.random.default_rng(seed).permutation(n) % n_folds
 
 
 def choose_bandwidth(
@@ -209,7 +216,7 @@ def choose_bandwidth(
     L = np.asarray(fine.table, np.float64)
     top = L.max(axis=1, keepdims=True)
     E = np.exp(L - top)
-    folds = np.random.default_rng(seed).permutation(E.shape[0]) % n_folds
+    folds = cv_folds(E.shape[0], n_folds, seed)
     spacing = min(1.0 / (g - 1) for g in fine.shape)
     # h < half the fine spacing: the fine grid cannot represent it, the same as no smoothing
     tried = [float(h) for h in candidates if not 0 < h < 0.5 * spacing]
