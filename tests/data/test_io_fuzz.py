@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cryosip.data.cryodrgn import load_pickle_safely, read_pose_pkl
@@ -215,7 +215,17 @@ def test_fuzz_star_structured(text):
     _check_star(text)
 
 
+# found by this test: an image name the STAR parser reads as a float ("nan") was a traceback
+_NAN_NAME = (
+    "\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnSphericalAberration #2\n"
+    "_rlnAmplitudeContrast #3\n_rlnImagePixelSize #4\n_rlnImageSize #5\n"
+    "_rlnCtfDataAreCtfPremultiplied #6\n1  2.7  0.1  2.0  8  0\n\ndata_particles\n\nloop_\n"
+    "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnDefocusU #3\nnan  1  15000\n"
+)
+
+
 @_FUZZ
+@example(_NAN_NAME)
 @given(mutated_star31())
 def test_fuzz_star_mutated(text):
     _check_star(text)
