@@ -335,9 +335,9 @@ def parse_image_names(names, path=None) -> tuple[np.ndarray, np.ndarray]:
     for start in range(0, n, _NAME_CHUNK):
         stop = start + _NAME_CHUNK
         chunk = names.iloc[start:stop] if isinstance(names, pd.Series) else names[start:stop]
-        # NumPy's str keeps a name that the STAR parser read as a number ("nan", "12") as its
-        # text; pandas' astype(str) would turn NaN into a missing value (pandas >= 3)
-        s = pd.Series(np.asarray(chunk, dtype=object).astype(str), dtype=object)
+        # a name the STAR parser read as a float "nan" stays missing under pandas >= 3's
+        # astype(str): it is the text "nan" again
+        s = pd.Series(np.asarray(chunk, dtype=object)).astype(str).fillna("nan")
         has_at = s.str.contains("@", regex=False)
         parts = s.str.split("@", n=1)
         idx_str = np.where(has_at, parts.str[0], "1")
